@@ -1,0 +1,228 @@
+"""CIFAR-100 with the 4-level label hierarchy of MAXL (Liu, Davison, Johns, NeurIPS 2019).
+
+Every image carries four labels, coarse to fine: 3, 10, 20 and 100 classes. The 20 classes
+are CIFAR-100's superclasses (``coarse_labels`` in the archive), the 100 its fine classes;
+the 10- and 3-class levels group the superclasses further, as in the paper's Appendix A.
+
+    from create_dataset import CIFAR100, TRAIN_TRANSFORM
+    train_set = CIFAR100("dataset", train=True, transform=TRAIN_TRANSFORM, download=True)
+    image, labels = train_set[0]      # labels[k], k = 0, 1, 2, 3: the 3-, 10-, 20-, 100-class label
+
+Also here: ``make_synthetic_cifar100`` (a small, learnable dataset in the archive's exact
+on-disk format, for tests and smoke runs) and ``DeviceLoader`` (the whole dataset as one
+uint8 tensor on the GPU, augmented there, for fast CUDA runs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from torchvision import transforms
+
+LEVELS = (3, 10, 20, 100)
+"""Number of classes at each level of the hierarchy; ``labels[:, LEVELS.index(n)]``."""
+
+# Fine class -> CIFAR-100 superclass, the map the real archive's coarse_labels follow.
+FINE_TO_COARSE = (
+    4, 1, 14, 8, 0, 6, 7, 7, 18, 3, 3, 14, 9, 18, 7, 11, 3, 9, 7, 11,
+    6, 11, 5, 10, 7, 6, 13, 15, 3, 15, 0, 11, 1, 10, 12, 14, 16, 9, 11, 5,
+    5, 19, 8, 8, 15, 13, 14, 17, 18, 10, 16, 4, 17, 4, 2, 0, 17, 4, 18, 17,
+    10, 3, 2, 12, 12, 16, 12, 1, 9, 19, 2, 10, 0, 1, 16, 12, 9, 13, 15, 13,
+    16, 19, 2, 4, 6, 19, 5, 5, 8, 19, 18, 1, 2, 15, 6, 0, 17, 8, 14, 13,
+)
+# Superclass (20) -> 10 classes, and 10 -> 3 classes: the paper's hierarchy (reference maps).
+COARSE_TO_10 = (1, 2, 5, 6, 5, 6, 6, 3, 0, 7, 8, 0, 1, 3, 4, 0, 2, 5, 9, 9)
+TEN_TO_3 = (0, 0, 0, 0, 0, 1, 2, 2, 2, 2)
+
+FINE_LABEL_NAMES = (
+    "apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus "
+    "butterfly camel can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch "
+    "crab crocodile cup dinosaur dolphin elephant flatfish forest fox girl hamster house kangaroo "
+    "keyboard lamp lawn_mower leopard lion lizard lobster man maple_tree motorcycle mountain mouse "
+    "mushroom oak_tree orange orchid otter palm_tree pear pickup_truck pine_tree plain plate poppy "
+    "porcupine possum rabbit raccoon ray road rocket rose sea seal shark shrew skunk skyscraper "
+    "snail snake spider squirrel streetcar sunflower sweet_pepper table tank telephone television "
+    "tiger tractor train trout tulip turtle wardrobe whale willow_tree wolf woman worm"
+).split()
+COARSE_LABEL_NAMES = (
+    "aquatic_mammals fish flowers food_containers fruit_and_vegetables "
+    "household_electrical_devices household_furniture insects large_carnivores "
+    "large_man-made_outdoor_things large_natural_outdoor_scenes large_omnivores_and_herbivores "
+    "medium_mammals non-insect_invertebrates people reptiles small_mammals trees vehicles_1 vehicles_2"
+).split()
+
+MEAN = (0.5, 0.5, 0.5)
+STD = (0.2, 0.2, 0.2)
+TRAIN_TRANSFORM = transforms.Compose([
+    transforms.RandomCrop(32, padding=4),
+    transforms.RandomHorizontalFlip(),
+    transforms.ToTensor(),
+    transforms.Normalize(MEAN, STD),
+])
+TEST_TRANSFORM = transforms.Compose([transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
+
+SYNTHETIC_MARKER = "cifar-100-python.synthetic.json"
+"""Written beside ``cifar-100-python/`` by make_synthetic_cifar100: the md5 of each file."""
+
+
+def level_index(num_classes: int) -> int:
+    """Column of the label tensor holding the level with ``num_classes`` classes."""
+    return LEVELS.index(num_classes)
+
+
+def hierarchy_labels(fine: np.ndarray, coarse: np.ndarray) -> np.ndarray:
+    """(N, 4) int64 labels [3, 10, 20, 100 classes] from fine labels and archive superclasses."""
+    coarse = np.asarray(coarse, dtype=np.int64)
+    ten = np.asarray(COARSE_TO_10, dtype=np.int64)[coarse]
+    three = np.asarray(TEN_TO_3, dtype=np.int64)[ten]
+    return np.stack([three, ten, coarse, np.asarray(fine, dtype=np.int64)], axis=1)
+
+
+def _md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+class CIFAR100(torchvision.datasets.CIFAR100):
+    """torchvision's CIFAR-100 (download, md5 checks) whose items are ``(image, labels)``.
+
+    ``labels`` is a LongTensor of shape (4,): the 3-, 10-, 20- and 100-class labels.
+    A folder written by ``make_synthetic_cifar100`` is accepted too: its marker file holds
+    the md5 of each file, and torchvision checks the files against those instead.
+    """
+
+    def __init__(self, root: str | Path, train: bool = True, transform=None, download: bool = False):
+        marker = Path(root) / SYNTHETIC_MARKER
+        if marker.is_file():
+            md5 = json.loads(marker.read_text())
+            self.train_list = [["train", md5["train"]]]
+            self.test_list = [["test", md5["test"]]]
+            self.meta = {**self.meta, "md5": md5["meta"]}
+            download = False  # never download the real archive over a synthetic folder
+        super().__init__(root, train=train, transform=transform, download=download)
+        coarse = []
+        for name, _ in self.train_list if train else self.test_list:
+            with open(os.path.join(self.root, self.base_folder, name), "rb") as f:
+                coarse.extend(pickle.load(f, encoding="latin1")["coarse_labels"])
+        self.labels = torch.from_numpy(hierarchy_labels(np.asarray(self.targets), np.asarray(coarse)))
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, _ = super().__getitem__(index)
+        return image, self.labels[index]
+
+
+def make_synthetic_cifar100(root: str | Path, n_train: int = 500, n_test: int = 100, seed: int = 0) -> Path:
+    """Write a small CIFAR-100 in the real archive's on-disk format under ``root``.
+
+    Each fine class has a smooth colour prototype; images are prototype plus noise, so a
+    network can learn them (also after random crops and flips). Fine and coarse labels
+    follow the real fine -> superclass map. Returns ``root``.
+    """
+    rng = np.random.default_rng(seed)
+    # A low-frequency 8x8 pattern upsampled to 32x32 plus a class colour: survives crop and flip.
+    low = rng.uniform(-60, 60, size=(100, 3, 8, 8))
+    colour = rng.uniform(40, 215, size=(100, 3, 1, 1))
+    prototypes = np.repeat(np.repeat(low, 4, axis=2), 4, axis=3) + colour
+
+    def split(n: int) -> dict:
+        fine = np.arange(n) % 100
+        rng.shuffle(fine)
+        images = prototypes[fine] + rng.normal(0, 25, size=(n, 3, 32, 32))
+        data = np.clip(images, 0, 255).astype(np.uint8).reshape(n, 3072)
+        return {
+            "filenames": [f"synthetic_{i:06d}.png" for i in range(n)],
+            "batch_label": "synthetic",
+            "fine_labels": fine.tolist(),
+            "coarse_labels": [FINE_TO_COARSE[k] for k in fine],
+            "data": data,
+        }
+
+    folder = Path(root) / CIFAR100.base_folder
+    folder.mkdir(parents=True, exist_ok=True)
+    contents = {
+        "train": split(n_train),
+        "test": split(n_test),
+        "meta": {"fine_label_names": FINE_LABEL_NAMES, "coarse_label_names": COARSE_LABEL_NAMES},
+    }
+    md5 = {}
+    for name, obj in contents.items():
+        with open(folder / name, "wb") as f:
+            pickle.dump(obj, f, protocol=2)
+        md5[name] = _md5(folder / name)
+    (Path(root) / SYNTHETIC_MARKER).write_text(json.dumps(md5, indent=1) + "\n")
+    return Path(root)
+
+
+def crop_flip_indices(n: int, generator: torch.Generator, device: torch.device,
+                      size: int = 32, padding: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column indices into a zero-padded image for a random crop then a random flip.
+
+    One crop offset in [0, 2 * padding] per axis and one fair coin per image, as
+    RandomCrop(size, padding) followed by RandomHorizontalFlip draw them.
+    Returns rows (n, size) and cols (n, size).
+    """
+    offsets = torch.randint(0, 2 * padding + 1, (n, 2), generator=generator, device=device)
+    flip = torch.rand(n, generator=generator, device=device) < 0.5
+    ramp = torch.arange(size, device=device)
+    rows = offsets[:, :1] + ramp
+    cols = offsets[:, 1:] + torch.where(flip[:, None], size - 1 - ramp, ramp)
+    return rows, cols
+
+
+def augment_on_device(images: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
+    """Random crop with zero padding and horizontal flip of uint8 (N, 3, H, W) images, per image.
+
+    Zero padding happens on the uint8 image, before normalisation, as in torchvision.
+    """
+    n, _, size, _ = images.shape
+    padded = F.pad(images, (padding,) * 4)
+    rows, cols = crop_flip_indices(n, generator, images.device, size, padding)
+    batch = torch.arange(n, device=images.device)[:, None, None]
+    # Advanced indexing puts the indexed dims first: (N, H, W, C) -> back to (N, C, H, W).
+    return padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> float, as ToTensor() then Normalize(MEAN, STD)."""
+    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1)
+    return (images.float() / 255 - mean) / std
+
+
+class DeviceLoader:
+    """The whole dataset as one uint8 tensor on ``device``; shuffles and augments there.
+
+    Yields ``(images, labels)`` batches like a DataLoader over CIFAR100 with TRAIN_TRANSFORM
+    (``augment=True``) or TEST_TRANSFORM (``augment=False``). Its randomness comes from
+    its own ``generator`` (on ``device``), whose state a checkpoint saves.
+    """
+
+    def __init__(self, dataset: CIFAR100, batch_size: int, device: torch.device, shuffle: bool,
+                 augment: bool, seed: int):
+        self.images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous().to(device)
+        self.labels = dataset.labels.to(device)
+        self.batch_size, self.shuffle, self.augment = batch_size, shuffle, augment
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+
+    def __len__(self) -> int:
+        return -(-len(self.images) // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.images)
+        device = self.images.device
+        order = torch.randperm(n, generator=self.generator, device=device) if self.shuffle else torch.arange(n, device=device)
+        for start in range(0, n, self.batch_size):
+            index = order[start:start + self.batch_size]
+            images = self.images[index]
+            if self.augment:
+                images = augment_on_device(images, self.generator)
+            yield normalize(images), self.labels[index]
