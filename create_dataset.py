@@ -33,11 +33,106 @@ LEVELS = (3, 10, 20, 100)
 
 # Fine class -> CIFAR-100 superclass, the map the real archive's coarse_labels follow.
 FINE_TO_COARSE = (
-    4, 1, 14, 8, 0, 6, 7, 7, 18, 3, 3, 14, 9, 18, 7, 11, 3, 9, 7, 11,
-    6, 11, 5, 10, 7, 6, 13, 15, 3, 15, 0, 11, 1, 10, 12, 14, 16, 9, 11, 5,
-    5, 19, 8, 8, 15, 13, 14, 17, 18, 10, 16, 4, 17, 4, 2, 0, 17, 4, 18, 17,
-    10, 3, 2, 12, 12, 16, 12, 1, 9, 19, 2, 10, 0, 1, 16, 12, 9, 13, 15, 13,
-    16, 19, 2, 4, 6, 19, 5, 5, 8, 19, 18, 1, 2, 15, 6, 0, 17, 8, 14, 13,
+    4,
+    1,
+    14,
+    8,
+    0,
+    6,
+    7,
+    7,
+    18,
+    3,
+    3,
+    14,
+    9,
+    18,
+    7,
+    11,
+    3,
+    9,
+    7,
+    11,
+    6,
+    11,
+    5,
+    10,
+    7,
+    6,
+    13,
+    15,
+    3,
+    15,
+    0,
+    11,
+    1,
+    10,
+    12,
+    14,
+    16,
+    9,
+    11,
+    5,
+    5,
+    19,
+    8,
+    8,
+    15,
+    13,
+    14,
+    17,
+    18,
+    10,
+    16,
+    4,
+    17,
+    4,
+    2,
+    0,
+    17,
+    4,
+    18,
+    17,
+    10,
+    3,
+    2,
+    12,
+    12,
+    16,
+    12,
+    1,
+    9,
+    19,
+    2,
+    10,
+    0,
+    1,
+    16,
+    12,
+    9,
+    13,
+    15,
+    13,
+    16,
+    19,
+    2,
+    4,
+    6,
+    19,
+    5,
+    5,
+    8,
+    19,
+    18,
+    1,
+    2,
+    15,
+    6,
+    0,
+    17,
+    8,
+    14,
+    13,
 )
 # Superclass (20) -> 10 classes, and 10 -> 3 classes: the paper's hierarchy (reference maps).
 COARSE_TO_10 = (1, 2, 5, 6, 5, 6, 6, 3, 0, 7, 8, 0, 1, 3, 4, 0, 2, 5, 9, 9)
@@ -62,12 +157,14 @@ COARSE_LABEL_NAMES = (
 
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.2, 0.2, 0.2)
-TRAIN_TRANSFORM = transforms.Compose([
-    transforms.RandomCrop(32, padding=4),
-    transforms.RandomHorizontalFlip(),
-    transforms.ToTensor(),
-    transforms.Normalize(MEAN, STD),
-])
+TRAIN_TRANSFORM = transforms.Compose(
+    [
+        transforms.RandomCrop(32, padding=4),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(MEAN, STD),
+    ]
+)
 TEST_TRANSFORM = transforms.Compose([transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
 
 SYNTHETIC_MARKER = "cifar-100-python.synthetic.json"
@@ -161,8 +258,9 @@ def make_synthetic_cifar100(root: str | Path, n_train: int = 500, n_test: int = 
     return Path(root)
 
 
-def crop_flip_indices(n: int, generator: torch.Generator, device: torch.device,
-                      size: int = 32, padding: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+def crop_flip_indices(
+    n: int, generator: torch.Generator, device: torch.device, size: int = 32, padding: int = 4
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Row and column indices into a zero-padded image for a random crop then a random flip.
 
     One crop offset in [0, 2 * padding] per axis and one fair coin per image, as
@@ -205,8 +303,9 @@ class DeviceLoader:
     its own ``generator`` (on ``device``), whose state a checkpoint saves.
     """
 
-    def __init__(self, dataset: CIFAR100, batch_size: int, device: torch.device, shuffle: bool,
-                 augment: bool, seed: int):
+    def __init__(
+        self, dataset: CIFAR100, batch_size: int, device: torch.device, shuffle: bool, augment: bool, seed: int
+    ):
         self.images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous().to(device)
         self.labels = dataset.labels.to(device)
         self.batch_size, self.shuffle, self.augment = batch_size, shuffle, augment
@@ -219,9 +318,13 @@ class DeviceLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.images)
         device = self.images.device
-        order = torch.randperm(n, generator=self.generator, device=device) if self.shuffle else torch.arange(n, device=device)
+        order = (
+            torch.randperm(n, generator=self.generator, device=device)
+            if self.shuffle
+            else torch.arange(n, device=device)
+        )
         for start in range(0, n, self.batch_size):
-            index = order[start:start + self.batch_size]
+            index = order[start : start + self.batch_size]
             images = self.images[index]
             if self.augment:
                 images = augment_on_device(images, self.generator)

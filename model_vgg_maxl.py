@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import random
@@ -43,7 +44,6 @@ from torch.func import functional_call
 
 from create_dataset import (
     CIFAR100,
-    LEVELS,
     TEST_TRANSFORM,
     TRAIN_TRANSFORM,
     DeviceLoader,
@@ -67,22 +67,33 @@ class Config:
     epochs: int = option(200, "training epochs")
     batch_size: int = option(100, "images per batch, train and test")
     lr: float = option(0.01, "multi-task network (theta_1): SGD learning rate, no momentum, no weight decay")
-    lr_step: int = option(50, "both learning rates (and the inner step) are multiplied by --lr-gamma every this many epochs")
+    lr_step: int = option(
+        50, "both learning rates (and the inner step) are multiplied by --lr-gamma every this many epochs"
+    )
     lr_gamma: float = option(0.5, "StepLR factor")
     focal_gamma: float = option(2.0, "focal loss exponent (paper: 2)")
     gen_lr: float = option(1e-3, "label generator (theta_2): SGD learning rate")
     gen_weight_decay: float = option(5e-4, "label generator: SGD weight decay")
     entropy_weight: float = option(0.2, "weight of the negative entropy of the batch-mean generated labels")
-    meta_grad: str = option("second-order", "theta_2 gradient: exact second-order (forward-mode JVP), the authors' "
-                            "finite-difference approximation, or the exact one by double backward (slower)",
-                            choices=("second-order", "finite-difference", "double-backward"))
+    meta_grad: str = option(
+        "second-order",
+        "theta_2 gradient: exact second-order (forward-mode JVP), the authors' "
+        "finite-difference approximation, or the exact one by double backward (slower)",
+        choices=("second-order", "finite-difference", "double-backward"),
+    )
     fd_step: float = option(0.01, "finite-difference step: eps = fd_step / ||d|| (reference: 0.01)")
-    cossim_every: int = option(10, "compute the primary/auxiliary gradient cosine every N steps (1 = every step, as the reference)")
+    cossim_every: int = option(
+        10, "compute the primary/auxiliary gradient cosine every N steps (1 = every step, as the reference)"
+    )
     # --- data ---
     data_root: str = option("dataset", "folder that holds (or receives) cifar-100-python/")
     download: bool = option(True, "download CIFAR-100 when it is missing")
-    data_path: str = option("auto", "device: whole dataset on the device, augmented there; loader: torchvision "
-                            "DataLoader; auto: device on CUDA, loader on CPU", choices=("auto", "device", "loader"))
+    data_path: str = option(
+        "auto",
+        "device: whole dataset on the device, augmented there; loader: torchvision "
+        "DataLoader; auto: device on CUDA, loader on CPU",
+        choices=("auto", "device", "loader"),
+    )
     workers: int = option(4, "DataLoader worker processes (loader data path)")
     # --- the run ---
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
@@ -112,14 +123,18 @@ class NonFiniteLoss(Exception):
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         kwargs = dict(f.metadata)
         if f.type == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, **kwargs)
         else:
-            parser.add_argument(flag, type={"int": int, "float": float, "str": str}[f.type], default=f.default, **kwargs)
+            parser.add_argument(
+                flag, type={"int": int, "float": float, "str": str}[f.type], default=f.default, **kwargs
+            )
     return Config(**vars(parser.parse_args(argv)))
 
 
@@ -128,12 +143,16 @@ def parse_psi(text: str, num_primary: int) -> list[int]:
     try:
         values = [int(v) for v in text.split(",")]
     except ValueError:
-        raise UsageError(f"--psi {text!r} is not an integer or a comma list of integers (e.g. --psi 5 or --psi 2,3,4)") from None
+        raise UsageError(
+            f"--psi {text!r} is not an integer or a comma list of integers (e.g. --psi 5 or --psi 2,3,4)"
+        ) from None
     if len(values) == 1:
         values = values * num_primary
     if len(values) != num_primary:
-        raise UsageError(f"--psi has {len(values)} entries but the primary task has {num_primary} classes; "
-                         f"give one entry per primary class or a single integer")
+        raise UsageError(
+            f"--psi has {len(values)} entries but the primary task has {num_primary} classes; "
+            f"give one entry per primary class or a single integer"
+        )
     if min(values) < 1:
         raise UsageError(f"--psi {text}: every primary class needs at least 1 auxiliary class")
     return values
@@ -160,6 +179,12 @@ def default_run_name(cfg: Config) -> str:
     return f"{METHOD}-{cfg.meta_grad}-pri{cfg.primary_level}-aux{sum(psi)}-seed{cfg.seed}"
 
 
+def derived_settings(cfg: Config) -> dict:
+    """Values computed from the flags, stored beside them in metrics.json."""
+    psi = parse_psi(cfg.psi, cfg.primary_level)
+    return {"psi_list": psi, "aux_classes": sum(psi)}
+
+
 def published_accuracy(cfg: Config) -> dict[str, float]:
     """Published test accuracy (%) for this configuration, where one exists."""
     if cfg.primary_level == 20 and parse_psi(cfg.psi, 20) == [5] * 20:
@@ -176,10 +201,14 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise UsageError(f"--device {name}: CUDA is not available on this machine (torch {torch.__version__}); use --device cpu")
+            raise UsageError(
+                f"--device {name}: CUDA is not available on this machine (torch {torch.__version__}); use --device cpu"
+            )
         index = int(name.split(":")[1]) if ":" in name else 0
         if index >= torch.cuda.device_count():
-            raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0")
+            raise UsageError(
+                f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0"
+            )
     return torch.device(name)
 
 
@@ -201,11 +230,19 @@ def load_datasets(cfg: Config) -> tuple[CIFAR100, CIFAR100]:
         train_set = CIFAR100(cfg.data_root, train=True, transform=TRAIN_TRANSFORM, download=cfg.download)
         test_set = CIFAR100(cfg.data_root, train=False, transform=TEST_TRANSFORM)
     except (URLError, OSError) as error:
-        raise UsageError(f"could not download CIFAR-100 into '{cfg.data_root}' ({error}); download cifar-100-python.tar.gz "
-                         f"yourself and extract it there, or point --data-root at a folder that holds cifar-100-python/") from None
+        raise UsageError(
+            f"could not download CIFAR-100 into '{cfg.data_root}' ({error}); download cifar-100-python.tar.gz "
+            f"yourself and extract it there, or point --data-root at a folder that holds cifar-100-python/"
+        ) from None
     except RuntimeError:
-        hint = "run without --no-download to fetch it (161 MB)" if not cfg.download else "delete that folder to download it again"
-        raise UsageError(f"CIFAR-100 not found or corrupted in '{folder}'; {hint}, or point --data-root elsewhere") from None
+        hint = (
+            "run without --no-download to fetch it (161 MB)"
+            if not cfg.download
+            else "delete that folder to download it again"
+        )
+        raise UsageError(
+            f"CIFAR-100 not found or corrupted in '{folder}'; {hint}, or point --data-root elsewhere"
+        ) from None
     return train_set, test_set
 
 
@@ -244,8 +281,11 @@ def conv_block(in_channels: int, out_channels: int, num_convs: int) -> nn.Sequen
     """num_convs x (3x3 conv, BatchNorm, ReLU), then 2x2 max-pool; conv i at index 3 * i."""
     layers = []
     for i in range(num_convs):
-        layers += [nn.Conv2d(in_channels if i == 0 else out_channels, out_channels, kernel_size=3, padding=1),
-                   nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)]
+        layers += [
+            nn.Conv2d(in_channels if i == 0 else out_channels, out_channels, kernel_size=3, padding=1),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+        ]
     return nn.Sequential(*layers, nn.MaxPool2d(kernel_size=2, stride=2))
 
 
@@ -306,7 +346,7 @@ def block_log_mask(psi: list[int]) -> torch.Tensor:
     mask = torch.full((len(psi), sum(psi)), MASK_FLOOR)
     start = 0
     for i, size in enumerate(psi):
-        mask[i, start:start + size] = 1.0
+        mask[i, start : start + size] = 1.0
         start += size
     return mask.log()
 
@@ -362,9 +402,18 @@ def gradient_cosine(primary_grads: list[torch.Tensor], auxiliary_grads: list[tor
 # The meta-gradient
 
 
-def meta_gradients(model: VGG16, label_generator: LabelGenerator, x: torch.Tensor, y_primary: torch.Tensor,
-                   inner_lr: float, method: str = "second-order", entropy_weight: float = 0.2, fd_step: float = 0.01,
-                   focal_gamma: float = 2.0, stats: dict | None = None) -> list[torch.Tensor]:
+def meta_gradients(
+    model: VGG16,
+    label_generator: LabelGenerator,
+    x: torch.Tensor,
+    y_primary: torch.Tensor,
+    inner_lr: float,
+    method: str = "second-order",
+    entropy_weight: float = 0.2,
+    fd_step: float = 0.01,
+    focal_gamma: float = 2.0,
+    stats: dict | None = None,
+) -> list[torch.Tensor]:
     """Gradient of L_pri(theta_1^+) + entropy_weight * negative_entropy w.r.t. every label-generator parameter.
 
     theta_1^+ = theta_1 - inner_lr * grad_theta_1 (L_pri + L_aux(theta_2)). The auxiliary loss is
@@ -394,7 +443,9 @@ def meta_gradients(model: VGG16, label_generator: LabelGenerator, x: torch.Tenso
     if method == "double-backward":
         params = dict(model.named_parameters())
         primary_logits, aux_logits = forward(params)
-        train_loss = focal_loss(primary_logits, primary_target, focal_gamma) + focal_loss(aux_logits, labels, focal_gamma)
+        train_loss = focal_loss(primary_logits, primary_target, focal_gamma) + focal_loss(
+            aux_logits, labels, focal_gamma
+        )
         grads = torch.autograd.grad(train_loss, list(params.values()), create_graph=True)
         theta1_plus = {name: p - inner_lr * g for (name, p), g in zip(params.items(), grads)}
         primary_plus = forward(theta1_plus)[0]
@@ -404,12 +455,18 @@ def meta_gradients(model: VGG16, label_generator: LabelGenerator, x: torch.Tenso
         with torch.enable_grad():
             leaves = {name: p.detach().requires_grad_() for name, p in model.named_parameters()}
             primary_logits, aux_logits = forward(leaves)
-            train_loss = focal_loss(primary_logits, primary_target, focal_gamma) + focal_loss(aux_logits, labels.detach(), focal_gamma)
+            train_loss = focal_loss(primary_logits, primary_target, focal_gamma) + focal_loss(
+                aux_logits, labels.detach(), focal_gamma
+            )
             grads = torch.autograd.grad(train_loss, list(leaves.values()))
             theta1_plus = {name: (p - inner_lr * g).requires_grad_() for (name, p), g in zip(theta1.items(), grads)}
             primary_plus = forward(theta1_plus)[0]
-            d = torch.autograd.grad(focal_loss(primary_plus, primary_target, focal_gamma), list(theta1_plus.values()),
-                                    allow_unused=True, materialize_grads=True)
+            d = torch.autograd.grad(
+                focal_loss(primary_plus, primary_target, focal_gamma),
+                list(theta1_plus.values()),
+                allow_unused=True,
+                materialize_grads=True,
+            )
         direction = dict(zip(theta1, d))
         with torch.no_grad():
             if method == "second-order":
@@ -524,8 +581,18 @@ def train_epoch(state: dict, train_loader, cfg: Config, device: torch.device, ep
         primary, n = labels[:, primary_column], images.shape[0]
         stats: dict[str, torch.Tensor] = {}
         with autocast(cfg, device):
-            grads = meta_gradients(model, label_generator, images, primary, inner_lr, cfg.meta_grad,
-                                   cfg.entropy_weight, cfg.fd_step, cfg.focal_gamma, stats)
+            grads = meta_gradients(
+                model,
+                label_generator,
+                images,
+                primary,
+                inner_lr,
+                cfg.meta_grad,
+                cfg.entropy_weight,
+                cfg.fd_step,
+                cfg.focal_gamma,
+                stats,
+            )
         guard.watch(stats["meta_primary_loss_after"], epoch, "phase-2", step)
         for p, g in zip(label_generator.parameters(), grads):
             p.grad = g
@@ -549,7 +616,11 @@ def evaluate(state: dict, test_loader, cfg: Config, device: torch.device) -> dic
         primary, n = labels[:, primary_column], images.shape[0]
         with autocast(cfg, device):
             primary_logits, _ = forward_model(images)
-        meter.add("test_primary_loss", focal_loss(primary_logits, F.one_hot(primary, cfg.primary_level).float(), cfg.focal_gamma), n)
+        meter.add(
+            "test_primary_loss",
+            focal_loss(primary_logits, F.one_hot(primary, cfg.primary_level).float(), cfg.focal_gamma),
+            n,
+        )
         meter.add("test_primary_acc", (primary_logits.argmax(1) == primary).float().mean(), n)
     model.train()
     return meter.means()
@@ -577,12 +648,14 @@ def build(cfg: Config, device: torch.device) -> dict:
 
 def epoch_line(record: dict, epochs: int) -> str:
     r = record
-    return (f"epoch {r['epoch']:3d}/{epochs} | train pri {r['train_primary_loss']:.4f} {100 * r['train_primary_acc']:5.2f}% "
-            f"aux {r['train_aux_loss']:.4f} | cos {r.get('train_cosine', float('nan')):+.4f} "
-            f"| meta pri {r['meta_primary_loss_before']:.4f} {100 * r['meta_primary_acc_before']:5.2f}% -> "
-            f"{r['meta_primary_loss_after']:.4f} {100 * r['meta_primary_acc_after']:5.2f}% "
-            f"| test pri {r['test_primary_loss']:.4f} {100 * r['test_primary_acc']:5.2f}% "
-            f"| aux used {r['aux_classes_used']} | {r['seconds']:.1f}s")
+    return (
+        f"epoch {r['epoch']:3d}/{epochs} | train pri {r['train_primary_loss']:.4f} {100 * r['train_primary_acc']:5.2f}% "
+        f"aux {r['train_aux_loss']:.4f} | cos {r.get('train_cosine', float('nan')):+.4f} "
+        f"| meta pri {r['meta_primary_loss_before']:.4f} {100 * r['meta_primary_acc_before']:5.2f}% -> "
+        f"{r['meta_primary_loss_after']:.4f} {100 * r['meta_primary_acc_after']:5.2f}% "
+        f"| test pri {r['test_primary_loss']:.4f} {100 * r['test_primary_acc']:5.2f}% "
+        f"| aux used {r['aux_classes_used']} | {r['seconds']:.1f}s"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -629,14 +702,23 @@ def set_rng_state(state: dict, train_loader) -> None:
 def summarize(history: list[dict], cfg: Config) -> dict:
     """Final-epoch test accuracy and the mean over the last 5 epochs (the paper's way), in %."""
     accs = [100 * r["test_primary_acc"] for r in history]
-    return {"epochs_completed": len(history), "final_test_primary_acc": accs[-1],
-            "last5_mean_test_primary_acc": sum(accs[-5:]) / len(accs[-5:]), "published_test_primary_acc": published_accuracy(cfg)}
+    return {
+        "epochs_completed": len(history),
+        "final_test_primary_acc": accs[-1],
+        "last5_mean_test_primary_acc": sum(accs[-5:]) / len(accs[-5:]),
+        "published_test_primary_acc": published_accuracy(cfg),
+    }
 
 
 def summary_line(summary: dict) -> str:
-    published = "; ".join(f"{v:.1f}% ({k})" for k, v in summary["published_test_primary_acc"].items()) or "none for this configuration"
-    return (f"final test primary accuracy {summary['final_test_primary_acc']:.2f}%, mean of the last "
-            f"{min(5, summary['epochs_completed'])} epochs {summary['last5_mean_test_primary_acc']:.2f}% | published: {published}")
+    published = (
+        "; ".join(f"{v:.1f}% ({k})" for k, v in summary["published_test_primary_acc"].items())
+        or "none for this configuration"
+    )
+    return (
+        f"final test primary accuracy {summary['final_test_primary_acc']:.2f}%, mean of the last "
+        f"{min(5, summary['epochs_completed'])} epochs {summary['last5_mean_test_primary_acc']:.2f}% | published: {published}"
+    )
 
 
 def flag(name: str, value) -> str:
@@ -646,14 +728,18 @@ def flag(name: str, value) -> str:
 def load_checkpoint(path: Path, cfg: Config) -> dict:
     """The checkpoint at `path`, after checking it belongs to this configuration; refuses with one line."""
     if not path.is_file():
-        raise UsageError(f"--resume: no checkpoint at '{path}'; start without --resume, or check --results-dir and --run-name")
+        raise UsageError(
+            f"--resume: no checkpoint at '{path}'; start without --resume, or check --results-dir and --run-name"
+        )
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         saved = checkpoint["config"]
         checkpoint["next_epoch"]
     except Exception as error:
-        raise UsageError(f"--resume: '{path}' is unreadable (truncated or corrupt: {type(error).__name__}); "
-                         f"start a new run with another --run-name, or --overwrite to replace it") from None
+        raise UsageError(
+            f"--resume: '{path}' is unreadable (truncated or corrupt: {type(error).__name__}); "
+            f"start a new run with another --run-name, or --overwrite to replace it"
+        ) from None
     if saved.get("method") != METHOD:
         raise UsageError(f"--resume: '{path}' is a {saved.get('method')} run, not {METHOD}; use another --run-name")
     current = asdict(cfg)
@@ -661,8 +747,10 @@ def load_checkpoint(path: Path, cfg: Config) -> dict:
     if differ:
         was = " ".join(flag(k, saved.get(k)) for k in differ)
         now = " ".join(flag(k, current[k]) for k in differ)
-        raise UsageError(f"--resume: '{path}' was written with {was} but this run has {now}; "
-                         f"resume with the checkpoint's settings, or use another --run-name")
+        raise UsageError(
+            f"--resume: '{path}' was written with {was} but this run has {now}; "
+            f"resume with the checkpoint's settings, or use another --run-name"
+        )
     return checkpoint
 
 
@@ -674,14 +762,18 @@ def prepare_run_dir(run_dir: Path, cfg: Config) -> dict | None:
     else:
         checkpoint = None
         if existing and not cfg.overwrite:
-            raise UsageError(f"'{run_dir}' already holds results; use --resume to continue that run, "
-                             f"another --run-name, or --overwrite to replace it")
+            raise UsageError(
+                f"'{run_dir}' already holds results; use --resume to continue that run, "
+                f"another --run-name, or --overwrite to replace it"
+            )
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=run_dir):
             pass
     except OSError as error:
-        raise UsageError(f"cannot write results to '{run_dir}' ({error.strerror or error}); choose another --results-dir") from None
+        raise UsageError(
+            f"cannot write results to '{run_dir}' ({error.strerror or error}); choose another --results-dir"
+        ) from None
     return checkpoint
 
 
@@ -698,7 +790,9 @@ def raise_interrupted(signum, frame):
 def signals_deferred():
     """Hold SIGINT/SIGTERM while files are written; deliver them afterwards."""
     received = []
-    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {
+        s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)
+    }
     try:
         yield
     finally:
@@ -738,8 +832,14 @@ def train(cfg: Config) -> dict:
             print(summary_line(summarize(history, cfg)))
             return summarize(history, cfg)
         print(f"resuming {run_dir} at epoch {start_epoch + 1}")
-    record_config = {**asdict(cfg), "method": METHOD, "run_name": run_name, "resolved_device": str(device),
-                     "psi_list": parse_psi(cfg.psi, cfg.primary_level), "torch": torch.__version__}
+    record_config = {
+        **asdict(cfg),
+        **derived_settings(cfg),
+        "method": METHOD,
+        "run_name": run_name,
+        "resolved_device": str(device),
+        "torch": torch.__version__,
+    }
     print(f"{METHOD}: {run_dir} on {device}, {cfg.epochs} epochs")
 
     previous = {s: signal.signal(s, raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -749,19 +849,27 @@ def train(cfg: Config) -> dict:
             started = time.perf_counter()
             metrics = train_epoch(state, train_loader, cfg, device, epoch + 1)
             metrics.update(evaluate(state, test_loader, cfg, device))
-            state["scheduler"].step()
-            state["gen_scheduler"].step()
+            for obj in state.values():
+                if isinstance(obj, torch.optim.lr_scheduler.LRScheduler):
+                    obj.step()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             history.append({"epoch": epoch + 1, **metrics, "seconds": time.perf_counter() - started})
             checkpoint = {key: state[key].state_dict() for key in saved}
             checkpoint.update(config=record_config, epochs=history, next_epoch=epoch + 1, rng=rng_state(train_loader))
             with signals_deferred():
-                write_atomic(run_dir / "checkpoint.pt", lambda tmp: torch.save(checkpoint, tmp))
-                write_json(run_dir / "metrics.json", {"config": record_config, "epochs": history, "summary": summarize(history, cfg)})
+                write_atomic(run_dir / "checkpoint.pt", functools.partial(torch.save, checkpoint))
+                write_json(
+                    run_dir / "metrics.json",
+                    {"config": record_config, "epochs": history, "summary": summarize(history, cfg)},
+                )
             print(epoch_line(history[-1], cfg.epochs), flush=True)
     except Interrupted as interrupt:
-        done = f"the checkpoint after epoch {len(history)} is in {run_dir}" if history else "no epoch was completed, nothing was saved"
+        done = (
+            f"the checkpoint after epoch {len(history)} is in {run_dir}"
+            if history
+            else "no epoch was completed, nothing was saved"
+        )
         print(f"\ninterrupted in epoch {epoch + 1}; {done}. Resume with: {resume_command(run_name)}", file=sys.stderr)
         raise SystemExit(128 + interrupt.signum) from None
     except NonFiniteLoss as error:
@@ -777,11 +885,22 @@ def train(cfg: Config) -> dict:
 
 def smoke(cfg: Config) -> dict:
     """Train one short epoch on CPU on synthetic data in a temporary folder; nothing is left behind."""
-    with tempfile.TemporaryDirectory(prefix="maxl-smoke-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"{METHOD}-smoke-") as tmp:
         make_synthetic_cifar100(Path(tmp) / "data", n_train=200, n_test=100, seed=cfg.seed)
-        smoke_cfg = dataclasses.replace(cfg, data_root=str(Path(tmp) / "data"), download=False, results_dir=str(Path(tmp) / "results"),
-                                        device="cpu", epochs=1, batch_size=50, workers=0, run_name="smoke",
-                                        resume=False, overwrite=False, smoke=False)
+        smoke_cfg = dataclasses.replace(
+            cfg,
+            data_root=str(Path(tmp) / "data"),
+            download=False,
+            results_dir=str(Path(tmp) / "results"),
+            device="cpu",
+            epochs=1,
+            batch_size=50,
+            workers=0,
+            run_name="smoke",
+            resume=False,
+            overwrite=False,
+            smoke=False,
+        )
         summary = train(smoke_cfg)
     print("smoke test passed: the install trains and evaluates")
     return summary

@@ -1,0 +1,676 @@
+"""Single-task baseline: VGG-16 on the primary task alone, CIFAR-100 (MAXL paper, Liu et al. 2019).
+
+A VGG-16 learns only the primary task (default: the 20 CIFAR-100 superclasses), with the same
+network, focal loss and schedule as the multi-task scripts. The "Single" reference point of
+the MAXL paper's Figure 3.
+
+    python model_vgg_single.py                          # primary 20, 200 epochs
+    python model_vgg_single.py --primary-level 3
+    python model_vgg_single.py --smoke                  # one-minute install check on CPU
+
+Prints one line per epoch (train and test loss and accuracy) and writes
+results/<run-name>/metrics.json and checkpoint.pt after every epoch; --resume continues.
+Speed on each device: see the README's benchmark table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import functools
+import json
+import os
+import random
+import re
+import shlex
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from urllib.error import URLError
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from create_dataset import (
+    CIFAR100,
+    TEST_TRANSFORM,
+    TRAIN_TRANSFORM,
+    DeviceLoader,
+    level_index,
+    make_synthetic_cifar100,
+)
+
+METHOD = "single"
+
+
+def option(default, help: str, **argparse_kwargs):
+    """A config field that becomes a command-line flag with this help text."""
+    return field(default=default, metadata={"help": help, **argparse_kwargs})
+
+
+@dataclass
+class Config:
+    # --- the experiment (paper defaults) ---
+    primary_level: int = option(20, "primary task: number of classes in the hierarchy", choices=(3, 10, 20))
+    epochs: int = option(200, "training epochs")
+    batch_size: int = option(100, "images per batch, train and test")
+    lr: float = option(0.01, "SGD learning rate, no momentum, no weight decay")
+    lr_step: int = option(50, "the learning rate is multiplied by --lr-gamma every this many epochs")
+    lr_gamma: float = option(0.5, "StepLR factor")
+    focal_gamma: float = option(2.0, "focal loss exponent (paper: 2)")
+    # --- data ---
+    data_root: str = option("dataset", "folder that holds (or receives) cifar-100-python/")
+    download: bool = option(True, "download CIFAR-100 when it is missing")
+    data_path: str = option(
+        "auto",
+        "device: whole dataset on the device, augmented there; loader: torchvision "
+        "DataLoader; auto: device on CUDA, loader on CPU",
+        choices=("auto", "device", "loader"),
+    )
+    workers: int = option(4, "DataLoader worker processes (loader data path)")
+    # --- the run ---
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    seed: int = option(0, "seeds python, numpy and torch")
+    deterministic: bool = option(False, "deterministic algorithms and cuDNN settings (slower on CUDA)")
+    amp: bool = option(False, "bf16 autocast on CUDA (changes the numerics; off reproduces the paper in fp32)")
+    compile: bool = option(False, "torch.compile the networks' plain forward passes (phase 1, evaluation)")
+    channels_last: bool = option(True, "channels_last memory format on CUDA")
+    results_dir: str = option("results", "runs are written to <results-dir>/<run-name>/")
+    run_name: str = option("", "default: method, levels, seed (e.g. single-pri20-seed0)")
+    resume: bool = option(False, "continue the run in <results-dir>/<run-name> from its checkpoint")
+    overwrite: bool = option(False, "start over in a run folder that already holds results")
+    limit_batches: int = option(0, "only this many batches per pass (0 = all): smoke tests and benchmarks")
+    smoke: bool = option(False, "one-minute install check on CPU: synthetic data in a temporary folder, no download")
+
+
+# Settings a resumed run may change; everything else must match the checkpoint.
+RESUMABLE_CHANGES = {"epochs", "resume", "overwrite", "data_root", "download", "workers"}
+
+
+class UsageError(Exception):
+    """Bad input or a refused action: shown as one line, exit code 2."""
+
+
+class NonFiniteLoss(Exception):
+    """A loss became NaN or infinite: the run stops, the last good checkpoint stays."""
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        kwargs = dict(f.metadata)
+        if f.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, **kwargs)
+        else:
+            parser.add_argument(
+                flag, type={"int": int, "float": float, "str": str}[f.type], default=f.default, **kwargs
+            )
+    return Config(**vars(parser.parse_args(argv)))
+
+
+def check_config(cfg: Config) -> None:
+    """Refuse impossible settings before anything runs."""
+    for name in ("epochs", "batch_size", "lr_step"):
+        if getattr(cfg, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
+    for name in ("limit_batches", "workers"):
+        if getattr(cfg, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be 0 or more (got {getattr(cfg, name)})")
+    for name in ("lr",):
+        if not getattr(cfg, name) > 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive (got {getattr(cfg, name)})")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
+        raise UsageError(f"--device {cfg.device!r} is not one of auto, cpu, cuda, cuda:N")
+
+
+def default_run_name(cfg: Config) -> str:
+    return f"{METHOD}-pri{cfg.primary_level}-seed{cfg.seed}"
+
+
+def derived_settings(cfg: Config) -> dict:
+    """Values computed from the flags, stored beside them in metrics.json."""
+    return {"aux_classes": 0}
+
+
+def published_accuracy(cfg: Config) -> dict[str, float]:
+    """Published test accuracy (%) for this configuration, where one exists."""
+    return {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices, seeds, data
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError(
+                f"--device {name}: CUDA is not available on this machine (torch {torch.__version__}); use --device cpu"
+            )
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise UsageError(
+                f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0"
+            )
+    return torch.device(name)
+
+
+def configure_backends(cfg: Config, device: torch.device) -> None:
+    """Seeds, and the speed/determinism trade-off of cuDNN and cuBLAS."""
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = cfg.deterministic
+    torch.backends.cudnn.benchmark = device.type == "cuda" and not cfg.deterministic
+
+
+def load_datasets(cfg: Config) -> tuple[CIFAR100, CIFAR100]:
+    folder = Path(cfg.data_root) / CIFAR100.base_folder
+    try:
+        train_set = CIFAR100(cfg.data_root, train=True, transform=TRAIN_TRANSFORM, download=cfg.download)
+        test_set = CIFAR100(cfg.data_root, train=False, transform=TEST_TRANSFORM)
+    except (URLError, OSError) as error:
+        raise UsageError(
+            f"could not download CIFAR-100 into '{cfg.data_root}' ({error}); download cifar-100-python.tar.gz "
+            f"yourself and extract it there, or point --data-root at a folder that holds cifar-100-python/"
+        ) from None
+    except RuntimeError:
+        hint = (
+            "run without --no-download to fetch it (161 MB)"
+            if not cfg.download
+            else "delete that folder to download it again"
+        )
+        raise UsageError(
+            f"CIFAR-100 not found or corrupted in '{folder}'; {hint}, or point --data-root elsewhere"
+        ) from None
+    return train_set, test_set
+
+
+def make_loaders(cfg: Config, device: torch.device) -> tuple:
+    """Train and test batches of (images, labels[N, 4]); the train loader carries its RNG as `.generator`."""
+    train_set, test_set = load_datasets(cfg)
+    on_device = cfg.data_path == "device" or (cfg.data_path == "auto" and device.type == "cuda")
+    if on_device:
+        train = DeviceLoader(train_set, cfg.batch_size, device, shuffle=True, augment=True, seed=cfg.seed)
+        test = DeviceLoader(test_set, cfg.batch_size, device, shuffle=False, augment=False, seed=cfg.seed)
+        return train, test
+    generator = torch.Generator()
+    generator.manual_seed(cfg.seed)
+    # Workers are re-seeded from `generator` every epoch (no persistent workers) so a resumed run repeats exactly.
+    common = dict(batch_size=cfg.batch_size, num_workers=cfg.workers, pin_memory=device.type == "cuda")
+    train = torch.utils.data.DataLoader(train_set, shuffle=True, generator=generator, **common)
+    test = torch.utils.data.DataLoader(test_set, shuffle=False, **common)
+    return train, test
+
+
+def batches(loader, cfg: Config, device: torch.device):
+    """The loader's batches on `device` (at most --limit-batches of them)."""
+    memory_format = torch.channels_last if cfg.channels_last and device.type == "cuda" else torch.contiguous_format
+    for step, (images, labels) in enumerate(loader):
+        if cfg.limit_batches and step == cfg.limit_batches:
+            return
+        images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+        yield step, images, labels.to(device, non_blocking=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Networks
+
+
+def conv_block(in_channels: int, out_channels: int, num_convs: int) -> nn.Sequential:
+    """num_convs x (3x3 conv, BatchNorm, ReLU), then 2x2 max-pool; conv i at index 3 * i."""
+    layers = []
+    for i in range(num_convs):
+        layers += [
+            nn.Conv2d(in_channels if i == 0 else out_channels, out_channels, kernel_size=3, padding=1),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+        ]
+    return nn.Sequential(*layers, nn.MaxPool2d(kernel_size=2, stride=2))
+
+
+def head(num_classes: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(512, 512), nn.ReLU(inplace=True), nn.Linear(512, num_classes))
+
+
+def init_weights(module: nn.Module, weight_init) -> None:
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            weight_init(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class VGGTrunk(nn.Module):
+    """VGG-16's 13 conv layers in five blocks (64, 128, 256, 512, 512 channels): 32x32 -> 512 features."""
+
+    def __init__(self):
+        super().__init__()
+        self.block1 = conv_block(3, 64, 2)
+        self.block2 = conv_block(64, 128, 2)
+        self.block3 = conv_block(128, 256, 3)
+        self.block4 = conv_block(256, 512, 3)
+        self.block5 = conv_block(512, 512, 3)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        for block in (self.block1, self.block2, self.block3, self.block4, self.block5):
+            x = block(x)
+        return x.flatten(1)
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """The trunk's parameters (those every head shares)."""
+        return [p for name, p in self.named_parameters() if name.startswith("block")]
+
+
+class VGG16(VGGTrunk):
+    """Single-task VGG-16: one head `classifier`. Returns logits."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.classifier = head(num_classes)
+        init_weights(self, nn.init.xavier_uniform_)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses
+
+
+def focal_terms(logits: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
+    """Per-sample, per-class focal terms -(1 - p)^gamma log p, with p = softmax(logits), in float32."""
+    log_p = F.log_softmax(logits.float(), dim=1)
+    return -(1 - log_p.exp()).pow(gamma) * log_p
+
+
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
+    """Focal loss against a target distribution (one-hot or soft), averaged over the batch."""
+    return (target * focal_terms(logits, gamma)).sum(1).mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# Training and evaluation
+
+
+class Meter:
+    """Sums per-sample metrics on the device; one host sync per epoch."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, name: str, batch_mean: torch.Tensor, n: int) -> None:
+        self.sums[name] = self.sums.get(name, 0) + batch_mean.detach().float() * n
+        self.counts[name] = self.counts.get(name, 0) + n
+
+    def means(self) -> dict[str, float]:
+        return {name: (total / self.counts[name]).item() for name, total in self.sums.items()}
+
+
+class FiniteGuard:
+    """Records the first step whose loss is not finite, without a host sync per step."""
+
+    CHECK_EVERY = 50
+
+    def __init__(self, device: torch.device):
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+
+    def watch(self, loss: torch.Tensor, epoch: int, phase: str, step: int) -> None:
+        bad = (self.first_bad < 0) & ~torch.isfinite(loss.detach())
+        self.first_bad = torch.where(bad, step, self.first_bad)
+        if (step + 1) % self.CHECK_EVERY == 0:
+            self.check(epoch, phase)
+
+    def check(self, epoch: int, phase: str) -> None:
+        step = int(self.first_bad)
+        if step >= 0:
+            raise NonFiniteLoss(f"non-finite loss at epoch {epoch}, {phase} step {step + 1}; the run stopped")
+
+
+def autocast(cfg: Config, device: torch.device):
+    """bf16 autocast on CUDA with --amp; a no-op otherwise."""
+    if cfg.amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_epoch(state: dict, train_loader, cfg: Config, device: torch.device, epoch: int) -> dict[str, float]:
+    """One pass: SGD on the primary focal loss."""
+    model, forward_model, optimizer = state["model"], state["forward_model"], state["optimizer"]
+    primary_column = level_index(cfg.primary_level)
+    meter = Meter()
+    guard = FiniteGuard(device)
+    model.train()
+
+    for step, images, labels in batches(train_loader, cfg, device):
+        primary, n = labels[:, primary_column], images.shape[0]
+        with autocast(cfg, device):
+            primary_logits = forward_model(images)
+        primary_loss = focal_loss(primary_logits, F.one_hot(primary, cfg.primary_level).float(), cfg.focal_gamma)
+        guard.watch(primary_loss, epoch, "train", step)
+        optimizer.zero_grad(set_to_none=True)
+        primary_loss.backward()
+        optimizer.step()
+        meter.add("train_primary_loss", primary_loss, n)
+        meter.add("train_primary_acc", (primary_logits.argmax(1) == primary).float().mean(), n)
+    guard.check(epoch, "train")
+    return meter.means()
+
+
+@torch.inference_mode()
+def evaluate(state: dict, test_loader, cfg: Config, device: torch.device) -> dict[str, float]:
+    model, forward_model = state["model"], state["forward_model"]
+    primary_column = level_index(cfg.primary_level)
+    meter = Meter()
+    model.eval()
+    for _, images, labels in batches(test_loader, cfg, device):
+        primary, n = labels[:, primary_column], images.shape[0]
+        with autocast(cfg, device):
+            primary_logits = forward_model(images)
+        meter.add(
+            "test_primary_loss",
+            focal_loss(primary_logits, F.one_hot(primary, cfg.primary_level).float(), cfg.focal_gamma),
+            n,
+        )
+        meter.add("test_primary_acc", (primary_logits.argmax(1) == primary).float().mean(), n)
+    model.train()
+    return meter.means()
+
+
+def build(cfg: Config, device: torch.device) -> dict:
+    """Network, optimiser and scheduler. Keys without 'forward_' are saved in the checkpoint."""
+    memory_format = torch.channels_last if cfg.channels_last and device.type == "cuda" else torch.contiguous_format
+    model = VGG16(cfg.primary_level).to(device, memory_format=memory_format)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+    return {
+        "model": model,
+        "optimizer": optimizer,
+        "scheduler": torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma),
+        "forward_model": torch.compile(model) if cfg.compile else model,
+    }
+
+
+def epoch_line(record: dict, epochs: int) -> str:
+    r = record
+    return (
+        f"epoch {r['epoch']:3d}/{epochs} | train pri {r['train_primary_loss']:.4f} {100 * r['train_primary_acc']:5.2f}% "
+        f"| test pri {r['test_primary_loss']:.4f} {100 * r['test_primary_acc']:5.2f}% | {r['seconds']:.1f}s"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Run lifecycle: results, checkpoints, resume, signals
+
+
+def write_atomic(path: Path, write) -> None:
+    """write(tmp_path), then rename over `path`: a reader never sees a half-written file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path: Path, obj) -> None:
+    write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1) + "\n"))
+
+
+def rng_state(train_loader) -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": [torch.from_numpy(v) if isinstance(v, np.ndarray) else v for v in np.random.get_state()],
+        "torch": torch.get_rng_state(),
+        "loader": train_loader.generator.get_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict, train_loader) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(tuple(v.numpy() if isinstance(v, torch.Tensor) else v for v in state["numpy"]))
+    torch.set_rng_state(state["torch"])
+    train_loader.generator.set_state(state["loader"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def summarize(history: list[dict], cfg: Config) -> dict:
+    """Final-epoch test accuracy and the mean over the last 5 epochs (the paper's way), in %."""
+    accs = [100 * r["test_primary_acc"] for r in history]
+    return {
+        "epochs_completed": len(history),
+        "final_test_primary_acc": accs[-1],
+        "last5_mean_test_primary_acc": sum(accs[-5:]) / len(accs[-5:]),
+        "published_test_primary_acc": published_accuracy(cfg),
+    }
+
+
+def summary_line(summary: dict) -> str:
+    published = (
+        "; ".join(f"{v:.1f}% ({k})" for k, v in summary["published_test_primary_acc"].items())
+        or "none for this configuration"
+    )
+    return (
+        f"final test primary accuracy {summary['final_test_primary_acc']:.2f}%, mean of the last "
+        f"{min(5, summary['epochs_completed'])} epochs {summary['last5_mean_test_primary_acc']:.2f}% | published: {published}"
+    )
+
+
+def flag(name: str, value) -> str:
+    return f"--{name.replace('_', '-')} {value}"
+
+
+def load_checkpoint(path: Path, cfg: Config) -> dict:
+    """The checkpoint at `path`, after checking it belongs to this configuration; refuses with one line."""
+    if not path.is_file():
+        raise UsageError(
+            f"--resume: no checkpoint at '{path}'; start without --resume, or check --results-dir and --run-name"
+        )
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        saved = checkpoint["config"]
+        checkpoint["next_epoch"]
+    except Exception as error:
+        raise UsageError(
+            f"--resume: '{path}' is unreadable (truncated or corrupt: {type(error).__name__}); "
+            f"start a new run with another --run-name, or --overwrite to replace it"
+        ) from None
+    if saved.get("method") != METHOD:
+        raise UsageError(f"--resume: '{path}' is a {saved.get('method')} run, not {METHOD}; use another --run-name")
+    current = asdict(cfg)
+    differ = [k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k]]
+    if differ:
+        was = " ".join(flag(k, saved.get(k)) for k in differ)
+        now = " ".join(flag(k, current[k]) for k in differ)
+        raise UsageError(
+            f"--resume: '{path}' was written with {was} but this run has {now}; "
+            f"resume with the checkpoint's settings, or use another --run-name"
+        )
+    return checkpoint
+
+
+def prepare_run_dir(run_dir: Path, cfg: Config) -> dict | None:
+    """Refuse to lose results; check the folder is writable. Returns the checkpoint to resume from, if any."""
+    existing = [p for p in (run_dir / "metrics.json", run_dir / "checkpoint.pt") if p.exists()]
+    if cfg.resume:
+        checkpoint = load_checkpoint(run_dir / "checkpoint.pt", cfg)
+    else:
+        checkpoint = None
+        if existing and not cfg.overwrite:
+            raise UsageError(
+                f"'{run_dir}' already holds results; use --resume to continue that run, "
+                f"another --run-name, or --overwrite to replace it"
+            )
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=run_dir):
+            pass
+    except OSError as error:
+        raise UsageError(
+            f"cannot write results to '{run_dir}' ({error.strerror or error}); choose another --results-dir"
+        ) from None
+    return checkpoint
+
+
+class Interrupted(Exception):
+    def __init__(self, signum: int):
+        self.signum = signum
+
+
+def raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Hold SIGINT/SIGTERM while files are written; deliver them afterwards."""
+    received = []
+    previous = {
+        s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if received:
+            raise Interrupted(received[0])
+
+
+def resume_command(run_name: str) -> str:
+    args = [a for a in sys.argv[1:] if a not in ("--resume", "--overwrite")]
+    if "--run-name" not in args and not any(a.startswith("--run-name=") for a in args):
+        args += ["--run-name", run_name]
+    return shlex.join(["python", Path(sys.argv[0]).name, *args, "--resume"])
+
+
+def train(cfg: Config) -> dict:
+    """The whole run: returns the summary."""
+    check_config(cfg)
+    device = resolve_device(cfg.device)
+    run_name = cfg.run_name or default_run_name(cfg)
+    run_dir = Path(cfg.results_dir) / run_name
+    checkpoint = prepare_run_dir(run_dir, cfg)
+    configure_backends(cfg, device)
+    train_loader, test_loader = make_loaders(cfg, device)
+    state = build(cfg, device)
+    saved = [k for k in state if not k.startswith("forward_")]
+    history: list[dict] = []
+    start_epoch = 0
+    if checkpoint is not None:
+        for key in saved:
+            state[key].load_state_dict(checkpoint[key])
+        set_rng_state(checkpoint["rng"], train_loader)
+        history, start_epoch = checkpoint["epochs"], checkpoint["next_epoch"]
+        if start_epoch >= cfg.epochs:
+            print(f"'{run_dir}' already finished {start_epoch} epochs; pass a larger --epochs to extend it")
+            print(summary_line(summarize(history, cfg)))
+            return summarize(history, cfg)
+        print(f"resuming {run_dir} at epoch {start_epoch + 1}")
+    record_config = {
+        **asdict(cfg),
+        **derived_settings(cfg),
+        "method": METHOD,
+        "run_name": run_name,
+        "resolved_device": str(device),
+        "torch": torch.__version__,
+    }
+    print(f"{METHOD}: {run_dir} on {device}, {cfg.epochs} epochs")
+
+    previous = {s: signal.signal(s, raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
+    epoch = start_epoch
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            started = time.perf_counter()
+            metrics = train_epoch(state, train_loader, cfg, device, epoch + 1)
+            metrics.update(evaluate(state, test_loader, cfg, device))
+            for obj in state.values():
+                if isinstance(obj, torch.optim.lr_scheduler.LRScheduler):
+                    obj.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            history.append({"epoch": epoch + 1, **metrics, "seconds": time.perf_counter() - started})
+            checkpoint = {key: state[key].state_dict() for key in saved}
+            checkpoint.update(config=record_config, epochs=history, next_epoch=epoch + 1, rng=rng_state(train_loader))
+            with signals_deferred():
+                write_atomic(run_dir / "checkpoint.pt", functools.partial(torch.save, checkpoint))
+                write_json(
+                    run_dir / "metrics.json",
+                    {"config": record_config, "epochs": history, "summary": summarize(history, cfg)},
+                )
+            print(epoch_line(history[-1], cfg.epochs), flush=True)
+    except Interrupted as interrupt:
+        done = (
+            f"the checkpoint after epoch {len(history)} is in {run_dir}"
+            if history
+            else "no epoch was completed, nothing was saved"
+        )
+        print(f"\ninterrupted in epoch {epoch + 1}; {done}. Resume with: {resume_command(run_name)}", file=sys.stderr)
+        raise SystemExit(128 + interrupt.signum) from None
+    except NonFiniteLoss as error:
+        kept = f"the checkpoint after epoch {len(history)} in {run_dir} is kept" if history else "nothing was saved"
+        raise UsageError(f"{error}; {kept}. Try a smaller --lr, or --no-amp") from None
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    summary = summarize(history, cfg)
+    print(summary_line(summary))
+    return summary
+
+
+def smoke(cfg: Config) -> dict:
+    """Train one short epoch on CPU on synthetic data in a temporary folder; nothing is left behind."""
+    with tempfile.TemporaryDirectory(prefix=f"{METHOD}-smoke-") as tmp:
+        make_synthetic_cifar100(Path(tmp) / "data", n_train=200, n_test=100, seed=cfg.seed)
+        smoke_cfg = dataclasses.replace(
+            cfg,
+            data_root=str(Path(tmp) / "data"),
+            download=False,
+            results_dir=str(Path(tmp) / "results"),
+            device="cpu",
+            epochs=1,
+            batch_size=50,
+            workers=0,
+            run_name="smoke",
+            resume=False,
+            overwrite=False,
+            smoke=False,
+        )
+        summary = train(smoke_cfg)
+    print("smoke test passed: the install trains and evaluates")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(argv)
+    try:
+        smoke(cfg) if cfg.smoke else train(cfg)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
