@@ -540,65 +540,90 @@ def autocast(cfg: Config, device: torch.device):
     return contextlib.nullcontext()
 
 
+def train_step(state: dict, images: torch.Tensor, labels: torch.Tensor, cfg: Config, diagnose: bool) -> dict:
+    """Phase 1 on one batch: an SGD step of theta_1 on L_pri + L_aux, the generated labels taken as given.
+
+    With `diagnose`, also the cosine between the primary and auxiliary gradients on the trunk.
+    Returns the batch's metrics as tensors (no host sync).
+    """
+    model, optimizer = state["model"], state["optimizer"]
+    primary = labels[:, level_index(cfg.primary_level)]
+    with autocast(cfg, images.device):
+        with torch.no_grad():  # phase 1 does not train the generator: no graph for it
+            aux_targets = state["forward_generator"](images, primary)
+        primary_logits, aux_logits = state["forward_model"](images)
+    primary_loss = focal_loss(primary_logits, F.one_hot(primary, cfg.primary_level).float(), cfg.focal_gamma)
+    aux_loss = focal_loss(aux_logits, aux_targets, cfg.focal_gamma)
+    out = {
+        "loss": primary_loss + aux_loss,
+        "train_primary_loss": primary_loss,
+        "train_primary_acc": (primary_logits.argmax(1) == primary).float().mean(),
+        "train_aux_loss": aux_loss,
+        "aux_assigned": aux_targets.argmax(1),
+    }
+    if diagnose:
+        shared = model.shared_parameters()
+        primary_grads = torch.autograd.grad(primary_loss, shared, retain_graph=True)
+        aux_grads = torch.autograd.grad(aux_loss, shared, retain_graph=True)
+        out["train_cosine"] = gradient_cosine(primary_grads, aux_grads)
+    optimizer.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    optimizer.step()
+    return out
+
+
+def meta_step(state: dict, images: torch.Tensor, labels: torch.Tensor, cfg: Config) -> dict:
+    """Phase 2 on one batch: an SGD step of theta_2 along meta_gradients; theta_1 stays as it is.
+
+    The inner step size is the multi-task optimiser's current learning rate.
+    Returns the primary loss and accuracy before and after the virtual step (tensors).
+    """
+    label_generator = state["label_generator"]
+    primary = labels[:, level_index(cfg.primary_level)]
+    inner_lr = state["optimizer"].param_groups[0]["lr"]
+    stats: dict[str, torch.Tensor] = {}
+    with autocast(cfg, images.device):
+        grads = meta_gradients(
+            state["model"],
+            label_generator,
+            images,
+            primary,
+            inner_lr,
+            cfg.meta_grad,
+            cfg.entropy_weight,
+            cfg.fd_step,
+            cfg.focal_gamma,
+            stats,
+        )
+    for p, g in zip(label_generator.parameters(), grads):
+        p.grad = g
+    state["gen_optimizer"].step()
+    return stats
+
+
 def train_epoch(state: dict, train_loader, cfg: Config, device: torch.device, epoch: int) -> dict[str, float]:
-    """Phase 1 (theta_1 on primary + generated auxiliary labels), then phase 2 (theta_2 by meta-gradient)."""
-    model, label_generator = state["model"], state["label_generator"]
-    forward_model, forward_generator = state["forward_model"], state["forward_generator"]
-    optimizer, gen_optimizer = state["optimizer"], state["gen_optimizer"]
-    primary_column = level_index(cfg.primary_level)
-    num_primary, num_aux = cfg.primary_level, model.classifier2[-1].out_features
+    """Phase 1 over the train set (theta_1), then phase 2 over it again (theta_2)."""
     meter = Meter()
     guard = FiniteGuard(device)
-    model.train()
-    label_generator.train()
+    state["model"].train()
+    state["label_generator"].train()
+    num_aux = state["model"].classifier2[-1].out_features
     aux_used = torch.zeros(num_aux, dtype=torch.bool, device=device)
-
     for step, images, labels in batches(train_loader, cfg, device):
-        primary, n = labels[:, primary_column], images.shape[0]
-        with autocast(cfg, device):
-            with torch.no_grad():
-                aux_targets = forward_generator(images, primary)
-            primary_logits, aux_logits = forward_model(images)
-        primary_loss = focal_loss(primary_logits, F.one_hot(primary, num_primary).float(), cfg.focal_gamma)
-        aux_loss = focal_loss(aux_logits, aux_targets, cfg.focal_gamma)
-        guard.watch(primary_loss + aux_loss, epoch, "phase-1", step)
-        if step % cfg.cossim_every == 0:
-            shared = model.shared_parameters()
-            primary_grads = torch.autograd.grad(primary_loss, shared, retain_graph=True)
-            aux_grads = torch.autograd.grad(aux_loss, shared, retain_graph=True)
-            meter.add("train_cosine", gradient_cosine(primary_grads, aux_grads), 1)
-        optimizer.zero_grad(set_to_none=True)
-        (primary_loss + aux_loss).backward()
-        optimizer.step()
-        meter.add("train_primary_loss", primary_loss, n)
-        meter.add("train_primary_acc", (primary_logits.argmax(1) == primary).float().mean(), n)
-        meter.add("train_aux_loss", aux_loss, n)
-        aux_used |= F.one_hot(aux_targets.argmax(1), num_aux).bool().any(0)
+        out = train_step(state, images, labels, cfg, diagnose=step % cfg.cossim_every == 0)
+        guard.watch(out.pop("loss"), epoch, "phase-1", step)
+        aux_used |= F.one_hot(out.pop("aux_assigned"), num_aux).bool().any(0)
+        if "train_cosine" in out:
+            meter.add("train_cosine", out.pop("train_cosine"), 1)
+        for name, value in out.items():
+            meter.add(name, value, images.shape[0])
     guard.check(epoch, "phase-1")
 
-    inner_lr = optimizer.param_groups[0]["lr"]
     for step, images, labels in batches(train_loader, cfg, device):
-        primary, n = labels[:, primary_column], images.shape[0]
-        stats: dict[str, torch.Tensor] = {}
-        with autocast(cfg, device):
-            grads = meta_gradients(
-                model,
-                label_generator,
-                images,
-                primary,
-                inner_lr,
-                cfg.meta_grad,
-                cfg.entropy_weight,
-                cfg.fd_step,
-                cfg.focal_gamma,
-                stats,
-            )
+        stats = meta_step(state, images, labels, cfg)
         guard.watch(stats["meta_primary_loss_after"], epoch, "phase-2", step)
-        for p, g in zip(label_generator.parameters(), grads):
-            p.grad = g
-        gen_optimizer.step()
         for name, value in stats.items():
-            meter.add(name, value, n)
+            meter.add(name, value, images.shape[0])
     guard.check(epoch, "phase-2")
 
     metrics = meter.means()
@@ -649,7 +674,8 @@ def build(cfg: Config, device: torch.device) -> dict:
 def epoch_line(record: dict, epochs: int) -> str:
     r = record
     return (
-        f"epoch {r['epoch']:3d}/{epochs} | train pri {r['train_primary_loss']:.4f} {100 * r['train_primary_acc']:5.2f}% "
+        f"epoch {r['epoch']:3d}/{epochs} "
+        f"| train pri {r['train_primary_loss']:.4f} {100 * r['train_primary_acc']:5.2f}% "
         f"aux {r['train_aux_loss']:.4f} | cos {r.get('train_cosine', float('nan')):+.4f} "
         f"| meta pri {r['meta_primary_loss_before']:.4f} {100 * r['meta_primary_acc_before']:5.2f}% -> "
         f"{r['meta_primary_loss_after']:.4f} {100 * r['meta_primary_acc_after']:5.2f}% "
@@ -717,7 +743,8 @@ def summary_line(summary: dict) -> str:
     )
     return (
         f"final test primary accuracy {summary['final_test_primary_acc']:.2f}%, mean of the last "
-        f"{min(5, summary['epochs_completed'])} epochs {summary['last5_mean_test_primary_acc']:.2f}% | published: {published}"
+        f"{min(5, summary['epochs_completed'])} epochs {summary['last5_mean_test_primary_acc']:.2f}% "
+        f"| published: {published}"
     )
 
 

@@ -351,25 +351,34 @@ def autocast(cfg: Config, device: torch.device):
     return contextlib.nullcontext()
 
 
+def train_step(state: dict, images: torch.Tensor, labels: torch.Tensor, cfg: Config) -> dict:
+    """One batch: an SGD step on the primary focal loss. Returns metrics as tensors."""
+    optimizer = state["optimizer"]
+    primary = labels[:, level_index(cfg.primary_level)]
+    with autocast(cfg, images.device):
+        primary_logits = state["forward_model"](images)
+    primary_loss = focal_loss(primary_logits, F.one_hot(primary, cfg.primary_level).float(), cfg.focal_gamma)
+    out = {
+        "loss": primary_loss,
+        "train_primary_loss": primary_loss,
+        "train_primary_acc": (primary_logits.argmax(1) == primary).float().mean(),
+    }
+    optimizer.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    optimizer.step()
+    return out
+
+
 def train_epoch(state: dict, train_loader, cfg: Config, device: torch.device, epoch: int) -> dict[str, float]:
-    """One pass: SGD on the primary focal loss."""
-    model, forward_model, optimizer = state["model"], state["forward_model"], state["optimizer"]
-    primary_column = level_index(cfg.primary_level)
+    """One pass over the train set."""
     meter = Meter()
     guard = FiniteGuard(device)
-    model.train()
-
+    state["model"].train()
     for step, images, labels in batches(train_loader, cfg, device):
-        primary, n = labels[:, primary_column], images.shape[0]
-        with autocast(cfg, device):
-            primary_logits = forward_model(images)
-        primary_loss = focal_loss(primary_logits, F.one_hot(primary, cfg.primary_level).float(), cfg.focal_gamma)
-        guard.watch(primary_loss, epoch, "train", step)
-        optimizer.zero_grad(set_to_none=True)
-        primary_loss.backward()
-        optimizer.step()
-        meter.add("train_primary_loss", primary_loss, n)
-        meter.add("train_primary_acc", (primary_logits.argmax(1) == primary).float().mean(), n)
+        out = train_step(state, images, labels, cfg)
+        guard.watch(out.pop("loss"), epoch, "train", step)
+        for name, value in out.items():
+            meter.add(name, value, images.shape[0])
     guard.check(epoch, "train")
     return meter.means()
 
@@ -410,7 +419,8 @@ def build(cfg: Config, device: torch.device) -> dict:
 def epoch_line(record: dict, epochs: int) -> str:
     r = record
     return (
-        f"epoch {r['epoch']:3d}/{epochs} | train pri {r['train_primary_loss']:.4f} {100 * r['train_primary_acc']:5.2f}% "
+        f"epoch {r['epoch']:3d}/{epochs} "
+        f"| train pri {r['train_primary_loss']:.4f} {100 * r['train_primary_acc']:5.2f}% "
         f"| test pri {r['test_primary_loss']:.4f} {100 * r['test_primary_acc']:5.2f}% | {r['seconds']:.1f}s"
     )
 
@@ -474,7 +484,8 @@ def summary_line(summary: dict) -> str:
     )
     return (
         f"final test primary accuracy {summary['final_test_primary_acc']:.2f}%, mean of the last "
-        f"{min(5, summary['epochs_completed'])} epochs {summary['last5_mean_test_primary_acc']:.2f}% | published: {published}"
+        f"{min(5, summary['epochs_completed'])} epochs {summary['last5_mean_test_primary_acc']:.2f}% "
+        f"| published: {published}"
     )
 
 
