@@ -219,15 +219,16 @@ class CIFAR100(torchvision.datasets.CIFAR100):
 def make_synthetic_cifar100(root: str | Path, n_train: int = 500, n_test: int = 100, seed: int = 0) -> Path:
     """Write a small CIFAR-100 in the real archive's on-disk format under ``root``.
 
-    Each fine class has a smooth colour prototype; images are prototype plus noise, so a
-    network can learn them (also after random crops and flips). Fine and coarse labels
-    follow the real fine -> superclass map. Returns ``root``.
+    Each image is its class prototype (a superclass colour plus a smooth fine-class pattern)
+    plus noise, so a network can learn both levels, also after random crops and flips. Fine
+    and coarse labels follow the real fine -> superclass map. Returns ``root``.
     """
     rng = np.random.default_rng(seed)
-    # A low-frequency 8x8 pattern upsampled to 32x32 plus a class colour: survives crop and flip.
-    low = rng.uniform(-60, 60, size=(100, 3, 8, 8))
-    colour = rng.uniform(40, 215, size=(100, 3, 1, 1))
-    prototypes = np.repeat(np.repeat(low, 4, axis=2), 4, axis=3) + colour
+    # Smooth 8x8 patterns upsampled to 32x32 survive random crops and flips. Each superclass has
+    # a colour, each fine class a pattern on top of it: both levels of the hierarchy are learnable.
+    coarse_colour = rng.uniform(40, 215, size=(20, 3, 1, 1))
+    fine_pattern = rng.uniform(-40, 40, size=(100, 3, 8, 8))
+    prototypes = np.repeat(np.repeat(fine_pattern, 4, axis=2), 4, axis=3) + coarse_colour[list(FINE_TO_COARSE)]
 
     def split(n: int) -> dict:
         fine = np.arange(n) % 100

@@ -626,7 +626,7 @@ def train(cfg: Config) -> dict:
         "method": METHOD,
         "run_name": run_name,
         "resolved_device": str(device),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
     }
     print(f"{METHOD}: {run_dir} on {device}, {cfg.epochs} epochs")
 

@@ -1,0 +1,708 @@
+"""Speed benchmark of the training iteration of Single, Human and MAXL (VGG-16 on CIFAR-100-shaped batches).
+
+One iteration is what one batch costs in a real epoch of the scripts:
+  single, human   one `train_step` (forward, backward, SGD step).
+  maxl-*          one phase-1 `train_step` (theta_1; the gradient-cosine diagnostic on every
+                  --cossim-every-th iteration, as in training) plus one phase-2 `meta_step` (theta_2).
+                  An epoch runs both passes over the train set, so this pair is one batch's share.
+The networks, optimisers and step functions are the scripts' own (`build`, `train_step`,
+`meta_step`), configured from each script's `Config` with only the speed flags changed. The
+batch is random: uint8 pixels normalised as the loaders do, consistent 4-level hierarchy labels.
+
+    python benchmarks/speed.py                                    # every method on the default device
+    python benchmarks/speed.py --device cpu --reference-style --markdown
+    python benchmarks/speed.py --device cuda --amp --compile --json results/speed-cuda.json
+
+Columns: ms per iteration (median and min over the timed iterations; "epoch mean" adds the
+diagnostic's share, (cosine step - plain step) / cossim_every, which is what an epoch costs),
+images per second and projected hours for the paper's 200 epochs of 50,000 images (both from the
+epoch mean; training only, without evaluation or data loading), the per-phase medians, peak
+memory above the level before the networks were built, and the matmul/conv FLOPs of one iteration
+(torch.utils.flop_counter, counted once in an untimed iteration on the uncompiled networks).
+
+--reference-style adds a row "maxl-second-order (reference-style)": the same MAXL iteration done
+the way the authors' reference scripts do it, wasted passes included (see `reference_train_step`
+and `reference_meta_gradients`), so the saving of this project's implementation is measured in one
+run. This code exists only here; the model scripts never run it.
+
+Time on a 2-core CPU at batch 100 with the defaults (warm-up 1, 3 timed iterations): about
+10 minutes with --reference-style; a MAXL iteration alone takes 20-40 s there. On one GPU the
+defaults (10 warm-up, 50 timed iterations) take a minute or two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import dataclasses
+import datetime
+import gc
+import importlib
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+from torch.utils.flop_counter import FlopCounterMode
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from create_dataset import FINE_TO_COARSE, hierarchy_labels, level_index, normalize  # noqa: E402
+
+METHODS = ("single", "human", "maxl-second-order", "maxl-finite-difference", "maxl-double-backward")
+DEFAULT_METHODS = METHODS[:4]
+REFERENCE_STYLE = "maxl-second-order (reference-style)"
+TARGET_RATIO = 0.6  # the issue's CPU target: our MAXL iteration at most 0.6x the reference-style one
+TRAIN_IMAGES = 50_000  # CIFAR-100 train set
+PAPER_EPOCHS = 200
+DEFAULT_WARMUP_ITERS = {"cpu": (1, 3), "cuda": (10, 50)}  # (warm-up, timed) iterations when no flag is given
+RSS_SAMPLE_SECONDS = 0.005
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str  # the row's label
+    script: str  # module name of the model script
+    meta_grad: str | None = None  # MAXL only: Config.meta_grad
+    reference_style: bool = False  # MAXL only: the reference's wasted passes re-enabled
+
+    @property
+    def is_maxl(self) -> bool:
+        return self.script == "model_vgg_maxl"
+
+
+def method_spec(name: str) -> Method:
+    if name == REFERENCE_STYLE:
+        return Method(name, "model_vgg_maxl", "double-backward", reference_style=True)
+    if name.startswith("maxl-"):
+        return Method(name, "model_vgg_maxl", name.removeprefix("maxl-"))
+    return Method(name, f"model_vgg_{name}")
+
+
+def script(method: Method):
+    """The model script as a module (importing it never trains or writes anything)."""
+    return importlib.import_module(method.script)
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference's way (only for --reference-style)
+
+
+def reference_train_step(module, state: dict, images: torch.Tensor, labels: torch.Tensor, cfg) -> dict:
+    """Phase 1 as the reference scripts run it, with its two wasted passes.
+
+    Same theta_1 update as `module.train_step`, plus:
+      - the label generator runs WITH autograd and the total loss is backpropagated into it too
+        (a full backward through the generator's VGG-16); its .grad is then thrown away (the
+        reference zeroes it before phase 2 uses the generator's optimiser);
+      - the gradient-cosine diagnostic on EVERY step: two extra autograd.grad passes, w.r.t.
+        every parameter of the multi-task network as the reference asks (allow_unused), the
+        cosine taken over the trunk's tensors.
+    """
+    model, optimizer = state["model"], state["optimizer"]
+    primary = labels[:, level_index(cfg.primary_level)]
+    with module.autocast(cfg, images.device):
+        aux_targets = state["forward_generator"](images, primary)  # with autograd, as the reference
+        primary_logits, aux_logits = state["forward_model"](images)
+    primary_loss = module.focal_loss(primary_logits, F.one_hot(primary, cfg.primary_level).float(), cfg.focal_gamma)
+    aux_loss = module.focal_loss(aux_logits, aux_targets, cfg.focal_gamma)
+    named = list(model.named_parameters())
+    params = [p for _, p in named]
+    primary_grads = torch.autograd.grad(primary_loss, params, retain_graph=True, allow_unused=True)
+    aux_grads = torch.autograd.grad(aux_loss, params, retain_graph=True, allow_unused=True)
+    trunk = [i for i, (name, _) in enumerate(named) if name.startswith("block")]
+    cosine = module.gradient_cosine([primary_grads[i] for i in trunk], [aux_grads[i] for i in trunk])
+    optimizer.zero_grad(set_to_none=True)
+    state["gen_optimizer"].zero_grad(set_to_none=True)
+    loss = primary_loss + aux_loss
+    loss.backward()  # fills theta_1 and theta_2 gradients
+    optimizer.step()
+    state["gen_optimizer"].zero_grad(set_to_none=True)  # the generator's gradients were never needed
+    return {"loss": loss, "train_primary_loss": primary_loss, "train_cosine": cosine}
+
+
+def reference_meta_gradients(module, state: dict, images: torch.Tensor, labels: torch.Tensor, cfg) -> list:
+    """Phase 2's theta_2 gradient as the reference scripts compute it; returns it (also left in .grad).
+
+    The exact gradient by double backward (the script's method "double-backward"), with the
+    reference's extra work:
+      - the forward at theta_1 is the multi-task network's own module call in train mode, so it
+        also updates its BatchNorm running statistics (the script's meta step uses throw-away
+        copies). This is the reference's forward at theta_1, the one the inner gradient
+        differentiates with create_graph=True; it is not run a second time, because the
+        reference does not run it twice either: the pass count matches the reference exactly;
+      - a full `.backward()` of the meta objective, which also fills the gradients of every
+        theta_1 parameter (Hessian-vector terms included) that nobody uses, instead of
+        `autograd.grad` w.r.t. theta_2 only.
+    theta_1^+ goes through torch.func.functional_call on the same module (the reference uses a
+    hand-written functional copy of the network: same arithmetic), with batch statistics and
+    copied buffers, as the reference's functional forward, which never touches running stats.
+    The result equals `module.meta_gradients(..., method="double-backward")` (tests check it).
+    """
+    model, label_generator = state["model"], state["label_generator"]
+    primary = labels[:, level_index(cfg.primary_level)]
+    primary_target = F.one_hot(primary, cfg.primary_level).float()
+    inner_lr = state["optimizer"].param_groups[0]["lr"]
+    with module.autocast(cfg, images.device):
+        primary_logits, aux_logits = model(images)  # train mode: BN running statistics updated
+        generated = label_generator(images, primary)
+        train_loss = module.focal_loss(primary_logits, primary_target, cfg.focal_gamma) + module.focal_loss(
+            aux_logits, generated, cfg.focal_gamma
+        )
+        theta1 = dict(model.named_parameters())
+        grads = torch.autograd.grad(train_loss, list(theta1.values()), create_graph=True)
+        theta1_plus = {name: p - inner_lr * g for (name, p), g in zip(theta1.items(), grads)}
+        buffers = {name: b.clone() for name, b in model.named_buffers()}
+        primary_plus = functional_call(model, (theta1_plus, buffers), (images,))[0]
+        objective = module.focal_loss(
+            primary_plus, primary_target, cfg.focal_gamma
+        ) + cfg.entropy_weight * module.negative_entropy(generated)
+    state["optimizer"].zero_grad(set_to_none=True)
+    state["gen_optimizer"].zero_grad(set_to_none=True)
+    objective.backward()  # theta_2 and (wasted) theta_1 gradients
+    return [p.grad for p in label_generator.parameters()]
+
+
+def reference_meta_step(module, state: dict, images: torch.Tensor, labels: torch.Tensor, cfg) -> None:
+    """Phase 2 as the reference: `reference_meta_gradients`, then the generator's SGD step."""
+    reference_meta_gradients(module, state, images, labels, cfg)
+    state["gen_optimizer"].step()
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration, data, the iteration
+
+
+def make_config(method: Method, device: torch.device, args: argparse.Namespace):
+    """The script's Config with its defaults, only the speed-related fields replaced."""
+    module = script(method)
+    overrides = dict(
+        device=str(device),
+        batch_size=args.batch_size,
+        amp=args.amp,
+        compile=args.compile,
+        channels_last=channels_last_for(device, args),
+        download=False,
+        workers=0,
+    )
+    if method.is_maxl:
+        overrides["meta_grad"] = method.meta_grad
+        if method.reference_style:
+            overrides["cossim_every"] = 1  # the reference computes the diagnostic on every step
+        elif args.cossim_every is not None:
+            overrides["cossim_every"] = args.cossim_every
+    cfg = dataclasses.replace(module.Config(), **overrides)
+    module.check_config(cfg)
+    return cfg
+
+
+def channels_last_for(device: torch.device, args: argparse.Namespace) -> bool:
+    return device.type == "cuda" if args.channels_last is None else args.channels_last
+
+
+def random_batch(batch_size: int, device: torch.device, channels_last: bool, seed: int = 0) -> tuple:
+    """Images normalised from random uint8 pixels, and consistent (N, 4) hierarchy labels."""
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (batch_size, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    fine = torch.randint(0, 100, (batch_size,), generator=generator).numpy()
+    coarse = np.asarray(FINE_TO_COARSE, dtype=np.int64)[fine]
+    labels = torch.from_numpy(hierarchy_labels(fine, coarse)).to(device)
+    images = normalize(pixels.to(device))
+    if channels_last and device.type == "cuda":  # as the scripts' batches(): channels_last only on CUDA
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, labels
+
+
+def iteration_phases(method: Method, state: dict, images, labels, cfg) -> list[tuple[str, Callable[[int], object]]]:
+    """The timed pieces of one iteration, each a function of the iteration index k."""
+    module = script(method)
+    if not method.is_maxl:
+        return [("train", lambda k: module.train_step(state, images, labels, cfg))]
+    if method.reference_style:
+        return [
+            ("phase 1", lambda k: reference_train_step(module, state, images, labels, cfg)),
+            ("phase 2", lambda k: reference_meta_step(module, state, images, labels, cfg)),
+        ]
+    return [
+        ("phase 1", lambda k: module.train_step(state, images, labels, cfg, diagnose=is_diagnostic(k, cfg))),
+        ("phase 2", lambda k: module.meta_step(state, images, labels, cfg)),
+    ]
+
+
+def is_diagnostic(k: int, cfg) -> bool:
+    """Whether iteration k computes the gradient cosine (as train_epoch: step % cossim_every == 0)."""
+    return k % cfg.cossim_every == 0
+
+
+def periodic_diagnostic(method: Method, cfg) -> int:
+    """N when one iteration in N carries the cosine diagnostic (MAXL, ours), else 1 (none or every step)."""
+    return cfg.cossim_every if method.is_maxl and not method.reference_style else 1
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_iterations(phases, start: int, count: int, device: torch.device) -> list[list[float]]:
+    """Seconds of each phase of iterations start .. start + count - 1."""
+    times = []
+    for k in range(start, start + count):
+        synchronize(device)
+        marks = [time.perf_counter()]
+        for _, run in phases:
+            run(k)
+            synchronize(device)
+            marks.append(time.perf_counter())
+        times.append([b - a for a, b in zip(marks, marks[1:])])
+    return times
+
+
+@contextlib.contextmanager
+def uncompiled(state: dict):
+    """The eager networks in place of torch.compile'd ones: FlopCounterMode counts eager ops."""
+    eager = {"forward_model": "model", "forward_generator": "label_generator"}
+    saved = {key: state[key] for key in eager if key in state}
+    for key in saved:
+        state[key] = state[eager[key]]
+    try:
+        yield
+    finally:
+        state.update(saved)
+
+
+def count_flops(method: Method, phases, cfg, state: dict) -> float:
+    """Matmul/conv FLOPs of one iteration, as an epoch averages them (diagnostic amortised)."""
+
+    def flops(run: Callable[[], object]) -> float:
+        counter = FlopCounterMode(display=False)
+        with counter:
+            run()
+        return float(counter.get_total_flops())
+
+    with uncompiled(state):
+        every = periodic_diagnostic(method, cfg)
+        if every > 1:
+            (_, phase1), (_, phase2) = phases
+            with_cosine = flops(lambda: phase1(0))
+            plain = flops(lambda: phase1(1))
+            return plain + (with_cosine - plain) / every + flops(lambda: phase2(0))
+        return sum(flops(lambda run=run: run(0)) for _, run in phases)
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory
+
+
+def current_rss() -> int | None:
+    """Resident set size in bytes (Linux), else None."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def max_rss() -> int:
+    """The process's lifetime peak RSS in bytes (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    value = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return value if sys.platform == "darwin" else value * 1024
+
+
+def release_memory(device: torch.device) -> None:
+    """Free what the previous method left, so the next baseline is clean."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc keeps freed heap pages resident otherwise
+
+
+class PeakMemory:
+    """Peak memory while active, in bytes above the level at entry.
+
+    CUDA: torch.cuda.max_memory_allocated (tensors only, not the caching allocator's reserve).
+    CPU: RSS sampled every 5 ms by a thread, and ru_maxrss where the process's lifetime peak
+    rose inside the block (exact then; earlier methods can hide it otherwise).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak_bytes: float = float("nan")
+
+    def __enter__(self):
+        release_memory(self.device)
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            return self
+        self.base = current_rss()
+        self.base_max = max_rss()
+        self.sampled = self.base or 0
+        self.stop = threading.Event()
+        self.thread = None
+        if self.base is not None:
+            self.thread = threading.Thread(target=self._sample, daemon=True)
+            self.thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self.stop.wait(RSS_SAMPLE_SECONDS):
+            self.sampled = max(self.sampled, current_rss() or 0)
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self.base
+            return False
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join()
+        peak = max(self.sampled, current_rss() or 0)
+        if max_rss() > self.base_max:
+            peak = max(peak, max_rss())
+        base = self.base if self.base is not None else self.base_max
+        self.peak_bytes = peak - base
+        return False
+
+
+class OtherCpuUse:
+    """Share of the machine's CPU time that other processes used while active (Linux; else NaN).
+
+    Busy time from /proc/stat minus this process's own CPU time, over wall time x CPUs. A few
+    percent is noise; much more means the CPU timings are inflated by competition (with OpenMP,
+    by far more than the share suggests).
+    """
+
+    def __enter__(self):
+        self.start = (self.busy_seconds(), self.own_seconds(), time.perf_counter())
+        return self
+
+    def __exit__(self, *exc):
+        busy, own, wall = self.busy_seconds(), self.own_seconds(), time.perf_counter()
+        capacity = (wall - self.start[2]) * (os.cpu_count() or 1)
+        self.share = ((busy - self.start[0]) - (own - self.start[1])) / capacity if capacity > 0 else float("nan")
+        return False
+
+    @staticmethod
+    def busy_seconds() -> float:
+        try:
+            fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        except (OSError, ValueError):
+            return float("nan")
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def own_seconds() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+
+def memory_label(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "peak MiB (torch.cuda.max_memory_allocated above the level before build)"
+    return "peak MiB (CPU: peak RSS above the RSS before build; sampled every 5 ms + ru_maxrss)"
+
+
+# ---------------------------------------------------------------------------------------------
+# One measurement
+
+
+def measure(method: Method, device: torch.device, args: argparse.Namespace) -> dict:
+    """Build the method's state on `device`, warm up, time, count FLOPs; returns the table row."""
+    module = script(method)
+    cfg = make_config(method, device, args)
+    warmup, iters = warmup_iters(device, args)
+    module.configure_backends(cfg, device)  # the scripts' seeds and cudnn.benchmark setting
+    images, labels = random_batch(args.batch_size, device, cfg.channels_last)
+    with PeakMemory(device) as memory, OtherCpuUse() as others:
+        state = module.build(cfg, device)
+        phases = iteration_phases(method, state, images, labels, cfg)
+        # The FLOP-counting iteration is untimed. Without --compile it is also the first warm-up
+        # iteration (the same eager kernels run); with --compile, or with --warmup 0, it is extra.
+        counted_as_warmup = warmup > 0 and not cfg.compile
+        if counted_as_warmup:
+            flops = count_flops(method, phases, cfg, state)
+        timed_iterations(phases, 1 if counted_as_warmup else 0, warmup - counted_as_warmup, device)
+        times = timed_iterations(phases, 0, iters, device)
+        if not counted_as_warmup:
+            flops = count_flops(method, phases, cfg, state)
+    phase_names = [name for name, _ in phases]
+    row = summarize(method, device, cfg, phase_names, times, flops, memory.peak_bytes, warmup, iters)
+    row["other_processes_cpu_share"] = others.share
+    del state, phases
+    release_memory(device)
+    return row
+
+
+def warmup_iters(device: torch.device, args: argparse.Namespace) -> tuple[int, int]:
+    default_warmup, default_iters = DEFAULT_WARMUP_ITERS["cuda" if device.type == "cuda" else "cpu"]
+    warmup = default_warmup if args.warmup is None else args.warmup
+    iters = default_iters if args.iters is None else args.iters
+    return warmup, iters
+
+
+def summarize(method: Method, device, cfg, phase_names, times, flops, peak_bytes, warmup, iters) -> dict:
+    """The table row: times are seconds per phase of each timed iteration."""
+    totals = [sum(t) for t in times]
+    every = periodic_diagnostic(method, cfg)
+    epoch_mean = statistics.median(totals)
+    if every > 1:
+        with_cosine = [t for k, t in enumerate(totals) if is_diagnostic(k, cfg)]
+        plain = [t for k, t in enumerate(totals) if not is_diagnostic(k, cfg)]
+        if with_cosine and plain:  # one iteration in `every` carries the diagnostic
+            plain_median = statistics.median(plain)
+            epoch_mean = plain_median + (statistics.median(with_cosine) - plain_median) / every
+    iters_per_epoch = math.ceil(TRAIN_IMAGES / cfg.batch_size)
+    return {
+        "method": method.name,
+        "device": str(device),
+        "batch_size": cfg.batch_size,
+        "warmup": warmup,
+        "iters": iters,
+        "ms_median": 1e3 * statistics.median(totals),
+        "ms_min": 1e3 * min(totals),
+        "ms_epoch_mean": 1e3 * epoch_mean,
+        "phase_ms_median": {name: 1e3 * statistics.median(t[i] for t in times) for i, name in enumerate(phase_names)},
+        "images_per_s": cfg.batch_size / epoch_mean,
+        "hours_200_epochs": epoch_mean * iters_per_epoch * PAPER_EPOCHS / 3600,
+        "peak_mib": peak_bytes / 2**20,
+        "tflop_per_iter": flops / 1e12,
+        "tflop_per_s": flops / 1e12 / epoch_mean,
+        "cossim_every": cfg.cossim_every if method.is_maxl else None,
+        "meta_grad": cfg.meta_grad if method.is_maxl else None,
+        "amp": cfg.amp and device.type == "cuda",
+        "compile": cfg.compile,
+        "channels_last": cfg.channels_last and device.type == "cuda",
+        "times_ms": [[1e3 * s for s in t] for t in times],
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+COLUMNS = (
+    ("method", "method", "{}"),
+    ("ms_median", "ms/iter median", "{:.1f}"),
+    ("ms_min", "ms/iter min", "{:.1f}"),
+    ("ms_epoch_mean", "ms/iter epoch mean", "{:.1f}"),
+    ("phase1", "phase 1 ms", "{:.1f}"),
+    ("phase2", "phase 2 ms", "{:.1f}"),
+    ("images_per_s", "images/s", "{:.1f}"),
+    ("hours_200_epochs", "h / 200 epochs", "{:.2f}"),
+    ("peak_mib", "peak MiB", "{:.0f}"),
+    ("tflop_per_iter", "TFLOP/iter", "{:.4f}"),
+    ("tflop_per_s", "TFLOP/s", "{:.3f}"),
+)
+
+
+def cells(row: dict) -> list[str]:
+    phases = row["phase_ms_median"]
+    values = {**row, "phase1": phases.get("phase 1"), "phase2": phases.get("phase 2")}
+    missing = lambda v: v is None or (isinstance(v, float) and math.isnan(v))
+    return ["-" if missing(values[key]) else fmt.format(values[key]) for key, _, fmt in COLUMNS]
+
+
+def format_table(rows: list[dict], markdown: bool = False) -> str:
+    header = [title for _, title, _ in COLUMNS]
+    body = [cells(row) for row in rows]
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+    align = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    return "\n".join([align(header), "  ".join("-" * w for w in widths), *map(align, body)])
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}"
+    model = platform.processor() or "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"{model}, {torch.get_num_threads()} torch threads"
+
+
+def header_line(device: torch.device, args: argparse.Namespace) -> str:
+    warmup, iters = warmup_iters(device, args)
+    flags = ", ".join(
+        f"{name} {'on' if on else 'off'}"
+        for name, on in (
+            ("amp", args.amp and device.type == "cuda"),
+            ("compile", args.compile),
+            ("channels_last", channels_last_for(device, args) and device.type == "cuda"),
+        )
+    )
+    return (
+        f"device {device} ({device_name(device)}) | torch {torch.__version__} | "
+        f"{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z} | batch {args.batch_size} | "
+        f"warm-up {warmup}, timed iterations {iters} | {flags}"
+    )
+
+
+def reference_ratio(rows: list[dict]) -> dict | None:
+    """Our second-order MAXL iteration over the reference-style one (time and FLOPs)."""
+    by_name = {row["method"]: row for row in rows}
+    ours, ref = by_name.get("maxl-second-order"), by_name.get(REFERENCE_STYLE)
+    if ours is None or ref is None:
+        return None
+    return {
+        "device": ours["device"],
+        "time_epoch_mean": ours["ms_epoch_mean"] / ref["ms_epoch_mean"],
+        "time_median": ours["ms_median"] / ref["ms_median"],
+        "flops": ours["tflop_per_iter"] / ref["tflop_per_iter"],
+        "target": TARGET_RATIO,
+    }
+
+
+def ratio_line(ratio: dict) -> str:
+    verdict = "meets" if ratio["time_epoch_mean"] <= ratio["target"] else "misses"
+    return (
+        f"maxl-second-order / reference-style on {ratio['device']}: time {ratio['time_epoch_mean']:.3f} "
+        f"(epoch mean; median {ratio['time_median']:.3f}), FLOPs {ratio['flops']:.3f}; "
+        f"{verdict} the target <= {ratio['target']}"
+    )
+
+
+def report(device: torch.device, rows: list[dict], args: argparse.Namespace) -> str:
+    lines = [header_line(device, args), format_table(rows)]
+    notes = [
+        f"one iteration = one batch of one epoch (MAXL: phase 1 + phase 2); hours = epoch-mean ms x "
+        f"{math.ceil(TRAIN_IMAGES / args.batch_size)} iterations x {PAPER_EPOCHS} epochs, training only",
+        memory_label(device) + "; FLOPs: matmul/conv ops by torch.utils.flop_counter",
+    ]
+    if device.type == "cpu":
+        shares = ", ".join(f"{row['method']} {100 * row['other_processes_cpu_share']:.0f}%" for row in rows)
+        notes.append(f"CPU time taken by other processes during each row (should be ~0%): {shares}")
+    ratio = reference_ratio(rows)
+    if ratio is not None:
+        notes.append(ratio_line(ratio))
+    lines += notes
+    if args.markdown:
+        lines += ["", "**" + header_line(device, args) + "**", "", format_table(rows, markdown=True), ""]
+        lines += [f"- {note}" for note in notes]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument(
+        "--device",
+        action="append",
+        help="cpu, cuda, cuda:N or all (every CUDA device and the CPU); may be repeated. "
+        "Default: cuda if available, else cpu",
+    )
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(DEFAULT_METHODS))
+    parser.add_argument("--batch-size", type=int, default=100, help="images per batch (the paper: 100)")
+    parser.add_argument(
+        "--warmup", type=int, default=None, help="untimed iterations first (default: 1 on CPU, 10 on CUDA)"
+    )
+    parser.add_argument("--iters", type=int, default=None, help="timed iterations (default: 3 on CPU, 50 on CUDA)")
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast (the scripts apply it on CUDA only)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the scripts' plain forward passes")
+    parser.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="channels_last memory format (default: on for CUDA; the scripts apply it on CUDA only)",
+    )
+    parser.add_argument(
+        "--reference-style",
+        action="store_true",
+        help=f"also time '{REFERENCE_STYLE}': MAXL with the reference scripts' wasted passes, and print the ratio",
+    )
+    parser.add_argument(
+        "--cossim-every", type=int, default=None, help="MAXL's gradient-cosine period (default: the script's, 10)"
+    )
+    parser.add_argument("--markdown", action="store_true", help="also print the table in markdown")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows to this file")
+    args = parser.parse_args(argv)
+    for name in ("batch_size", "iters", "cossim_every"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.warmup is not None and args.warmup < 0:
+        parser.error("--warmup must be 0 or more")
+    return args
+
+
+def resolve_devices(names: list[str] | None) -> list[torch.device]:
+    cuda = [torch.device(f"cuda:{i}") for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    if not names:
+        return cuda[:1] or [torch.device("cpu")]
+    devices: list[torch.device] = []
+    for name in names:
+        if name == "all":
+            chosen = [*cuda, torch.device("cpu")]
+        elif name.startswith("cuda"):
+            device = torch.device(name if ":" in name else "cuda:0")
+            if device not in cuda:
+                raise SystemExit(f"error: --device {name}: no such CUDA device (torch {torch.__version__})")
+            chosen = [device]
+        elif name == "cpu":
+            chosen = [torch.device("cpu")]
+        else:
+            raise SystemExit(f"error: --device {name!r} is not cpu, cuda, cuda:N or all")
+        devices += [d for d in chosen if d not in devices]
+    return devices
+
+
+def method_list(args: argparse.Namespace) -> list[Method]:
+    names = list(dict.fromkeys(args.methods))
+    if args.reference_style:
+        if "maxl-second-order" not in names:
+            print("note: --reference-style compares with maxl-second-order, which is added", file=sys.stderr)
+            names.append("maxl-second-order")
+        names.insert(names.index("maxl-second-order") + 1, REFERENCE_STYLE)
+    return [method_spec(name) for name in names]
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    devices = resolve_devices(args.device)
+    methods = method_list(args)
+    results = []
+    for device in devices:
+        if device.type == "cpu" and (args.amp or args.channels_last):
+            print("note: the scripts apply --amp and --channels-last on CUDA only; on CPU they change nothing")
+        rows = []
+        for method in methods:
+            started = time.perf_counter()
+            rows.append(measure(method, device, args))
+            print(f"  {method.name} on {device}: done in {time.perf_counter() - started:.0f}s", flush=True)
+        print("\n" + report(device, rows, args) + "\n", flush=True)
+        results.append({"header": header_line(device, args), "rows": rows, "reference_ratio": reference_ratio(rows)})
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"argv": sys.argv[1:], "devices": results}, indent=1) + "\n")
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""The speed benchmark runs end to end on CPU, and its reference-style steps compute what the scripts compute."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from conftest import run_script  # also puts the repository root on sys.path
+
+from benchmarks import speed
+
+ROWS = ("single", "maxl-second-order", speed.REFERENCE_STYLE)
+
+
+def test_benchmark_runs_and_prints_the_table(tmp_path):
+    out_json = tmp_path / "speed.json"
+    result = run_script(
+        "benchmarks/speed.py",
+        *("--methods", "single", "maxl-second-order", "--batch-size", "4", "--warmup", "0", "--iters", "1"),
+        *("--device", "cpu", "--reference-style", "--json", str(out_json)),
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = {line.split("  ")[0].strip(): line for line in result.stdout.splitlines() if line.startswith(ROWS)}
+    assert set(ROWS) <= set(lines), result.stdout
+    for name in ROWS:
+        numbers = [float(v) for v in re.findall(r"(?<![\w(-])\d+(?:\.\d+)?", lines[name].removeprefix(name))]
+        assert len(numbers) >= 8 and all(v > 0 for v in numbers), lines[name]
+    assert "maxl-second-order / reference-style on cpu: time" in result.stdout
+    rows = {row["method"]: row for row in json.loads(out_json.read_text())["devices"][0]["rows"]}
+    for name in ROWS:
+        for key in ("ms_median", "ms_min", "images_per_s", "hours_200_epochs", "tflop_per_iter"):
+            assert rows[name][key] > 0, (name, key)
+    # The reference's way does strictly more work than ours.
+    assert rows[speed.REFERENCE_STYLE]["tflop_per_iter"] > rows["maxl-second-order"]["tflop_per_iter"]
+
+
+def small_maxl_state(batch_size: int = 4):
+    method = speed.method_spec(speed.REFERENCE_STYLE)
+    module = speed.script(method)
+    args = speed.parse_args(["--batch-size", str(batch_size), "--device", "cpu"])
+    cfg = speed.make_config(method, torch.device("cpu"), args)
+    torch.manual_seed(0)
+    state = module.build(cfg, torch.device("cpu"))
+    images, labels = speed.random_batch(batch_size, torch.device("cpu"), channels_last=False)
+    return module, cfg, state, images, labels
+
+
+@pytest.mark.parametrize("step", ["phase 1", "phase 2"])
+def test_reference_style_matches_the_script(step):
+    """Phase 1: the same theta_1 update as train_step; phase 2: meta_gradients' double-backward gradient."""
+    module, cfg, state, images, labels = small_maxl_state()
+    if step == "phase 1":
+        twin = module.build(cfg, torch.device("cpu"))
+        twin["model"].load_state_dict(state["model"].state_dict())
+        twin["label_generator"].load_state_dict(state["label_generator"].state_dict())
+        module.train_step(twin, images, labels, cfg, diagnose=True)
+        speed.reference_train_step(module, state, images, labels, cfg)
+        for (name, p), q in zip(state["model"].named_parameters(), twin["model"].parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
+        assert all(p.grad is None for p in state["label_generator"].parameters())
+        return
+    primary = labels[:, module.level_index(cfg.primary_level)]
+    inner_lr = state["optimizer"].param_groups[0]["lr"]
+    expected = module.meta_gradients(
+        state["model"], state["label_generator"], images, primary, inner_lr, "double-backward", cfg.entropy_weight
+    )
+    got = speed.reference_meta_gradients(module, state, images, labels, cfg)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-3, atol=1e-7)

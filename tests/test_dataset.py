@@ -1,0 +1,409 @@
+"""CIFAR-100 with the MAXL 4-level hierarchy: label maps, the dataset class, the synthetic archive,
+the integrity checks and the paper's transforms. CPU only; nothing is downloaded."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torchvision import transforms
+
+from create_dataset import (
+    CIFAR100,
+    COARSE_LABEL_NAMES,
+    COARSE_TO_10,
+    FINE_LABEL_NAMES,
+    FINE_TO_COARSE,
+    LEVELS,
+    SYNTHETIC_MARKER,
+    TEN_TO_3,
+    TEST_TRANSFORM,
+    TRAIN_TRANSFORM,
+    hierarchy_labels,
+    level_index,
+    make_synthetic_cifar100,
+)
+
+# The reference implementation's maps, copied from the reference notes.
+REFERENCE_20_TO_10 = {
+    0: 1, 1: 2, 2: 5, 3: 6, 4: 5, 5: 6, 6: 6, 7: 3, 8: 0, 9: 7,
+    10: 8, 11: 0, 12: 1, 13: 3, 14: 4, 15: 0, 16: 2, 17: 5, 18: 9, 19: 9,
+}  # fmt: skip
+REFERENCE_10_TO_3 = {0: 0, 1: 0, 2: 0, 3: 0, 4: 0, 5: 1, 6: 2, 7: 2, 8: 2, 9: 2}
+
+# The official CIFAR-100 superclass table (https://www.cs.toronto.edu/~kriz/cifar.html),
+# written with the archive's label names.
+SUPERCLASS_MEMBERS = {
+    "aquatic_mammals": ["beaver", "dolphin", "otter", "seal", "whale"],
+    "fish": ["aquarium_fish", "flatfish", "ray", "shark", "trout"],
+    "flowers": ["orchid", "poppy", "rose", "sunflower", "tulip"],
+    "food_containers": ["bottle", "bowl", "can", "cup", "plate"],
+    "fruit_and_vegetables": ["apple", "mushroom", "orange", "pear", "sweet_pepper"],
+    "household_electrical_devices": ["clock", "keyboard", "lamp", "telephone", "television"],
+    "household_furniture": ["bed", "chair", "couch", "table", "wardrobe"],
+    "insects": ["bee", "beetle", "butterfly", "caterpillar", "cockroach"],
+    "large_carnivores": ["bear", "leopard", "lion", "tiger", "wolf"],
+    "large_man-made_outdoor_things": ["bridge", "castle", "house", "road", "skyscraper"],
+    "large_natural_outdoor_scenes": ["cloud", "forest", "mountain", "plain", "sea"],
+    "large_omnivores_and_herbivores": ["camel", "cattle", "chimpanzee", "elephant", "kangaroo"],
+    "medium_mammals": ["fox", "porcupine", "possum", "raccoon", "skunk"],
+    "non-insect_invertebrates": ["crab", "lobster", "snail", "spider", "worm"],
+    "people": ["baby", "boy", "girl", "man", "woman"],
+    "reptiles": ["crocodile", "dinosaur", "lizard", "snake", "turtle"],
+    "small_mammals": ["hamster", "mouse", "rabbit", "shrew", "squirrel"],
+    "trees": ["maple_tree", "oak_tree", "palm_tree", "pine_tree", "willow_tree"],
+    "vehicles_1": ["bicycle", "bus", "motorcycle", "pickup_truck", "train"],
+    "vehicles_2": ["lawn_mower", "rocket", "streetcar", "tank", "tractor"],
+}
+
+WELL_KNOWN_PAIRS = [
+    ("apple", "fruit_and_vegetables"),
+    ("aquarium_fish", "fish"),
+    ("baby", "people"),
+    ("bear", "large_carnivores"),
+    ("beaver", "aquatic_mammals"),
+    ("bicycle", "vehicles_1"),
+    ("bus", "vehicles_1"),
+    ("tractor", "vehicles_2"),
+    ("maple_tree", "trees"),
+    ("rose", "flowers"),
+    ("whale", "aquatic_mammals"),
+    ("shark", "fish"),
+    ("bottle", "food_containers"),
+    ("television", "household_electrical_devices"),
+    ("wardrobe", "household_furniture"),
+    ("butterfly", "insects"),
+    ("skyscraper", "large_man-made_outdoor_things"),
+    ("mountain", "large_natural_outdoor_scenes"),
+    ("elephant", "large_omnivores_and_herbivores"),
+    ("fox", "medium_mammals"),
+    ("spider", "non-insect_invertebrates"),
+    ("dinosaur", "reptiles"),
+    ("squirrel", "small_mammals"),
+    ("rocket", "vehicles_2"),
+    ("worm", "non-insect_invertebrates"),
+]
+
+PICKLE_KEYS = {"data", "fine_labels", "coarse_labels", "filenames", "batch_label"}
+
+
+def _load_pickle(path: Path) -> dict:
+    with open(path, "rb") as f:
+        return pickle.load(f, encoding="latin1")
+
+
+def _md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def _superclass_of(fine_name: str) -> str:
+    return COARSE_LABEL_NAMES[FINE_TO_COARSE[FINE_LABEL_NAMES.index(fine_name)]]
+
+
+# --------------------------------------------------------------------------- hierarchy maps
+
+
+def test_levels_and_level_index():
+    assert LEVELS == (3, 10, 20, 100)
+    assert [level_index(n) for n in (3, 10, 20, 100)] == [0, 1, 2, 3]
+    with pytest.raises(ValueError):
+        level_index(7)
+
+
+def test_fine_to_coarse_has_100_entries_and_5_fine_per_superclass():
+    assert len(FINE_TO_COARSE) == 100
+    assert all(isinstance(c, int) and 0 <= c < 20 for c in FINE_TO_COARSE)
+    counts = np.bincount(np.asarray(FINE_TO_COARSE), minlength=20)
+    assert counts.tolist() == [5] * 20
+
+
+def test_coarser_maps_match_reference():
+    assert len(COARSE_TO_10) == 20
+    assert len(TEN_TO_3) == 10
+    assert dict(enumerate(COARSE_TO_10)) == REFERENCE_20_TO_10
+    assert dict(enumerate(TEN_TO_3)) == REFERENCE_10_TO_3
+    # Surjective at every level: every class of the coarser level is reached.
+    assert set(COARSE_TO_10) == set(range(10))
+    assert set(TEN_TO_3) == set(range(3))
+
+
+def test_hierarchy_labels_composes_the_maps():
+    fine = np.arange(100)
+    labels = hierarchy_labels(fine, np.asarray(FINE_TO_COARSE))
+    assert labels.shape == (100, 4)
+    assert labels.dtype == np.int64
+    for f in range(100):
+        c = FINE_TO_COARSE[f]
+        t = COARSE_TO_10[c]
+        assert labels[f].tolist() == [TEN_TO_3[t], t, c, f]
+    # Every class of each level is reached, and each column stays in its range.
+    for col, n in enumerate(LEVELS):
+        assert set(labels[:, col].tolist()) == set(range(n))
+    # A tree: each class at a level has exactly one parent at every coarser level.
+    for fine_col in range(1, 4):
+        for coarse_col in range(fine_col):
+            parents = {}
+            for row in labels:
+                parents.setdefault(int(row[fine_col]), set()).add(int(row[coarse_col]))
+            assert all(len(p) == 1 for p in parents.values()), (fine_col, coarse_col)
+
+
+def test_hierarchy_labels_uses_the_given_coarse_labels_for_column_2():
+    # Column 2 is the archive's coarse label as given; columns 0 and 1 follow it.
+    fine = np.array([0, 1, 2, 3])
+    coarse = np.array([19, 0, 8, 14])
+    labels = hierarchy_labels(fine, coarse)
+    assert labels[:, 2].tolist() == coarse.tolist()
+    assert labels[:, 3].tolist() == fine.tolist()
+    assert labels[:, 1].tolist() == [COARSE_TO_10[c] for c in coarse]
+    assert labels[:, 0].tolist() == [TEN_TO_3[COARSE_TO_10[c]] for c in coarse]
+
+
+def test_label_names():
+    assert len(FINE_LABEL_NAMES) == 100 and len(set(FINE_LABEL_NAMES)) == 100
+    assert len(COARSE_LABEL_NAMES) == 20 and len(set(COARSE_LABEL_NAMES)) == 20
+    # The archive's meta lists names in alphabetical order.
+    assert list(FINE_LABEL_NAMES) == sorted(FINE_LABEL_NAMES)
+    assert list(COARSE_LABEL_NAMES) == sorted(COARSE_LABEL_NAMES)
+    assert set(COARSE_LABEL_NAMES) == set(SUPERCLASS_MEMBERS)
+    assert sorted(n for members in SUPERCLASS_MEMBERS.values() for n in members) == sorted(FINE_LABEL_NAMES)
+
+
+@pytest.mark.parametrize("fine_name, coarse_name", WELL_KNOWN_PAIRS)
+def test_fine_to_coarse_well_known_pairs(fine_name, coarse_name):
+    assert _superclass_of(fine_name) == coarse_name
+
+
+@pytest.mark.parametrize("superclass", ["people", "trees"])
+def test_superclass_has_exactly_its_five_members(superclass):
+    members = sorted(FINE_LABEL_NAMES[f] for f in range(100) if COARSE_LABEL_NAMES[FINE_TO_COARSE[f]] == superclass)
+    assert members == sorted(SUPERCLASS_MEMBERS[superclass])
+
+
+def test_fine_to_coarse_matches_the_full_cifar100_table():
+    for superclass, members in SUPERCLASS_MEMBERS.items():
+        for name in members:
+            assert _superclass_of(name) == superclass, name
+
+
+# --------------------------------------------------------------------------- the dataset class
+
+
+@pytest.mark.parametrize("train, n, split", [(True, 200, "train"), (False, 100, "test")])
+def test_cifar100_items_and_labels(data_root, train, n, split):
+    dataset = CIFAR100(data_root, train=train, transform=TEST_TRANSFORM)
+    assert len(dataset) == n
+    raw = _load_pickle(data_root / "cifar-100-python" / split)
+
+    labels = dataset.labels
+    assert labels.dtype == torch.int64 and labels.shape == (n, 4)
+    assert labels[:, 2].tolist() == list(raw["coarse_labels"])
+    assert labels[:, 3].tolist() == list(raw["fine_labels"])
+    coarse = np.asarray(raw["coarse_labels"])
+    assert labels[:, 1].tolist() == np.asarray(COARSE_TO_10)[coarse].tolist()
+    assert labels[:, 0].tolist() == np.asarray(TEN_TO_3)[np.asarray(COARSE_TO_10)[coarse]].tolist()
+    for col, k in enumerate(LEVELS):
+        assert int(labels[:, col].min()) >= 0 and int(labels[:, col].max()) < k
+
+    data = np.asarray(raw["data"]).reshape(n, 3, 32, 32).astype(np.float64)
+    for i in (0, 1, n // 2, n - 1):
+        image, item_labels = dataset[i]
+        assert isinstance(image, torch.Tensor)
+        assert image.dtype == torch.float32 and image.shape == (3, 32, 32)
+        assert item_labels.dtype == torch.int64 and item_labels.shape == (4,)
+        assert item_labels.tolist() == labels[i].tolist()
+        assert item_labels[2] == raw["coarse_labels"][i] and item_labels[3] == raw["fine_labels"][i]
+        # Pixels: the archive's CHW row of 3072 bytes, scaled to [0, 1] then normalised.
+        expected = torch.from_numpy((data[i] / 255 - 0.5) / 0.2).float()
+        torch.testing.assert_close(image, expected, atol=1e-5, rtol=0)
+
+
+def test_cifar100_without_transform_gives_pil_images(data_root):
+    dataset = CIFAR100(data_root, train=False)
+    image, labels = dataset[3]
+    assert image.size == (32, 32) and image.mode == "RGB"
+    assert labels.shape == (4,)
+    assert dataset.classes == list(FINE_LABEL_NAMES)
+
+
+# --------------------------------------------------------------------------- synthetic archive format
+
+
+@pytest.mark.parametrize("split, n", [("train", 200), ("test", 100)])
+def test_synthetic_files_in_real_format(data_root, split, n):
+    raw = _load_pickle(data_root / "cifar-100-python" / split)
+    assert isinstance(raw, dict)
+    assert set(raw) == PICKLE_KEYS
+    data = raw["data"]
+    assert isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.shape == (n, 3072)
+    assert len(raw["fine_labels"]) == len(raw["coarse_labels"]) == len(raw["filenames"]) == n
+    assert all(isinstance(k, int) and 0 <= k < 100 for k in raw["fine_labels"])
+    assert [FINE_TO_COARSE[f] for f in raw["fine_labels"]] == list(raw["coarse_labels"])
+    assert len(set(raw["filenames"])) == n
+    assert isinstance(raw["batch_label"], str)
+
+
+def test_synthetic_meta_and_marker(data_root):
+    folder = data_root / "cifar-100-python"
+    meta = _load_pickle(folder / "meta")
+    assert list(meta["fine_label_names"]) == list(FINE_LABEL_NAMES)
+    assert list(meta["coarse_label_names"]) == list(COARSE_LABEL_NAMES)
+    assert len(meta["fine_label_names"]) == 100 and len(meta["coarse_label_names"]) == 20
+
+    marker = json.loads((data_root / SYNTHETIC_MARKER).read_text())
+    assert set(marker) == {"train", "test", "meta"}
+    for name, digest in marker.items():
+        assert digest == _md5(folder / name)
+
+
+def test_make_synthetic_is_deterministic_per_seed(tmp_path):
+    a = make_synthetic_cifar100(tmp_path / "a", n_train=200, n_test=100, seed=7)
+    b = make_synthetic_cifar100(tmp_path / "b", n_train=200, n_test=100, seed=7)
+    c = make_synthetic_cifar100(tmp_path / "c", n_train=200, n_test=100, seed=8)
+    md5_a = json.loads((a / SYNTHETIC_MARKER).read_text())
+    md5_b = json.loads((b / SYNTHETIC_MARKER).read_text())
+    md5_c = json.loads((c / SYNTHETIC_MARKER).read_text())
+    assert md5_a == md5_b
+    for name in ("train", "test", "meta"):
+        assert (a / "cifar-100-python" / name).read_bytes() == (b / "cifar-100-python" / name).read_bytes()
+    assert md5_a["train"] != md5_c["train"] and md5_a["test"] != md5_c["test"]
+    assert md5_a["meta"] == md5_c["meta"]
+
+
+def test_synthetic_every_class_present(data_root):
+    train = _load_pickle(data_root / "cifar-100-python" / "train")
+    assert np.bincount(train["fine_labels"], minlength=100).tolist() == [2] * 100
+
+
+def test_synthetic_images_are_learnable(data_root):
+    """Nearest class mean on raw pixels, fitted on train, scored on test: far above 1% chance."""
+    train = _load_pickle(data_root / "cifar-100-python" / "train")
+    test = _load_pickle(data_root / "cifar-100-python" / "test")
+    x_train = train["data"].astype(np.float64)
+    y_train = np.asarray(train["fine_labels"])
+    x_test = test["data"].astype(np.float64)
+    y_test = np.asarray(test["fine_labels"])
+    means = np.stack([x_train[y_train == k].mean(axis=0) for k in range(100)])
+    distances = (x_test**2).sum(1)[:, None] - 2 * x_test @ means.T + (means**2).sum(1)[None, :]
+    accuracy = float((distances.argmin(axis=1) == y_test).mean())
+    assert accuracy > 0.30, accuracy
+    # Images are not constant: real pixel variation within each image.
+    assert x_test.std(axis=1).min() > 10
+
+
+# --------------------------------------------------------------------------- integrity checks
+
+
+def _copy(data_root: Path, tmp_path: Path) -> Path:
+    root = tmp_path / "copy"
+    shutil.copytree(data_root, root)
+    return root
+
+
+def test_copy_is_accepted(data_root, tmp_path):
+    root = _copy(data_root, tmp_path)
+    assert len(CIFAR100(root, train=True)) == 200
+
+
+def test_flipped_byte_in_train_is_rejected(data_root, tmp_path):
+    root = _copy(data_root, tmp_path)
+    path = root / "cifar-100-python" / "train"
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    for train in (True, False):
+        with pytest.raises(RuntimeError, match="not found or corrupted"):
+            CIFAR100(root, train=train)
+
+
+def test_missing_test_file_is_rejected(data_root, tmp_path):
+    root = _copy(data_root, tmp_path)
+    (root / "cifar-100-python" / "test").unlink()
+    for train in (True, False):
+        with pytest.raises(RuntimeError, match="not found or corrupted"):
+            CIFAR100(root, train=train)
+
+
+def test_corrupted_meta_is_rejected(data_root, tmp_path):
+    root = _copy(data_root, tmp_path)
+    path = root / "cifar-100-python" / "meta"
+    path.write_bytes(path.read_bytes() + b"\x00")
+    with pytest.raises(RuntimeError, match="not found or corrupted"):
+        CIFAR100(root, train=True)
+
+
+def test_empty_folder_without_download_is_rejected(tmp_path):
+    with pytest.raises(RuntimeError, match="not found or corrupted"):
+        CIFAR100(tmp_path / "empty", train=True, download=False)
+    (tmp_path / "empty2" / "cifar-100-python").mkdir(parents=True)
+    with pytest.raises(RuntimeError, match="not found or corrupted"):
+        CIFAR100(tmp_path / "empty2", train=False, download=False)
+
+
+def test_synthetic_folder_never_downloads(data_root, tmp_path, monkeypatch):
+    """download=True over a synthetic folder must not fetch the real archive, even when corrupted."""
+
+    def no_download(self):
+        raise AssertionError("download attempted over a synthetic folder")
+
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "download", no_download)
+    root = _copy(data_root, tmp_path)
+    assert len(CIFAR100(root, train=False, download=True)) == 100
+    (root / "cifar-100-python" / "train").unlink()
+    with pytest.raises(RuntimeError, match="not found or corrupted"):
+        CIFAR100(root, train=True, download=True)
+
+
+def test_synthetic_marker_does_not_leak_into_the_class(data_root):
+    """The marker's md5s are set per instance; the class keeps the real archive's checksums."""
+    CIFAR100(data_root, train=True)
+    assert torchvision.datasets.CIFAR100.train_list == [["train", "16019d7e3df5f24257cddd939b257f8d"]]
+    assert torchvision.datasets.CIFAR100.test_list == [["test", "f0ef6b0ae62326f3e7ffdfab6717acfc"]]
+    assert torchvision.datasets.CIFAR100.meta["md5"] == "7973b15100ade9c7d40fb424638fde48"
+    assert CIFAR100.meta["md5"] == "7973b15100ade9c7d40fb424638fde48"
+
+
+# --------------------------------------------------------------------------- transforms
+
+
+def test_train_transform_is_the_papers():
+    assert isinstance(TRAIN_TRANSFORM, transforms.Compose)
+    steps = TRAIN_TRANSFORM.transforms
+    assert [type(t) for t in steps] == [
+        transforms.RandomCrop,
+        transforms.RandomHorizontalFlip,
+        transforms.ToTensor,
+        transforms.Normalize,
+    ]
+    crop, flip, _, norm = steps
+    assert tuple(crop.size) == (32, 32)
+    assert crop.padding == 4
+    assert crop.fill == 0
+    assert crop.padding_mode == "constant"
+    assert crop.pad_if_needed is False
+    assert flip.p == 0.5
+    assert tuple(norm.mean) == (0.5, 0.5, 0.5)
+    assert tuple(norm.std) == (0.2, 0.2, 0.2)
+
+
+def test_test_transform_is_the_papers():
+    assert isinstance(TEST_TRANSFORM, transforms.Compose)
+    steps = TEST_TRANSFORM.transforms
+    assert [type(t) for t in steps] == [transforms.ToTensor, transforms.Normalize]
+    assert tuple(steps[1].mean) == (0.5, 0.5, 0.5)
+    assert tuple(steps[1].std) == (0.2, 0.2, 0.2)
+
+
+def test_transforms_output_range(data_root):
+    dataset = CIFAR100(data_root, train=True, transform=TRAIN_TRANSFORM)
+    torch.manual_seed(0)
+    image, _ = dataset[0]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.float32
+    assert float(image.min()) >= -2.5 - 1e-6 and float(image.max()) <= 2.5 + 1e-6
