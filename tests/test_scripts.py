@@ -300,6 +300,8 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(data_root, 
         ("model_vgg_maxl.py", ["--cossim-every", "0"], ["--cossim-every must be at least 1"]),
         ("model_vgg_maxl.py", ["--lr", "0"], ["--lr must be positive"]),
         ("model_vgg_single.py", ["--device", "tpu"], ["--device 'tpu' is not one of"]),
+        ("model_vgg_single.py", ["--primary-level", "7"], ["--primary-level: invalid choice: 7"]),
+        ("model_vgg_maxl.py", ["--epochs", "many"], ["--epochs: invalid int value: 'many'"]),
     ],
 )
 def test_impossible_settings_are_refused(data_root, tmp_path, script, extra, phrases):
