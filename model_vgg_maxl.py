@@ -359,7 +359,7 @@ def block_log_mask(psi: list[int]) -> torch.Tensor:
 
 def mask_softmax(logits: torch.Tensor, log_mask: torch.Tensor) -> torch.Tensor:
     """exp(x) * mask / sum(exp(x) * mask), computed as softmax(x + log mask): no overflow."""
-    return torch.softmax(logits.float() + log_mask, dim=1)
+    return torch.softmax(at_least_float32(logits) + log_mask, dim=1)
 
 
 class LabelGenerator(VGGTrunk):
@@ -381,9 +381,14 @@ class LabelGenerator(VGGTrunk):
 # Losses
 
 
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 (autocast) -> float32 for losses; float32 and float64 unchanged."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def focal_terms(logits: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
-    """Per-sample, per-class focal terms -(1 - p)^gamma log p, with p = softmax(logits), in float32."""
-    log_p = F.log_softmax(logits.float(), dim=1)
+    """Per-sample, per-class focal terms -(1 - p)^gamma log p, with p = softmax(logits), in float32 or wider."""
+    log_p = F.log_softmax(at_least_float32(logits), dim=1)
     return -(1 - log_p.exp()).pow(gamma) * log_p
 
 
@@ -438,13 +443,16 @@ def meta_gradients(
     primary_target = F.one_hot(y_primary, num_primary).float()
     theta1 = {name: p.detach() for name, p in model.named_parameters()}
     generator_params = list(label_generator.parameters())
-    # Running statistics go to throw-away copies: the meta step must not change the model it judges.
+    # Running statistics go to throw-away copies: the meta step must not change the networks it involves.
     buffers = {name: b.clone() for name, b in model.named_buffers()}
+    generator_buffers = {name: b.clone() for name, b in label_generator.named_buffers()}
 
     def forward(params: dict) -> tuple[torch.Tensor, torch.Tensor]:
         return functional_call(model, (params, buffers), (x,))
 
-    labels = label_generator(x, y_primary)
+    labels = functional_call(
+        label_generator, (dict(label_generator.named_parameters()), generator_buffers), (x, y_primary)
+    )
 
     if method == "double-backward":
         params = dict(model.named_parameters())

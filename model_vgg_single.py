@@ -300,9 +300,14 @@ class VGG16(VGGTrunk):
 # Losses
 
 
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 (autocast) -> float32 for losses; float32 and float64 unchanged."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def focal_terms(logits: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
-    """Per-sample, per-class focal terms -(1 - p)^gamma log p, with p = softmax(logits), in float32."""
-    log_p = F.log_softmax(logits.float(), dim=1)
+    """Per-sample, per-class focal terms -(1 - p)^gamma log p, with p = softmax(logits), in float32 or wider."""
+    log_p = F.log_softmax(at_least_float32(logits), dim=1)
     return -(1 - log_p.exp()).pow(gamma) * log_p
 
 
