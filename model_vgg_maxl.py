@@ -577,6 +577,8 @@ def train_step(state: dict, images: torch.Tensor, labels: torch.Tensor, cfg: Con
     }
     if diagnose:
         shared = model.shared_parameters()
+        # Two separate passes, as the reference: total - primary would differ in the conv biases, whose
+        # gradient before BatchNorm is zero up to rounding, and so would their cosine.
         primary_grads = torch.autograd.grad(primary_loss, shared, retain_graph=True)
         aux_grads = torch.autograd.grad(aux_loss, shared, retain_graph=True)
         out["train_cosine"] = gradient_cosine(primary_grads, aux_grads)

@@ -148,10 +148,10 @@ def reference_meta_gradients(module, state: dict, images: torch.Tensor, labels: 
     The exact gradient by double backward (the script's method "double-backward"), with the
     reference's extra work:
       - the forward at theta_1 is the multi-task network's own module call in train mode, so it
-        also updates its BatchNorm running statistics (the script's meta step uses throw-away
-        copies). This is the reference's forward at theta_1, the one the inner gradient
-        differentiates with create_graph=True; it is not run a second time, because the
-        reference does not run it twice either: the pass count matches the reference exactly;
+        also updates its BatchNorm running statistics (the script's meta step runs it through
+        functional_call on throw-away buffer copies). In the reference this train-mode forward is
+        the very pass whose graph the create_graph inner gradient differentiates, so it runs once
+        here too; a separate additional forward would overstate the reference by one forward pass;
       - a full `.backward()` of the meta objective, which also fills the gradients of every
         theta_1 parameter (Hessian-vector terms included) that nobody uses, instead of
         `autograd.grad` w.r.t. theta_2 only.
@@ -417,8 +417,11 @@ class OtherCpuUse:
 
     @staticmethod
     def own_seconds() -> float:
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        return usage.ru_utime + usage.ru_stime
+        """CPU seconds of this process and its finished children (live helpers, e.g. compile workers: others)."""
+        return sum(
+            usage.ru_utime + usage.ru_stime
+            for usage in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN))
+        )
 
 
 def memory_label(device: torch.device) -> str:
@@ -626,7 +629,7 @@ def report(device: torch.device, rows: list[dict], args: argparse.Namespace) -> 
         memory_label(device) + "; FLOPs: matmul/conv ops by torch.utils.flop_counter",
     ]
     if device.type == "cpu":
-        shares = ", ".join(f"{row['method']} {100 * row['other_processes_cpu_share']:.0f}%" for row in rows)
+        shares = ", ".join(f"{row['method']} {max(0.0, 100 * row['other_processes_cpu_share']):.0f}%" for row in rows)
         notes.append(f"CPU time taken by other processes during each row (should be ~0%): {shares}")
         if any(contended(row) for row in rows):
             notes.append("WARNING: the CPU was shared with other processes; these CPU timings are inflated")

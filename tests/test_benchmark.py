@@ -14,7 +14,17 @@ from benchmarks import speed
 ROWS = ("single", "maxl-second-order", speed.REFERENCE_STYLE)
 
 
-def test_benchmark_runs_and_prints_the_table(tmp_path):
+@pytest.fixture
+def one_thread(monkeypatch):
+    """One intra-op thread: on a small machine shared with other jobs, OpenMP's two threads can be 10x slower."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # for the subprocess
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_benchmark_runs_and_prints_the_table(tmp_path, one_thread):
     out_json = tmp_path / "speed.json"
     result = run_script(
         "benchmarks/speed.py",
@@ -49,7 +59,7 @@ def small_maxl_state(batch_size: int = 4):
 
 
 @pytest.mark.parametrize("step", ["phase 1", "phase 2"])
-def test_reference_style_matches_the_script(step):
+def test_reference_style_matches_the_script(step, one_thread):
     """Phase 1: the same theta_1 update as train_step; phase 2: meta_gradients' double-backward gradient."""
     module, cfg, state, images, labels = small_maxl_state()
     if step == "phase 1":

@@ -14,12 +14,14 @@ import copy
 import math
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
 import model_vgg_maxl as maxl
+from create_dataset import FINE_TO_COARSE, hierarchy_labels
 
 F64 = torch.float64
 PSI = [2, 3, 1]  # primary_level 3 with unequal blocks
@@ -449,3 +451,36 @@ def test_gradient_cosine_is_the_mean_of_per_tensor_cosines():
     torch.testing.assert_close(maxl.gradient_cosine(a, b), torch.stack(by_hand).mean(), rtol=1e-12, atol=0)
     assert maxl.gradient_cosine(a, a).item() == pytest.approx(1.0)
     assert maxl.gradient_cosine(a, [-t for t in a]).item() == pytest.approx(-1.0)
+
+
+def test_train_step_cosine_and_update_match_a_direct_computation():
+    """Phase 1's cosine diagnostic is the reference's (two separate gradients); it does not change the step."""
+    cfg = maxl.Config(device="cpu", primary_level=3, psi="2,3,1", cossim_every=1)
+    torch.manual_seed(0)
+    state = maxl.build(cfg, torch.device("cpu"))
+    images = torch.randn(6, 3, 32, 32)
+    fine = torch.tensor([0, 1, 2, 3, 4, 5])
+    labels = torch.from_numpy(hierarchy_labels(fine.numpy(), np.asarray(FINE_TO_COARSE)[fine.numpy()]))
+    model = state["model"]
+    start = copy.deepcopy(model.state_dict())
+
+    primary = labels[:, 0]
+    probe = copy.deepcopy(model)
+    with torch.no_grad():
+        targets = state["label_generator"](images, primary)
+    primary_logits, aux_logits = probe(images)
+    shared = probe.shared_parameters()
+    g_pri = torch.autograd.grad(
+        maxl.focal_loss(primary_logits, F.one_hot(primary, 3).float()), shared, retain_graph=True
+    )
+    g_aux = torch.autograd.grad(maxl.focal_loss(aux_logits, targets), shared)
+    expected = maxl.gradient_cosine(g_pri, g_aux)
+
+    out = maxl.train_step(state, images, labels, cfg, diagnose=True)
+    assert torch.allclose(out["train_cosine"], expected, atol=1e-5), (out["train_cosine"], expected)
+    with_diagnostic = copy.deepcopy(model.state_dict())
+
+    model.load_state_dict(start)
+    maxl.train_step(state, images, labels, cfg, diagnose=False)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, with_diagnostic[name]), name
