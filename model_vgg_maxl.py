@@ -52,6 +52,7 @@ from create_dataset import (
 )
 
 METHOD = "maxl"
+META_GRADIENT_METHODS = ("second-order", "finite-difference", "double-backward")
 
 
 def option(default, help: str, **argparse_kwargs):
@@ -79,7 +80,7 @@ class Config:
         "second-order",
         "theta_2 gradient: exact second-order (forward-mode JVP), the authors' "
         "finite-difference approximation, or the exact one by double backward (slower)",
-        choices=("second-order", "finite-difference", "double-backward"),
+        choices=META_GRADIENT_METHODS,
     )
     fd_step: float = option(0.01, "finite-difference step: eps = fd_step / ||d|| (reference: 0.01)")
     cossim_every: int = option(
@@ -438,6 +439,8 @@ def meta_gradients(
     networks are left as they were. If `stats` is given, it receives the primary loss and
     accuracy at theta_1 and at theta_1^+ (tensors).
     """
+    if method not in META_GRADIENT_METHODS:
+        raise ValueError(f"unknown meta-gradient method {method!r}; one of {META_GRADIENT_METHODS}")
     n = x.shape[0]
     num_primary = model.classifier1[-1].out_features
     primary_target = F.one_hot(y_primary, num_primary).float()
@@ -488,13 +491,11 @@ def meta_gradients(
                     dual = {name: fwAD.make_dual(p, direction[name]) for name, p in theta1.items()}
                     aux_dual = forward(dual)[1]
                     slope = fwAD.unpack_dual(focal_terms(aux_dual, focal_gamma)).tangent
-            elif method == "finite-difference":
-                eps = fd_step / torch.sqrt(sum((v.float() ** 2).sum() for v in d))
+            else:
+                eps = fd_step / torch.sqrt(sum(v.pow(2).sum() for v in d))
                 plus = focal_terms(forward({k: p + eps * direction[k] for k, p in theta1.items()})[1], focal_gamma)
                 minus = focal_terms(forward({k: p - eps * direction[k] for k, p in theta1.items()})[1], focal_gamma)
                 slope = (plus - minus) / (2 * eps)
-            else:
-                raise ValueError(f"unknown meta-gradient method {method!r}")
             label_grad = -inner_lr / n * slope
         surrogate = (labels * label_grad).sum() + entropy_weight * negative_entropy(labels)
         result = list(torch.autograd.grad(surrogate, generator_params))
