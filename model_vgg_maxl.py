@@ -599,19 +599,20 @@ def meta_step(state: dict, images: torch.Tensor, labels: torch.Tensor, cfg: Conf
     primary = labels[:, level_index(cfg.primary_level)]
     inner_lr = state["optimizer"].param_groups[0]["lr"]
     stats: dict[str, torch.Tensor] = {}
-    with autocast(cfg, images.device):
-        grads = meta_gradients(
-            state["model"],
-            label_generator,
-            images,
-            primary,
-            inner_lr,
-            cfg.meta_grad,
-            cfg.entropy_weight,
-            cfg.fd_step,
-            cfg.focal_gamma,
-            stats,
-        )
+    # Always fp32, also with --amp: the meta-gradient is a small difference of large terms, and in
+    # bf16 it is noise (cosine 0.29 to the float64 gradient on a random batch; fp32: 0.986).
+    grads = meta_gradients(
+        state["model"],
+        label_generator,
+        images,
+        primary,
+        inner_lr,
+        cfg.meta_grad,
+        cfg.entropy_weight,
+        cfg.fd_step,
+        cfg.focal_gamma,
+        stats,
+    )
     for p, g in zip(label_generator.parameters(), grads):
         p.grad = g
     state["gen_optimizer"].step()
