@@ -608,8 +608,9 @@ def train(cfg: Config) -> dict:
         history, start_epoch = checkpoint["epochs"], checkpoint["next_epoch"]
         if start_epoch >= cfg.epochs:
             print(f"'{run_dir}' already finished {start_epoch} epochs; pass a larger --epochs to extend it")
-            print(summary_line(summarize(history, cfg)))
-            return summarize(history, cfg)
+            summary = summarize(history, cfg)
+            print(summary_line(summary))
+            return summary
         print(f"resuming {run_dir} at epoch {start_epoch + 1}")
     record_config = {
         **asdict(cfg),
