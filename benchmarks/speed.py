@@ -30,9 +30,12 @@ On CPU the timings need an otherwise idle machine: other processes competing for
 PyTorch's OpenMP kernels several-fold. The notes under the table give the share of CPU time other
 processes took during each row and flag the run above 5%.
 
-Time at batch 100 with the defaults (CPU: 1 warm-up and 3 timed iterations; CUDA: 10 and 50): about
+On CUDA each step goes through the script's StepGraphs, as in a real epoch: warmed up, captured
+and replayed as a CUDA graph (--no-cuda-graphs: eager). The reference-style row is always eager.
+
+Time at batch 100 with the defaults (CPU: 1 warm-up and 3 timed iterations; CUDA: 50 and 100): about
 a minute with --reference-style on an idle 2-core CPU (a MAXL iteration takes about 3 s there, the
-reference-style one about 4.5 s); a minute or two on one GPU.
+reference-style one about 4.5 s); about a minute on one H100, also with --compile.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import contextlib
 import ctypes
 import dataclasses
 import datetime
+import functools
 import gc
 import importlib
 import json
@@ -75,7 +79,7 @@ REFERENCE_STYLE = "maxl-second-order (reference-style)"
 TARGET_RATIO = 0.6  # the issue's CPU target: our MAXL iteration at most 0.6x the reference-style one
 TRAIN_IMAGES = 50_000  # CIFAR-100 train set
 PAPER_EPOCHS = 200
-DEFAULT_WARMUP_ITERS = {"cpu": (1, 3), "cuda": (10, 50)}  # (warm-up, timed) iterations when no flag is given
+DEFAULT_WARMUP_ITERS = {"cpu": (1, 3), "cuda": (50, 100)}  # (warm-up, timed) iterations when no flag is given
 RSS_SAMPLE_SECONDS = 0.005
 CONTENTION_THRESHOLD = 0.05  # other processes' share of the CPU above which CPU timings are flagged
 
@@ -203,6 +207,7 @@ def make_config(method: Method, device: torch.device, args: argparse.Namespace):
         amp=args.amp,
         compile=args.compile,
         channels_last=channels_last_for(device, args),
+        cuda_graphs=args.cuda_graphs,
         download=False,
         workers=0,
     )
@@ -234,19 +239,33 @@ def random_batch(batch_size: int, device: torch.device, channels_last: bool, see
     return images, labels
 
 
-def iteration_phases(method: Method, state: dict, images, labels, cfg) -> list[tuple[str, Callable[[int], object]]]:
-    """The timed pieces of one iteration, each a function of the iteration index k."""
+def iteration_phases(
+    method: Method, state: dict, graphs, images, labels, cfg
+) -> list[tuple[str, Callable[[int], object]]]:
+    """The timed pieces of one iteration, each a function of the iteration index k.
+
+    As in the scripts' epochs, each step goes through `graphs` (the script's StepGraphs: replayed as
+    a CUDA graph once warmed up, or eager), under the same names. The reference-style steps are eager.
+    """
     module = script(method)
     if not method.is_maxl:
-        return [("train", lambda k: module.train_step(state, images, labels, cfg))]
+        return [
+            ("train", lambda k: graphs("train", functools.partial(module.train_step, state, cfg=cfg), images, labels))
+        ]
     if method.reference_style:
         return [
             ("phase 1", lambda k: reference_train_step(module, state, images, labels, cfg)),
             ("phase 2", lambda k: reference_meta_step(module, state, images, labels, cfg)),
         ]
+
+    def phase1(k: int):
+        diagnose = is_diagnostic(k, cfg)
+        step = functools.partial(module.train_step, state, cfg=cfg, diagnose=diagnose)
+        return graphs("phase 1 + cosine" if diagnose else "phase 1", step, images, labels)
+
     return [
-        ("phase 1", lambda k: module.train_step(state, images, labels, cfg, diagnose=is_diagnostic(k, cfg))),
-        ("phase 2", lambda k: module.meta_step(state, images, labels, cfg)),
+        ("phase 1", phase1),
+        ("phase 2", lambda k: graphs("phase 2", functools.partial(module.meta_step, state, cfg=cfg), images, labels)),
     ]
 
 
@@ -443,18 +462,25 @@ def measure(method: Method, device: torch.device, args: argparse.Namespace) -> d
     images, labels = random_batch(args.batch_size, device, cfg.channels_last)
     with PeakMemory(device) as memory, OtherCpuUse() as others:
         state = module.build(cfg, device)
-        phases = iteration_phases(method, state, images, labels, cfg)
-        # The FLOP-counting iteration is untimed. Without --compile it is also the first warm-up
-        # iteration (the same eager kernels run); with --compile, or with --warmup 0, it is extra.
+        optimizers = [obj for obj in state.values() if isinstance(obj, torch.optim.Optimizer)]
+        graphs = module.StepGraphs(device, optimizers, enabled=cfg.cuda_graphs)
+        phases = iteration_phases(method, state, graphs, images, labels, cfg)
+        eager_phases = iteration_phases(
+            method, state, module.StepGraphs(device, [], enabled=False), images, labels, cfg
+        )
+        # The FLOP-counting iteration is untimed and eager. Without --compile it is also the first
+        # warm-up iteration; with --compile, or with --warmup 0, it is extra.
         counted_as_warmup = warmup > 0 and not cfg.compile
         if counted_as_warmup:
-            flops = count_flops(method, phases, cfg, state)
+            flops = count_flops(method, eager_phases, cfg, state)
         timed_iterations(phases, 1 if counted_as_warmup else 0, warmup - counted_as_warmup, device)
-        times = timed_iterations(phases, 0, iters, device)
+        # Timed iterations start at a multiple of the cosine period, so they hold their share of it.
+        first = math.ceil(warmup / cfg.cossim_every) * cfg.cossim_every if method.is_maxl else warmup
+        times = timed_iterations(phases, first, iters, device)
         if not counted_as_warmup:
-            flops = count_flops(method, phases, cfg, state)
+            flops = count_flops(method, eager_phases, cfg, state)
     phase_names = [name for name, _ in phases]
-    row = summarize(method, device, cfg, phase_names, times, flops, memory.peak_bytes, warmup, iters)
+    row = summarize(method, device, cfg, phase_names, times, first, flops, memory.peak_bytes, warmup, iters)
     row["other_processes_cpu_share"] = others.share
     del state, phases
     release_memory(device)
@@ -486,14 +512,14 @@ def warmup_iters(device: torch.device, args: argparse.Namespace) -> tuple[int, i
     return warmup, iters
 
 
-def summarize(method: Method, device, cfg, phase_names, times, flops, peak_bytes, warmup, iters) -> dict:
-    """The table row: times are seconds per phase of each timed iteration."""
+def summarize(method: Method, device, cfg, phase_names, times, first, flops, peak_bytes, warmup, iters) -> dict:
+    """The table row: times are seconds per phase of timed iterations first, first + 1, ..."""
     totals = [sum(t) for t in times]
     every = periodic_diagnostic(method, cfg)
     epoch_mean = statistics.median(totals)
     if every > 1:
-        with_cosine = [t for k, t in enumerate(totals) if is_diagnostic(k, cfg)]
-        plain = [t for k, t in enumerate(totals) if not is_diagnostic(k, cfg)]
+        with_cosine = [t for k, t in enumerate(totals, first) if is_diagnostic(k, cfg)]
+        plain = [t for k, t in enumerate(totals, first) if not is_diagnostic(k, cfg)]
         if with_cosine and plain:  # one iteration in `every` carries the diagnostic
             plain_median = statistics.median(plain)
             epoch_mean = plain_median + (statistics.median(with_cosine) - plain_median) / every
@@ -518,6 +544,7 @@ def summarize(method: Method, device, cfg, phase_names, times, flops, peak_bytes
         "amp": cfg.amp and device.type == "cuda",
         "compile": cfg.compile,
         "channels_last": cfg.channels_last and device.type == "cuda",
+        "cuda_graphs": cfg.cuda_graphs and device.type == "cuda",
         "times_ms": [[1e3 * s for s in t] for t in times],
     }
 
@@ -579,6 +606,7 @@ def header_line(device: torch.device, args: argparse.Namespace) -> str:
             ("amp", args.amp and device.type == "cuda"),
             ("compile", args.compile),
             ("channels_last", channels_last_for(device, args) and device.type == "cuda"),
+            ("cuda graphs", args.cuda_graphs and device.type == "cuda"),
         )
     )
     return (
@@ -660,9 +688,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(DEFAULT_METHODS))
     parser.add_argument("--batch-size", type=int, default=100, help="images per batch (the paper: 100)")
     parser.add_argument(
-        "--warmup", type=int, default=None, help="untimed iterations first (default: 1 on CPU, 10 on CUDA)"
+        "--warmup", type=int, default=None, help="untimed iterations first (default: 1 on CPU, 50 on CUDA)"
     )
-    parser.add_argument("--iters", type=int, default=None, help="timed iterations (default: 3 on CPU, 50 on CUDA)")
+    parser.add_argument("--iters", type=int, default=None, help="timed iterations (default: 3 on CPU, 100 on CUDA)")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast (the scripts apply it on CUDA only)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the scripts' plain forward passes")
     parser.add_argument(
@@ -670,6 +698,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="channels_last memory format (default: on for CUDA; the scripts apply it on CUDA only)",
+    )
+    parser.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="replay the scripts' steps as CUDA graphs, as the scripts do on CUDA (not the reference-style row)",
     )
     parser.add_argument(
         "--reference-style",

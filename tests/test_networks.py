@@ -321,6 +321,8 @@ SHARED_NAMES = [
     "Meter",
     "FiniteGuard",
     "autocast",
+    "StepGraphs",
+    "evaluate",
     "resolve_device",
     "configure_backends",
     "load_datasets",
@@ -361,12 +363,6 @@ def test_shared_code_is_textually_identical(name):
     assert sources["human"] == sources["single"], f"{name}: human and single differ"
 
 
-def test_evaluate_exists_in_every_script():
-    """evaluate may differ between the methods (maxl and human report different metrics), but is in each."""
-    for module in SCRIPTS.values():
-        assert callable(module.evaluate)
-
-
 DATA_FIELDS = ["data_root", "download", "data_path", "workers"]
 RUN_FIELDS = [
     "device",
@@ -375,6 +371,7 @@ RUN_FIELDS = [
     "amp",
     "compile",
     "channels_last",
+    "cuda_graphs",
     "results_dir",
     "run_name",
     "resume",
