@@ -39,12 +39,17 @@ def cuda_run(script: str, data_root: Path, results: Path, name: str, *extra: str
     return history, checkpoint
 
 
+RUNS = [(script, []) for script in SCRIPTS[:2]] + [
+    ("model_vgg_maxl.py", ["--cossim-every", "3", "--meta-grad", method]) for method in maxl.META_GRADIENT_METHODS
+]
+
+
 @needs_cuda
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_graphed_run_matches_eager_run(script, data_root, tmp_path):
+@pytest.mark.parametrize(("script", "flags"), RUNS, ids=["single", "human", *maxl.META_GRADIENT_METHODS])
+def test_graphed_run_matches_eager_run(script, flags, data_root, tmp_path):
     """3 epochs of 10 batches: every step is warmed up, captured and replayed; the learning rate changes
     every epoch (--lr-step 1), so graphs are dropped and captured again."""
-    extra = ["--epochs", "3", "--lr-step", "1"] + (["--cossim-every", "3"] if "maxl" in script else [])
+    extra = ["--epochs", "3", "--lr-step", "1", *flags]
     eager, eager_state = cuda_run(script, data_root, tmp_path, "eager", "--no-cuda-graphs", *extra)
     graphed, graphed_state = cuda_run(script, data_root, tmp_path, "graphed", "--cuda-graphs", *extra)
     for e, g in zip(eager, graphed, strict=True):
