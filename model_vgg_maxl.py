@@ -602,7 +602,9 @@ class StepGraphs:
                 return out
             static_images, static_labels = images.clone(), labels.clone()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.device(self.device), torch.cuda.graph(graph):  # records the kernels, runs nothing
+            # Records the kernels, runs nothing. "thread_local": the DataLoader's pin-memory thread may
+            # allocate pinned memory meanwhile, which the default mode would count as breaking the capture.
+            with torch.cuda.device(self.device), torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 outputs = step(static_images, static_labels)
             self.graphs[key] = (graph, static_images, static_labels, outputs)
         graph, static_images, static_labels, outputs = self.graphs[key]

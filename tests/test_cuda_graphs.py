@@ -39,13 +39,20 @@ def cuda_run(script: str, data_root: Path, results: Path, name: str, *extra: str
     return history, checkpoint
 
 
-RUNS = [(script, []) for script in SCRIPTS[:2]] + [
-    ("model_vgg_maxl.py", ["--cossim-every", "3", "--meta-grad", method]) for method in maxl.META_GRADIENT_METHODS
-]
+RUNS = {
+    "single": ("model_vgg_single.py", []),
+    "human": ("model_vgg_human.py", []),
+    **{
+        method: ("model_vgg_maxl.py", ["--cossim-every", "3", "--meta-grad", method])
+        for method in maxl.META_GRADIENT_METHODS
+    },
+    # The DataLoader path: its pin-memory thread allocates pinned memory while a step is being captured.
+    "maxl-dataloader": ("model_vgg_maxl.py", ["--cossim-every", "3", "--data-path", "loader", "--workers", "2"]),
+}
 
 
 @needs_cuda
-@pytest.mark.parametrize(("script", "flags"), RUNS, ids=["single", "human", *maxl.META_GRADIENT_METHODS])
+@pytest.mark.parametrize(("script", "flags"), RUNS.values(), ids=RUNS.keys())
 def test_graphed_run_matches_eager_run(script, flags, data_root, tmp_path):
     """3 epochs of 10 batches: every step is warmed up, captured and replayed; the learning rate changes
     every epoch (--lr-step 1), so graphs are dropped and captured again."""
