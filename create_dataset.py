@@ -15,6 +15,7 @@ uint8 tensor on the GPU, augmented there, for fast CUDA runs).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -289,10 +290,16 @@ def augment_on_device(images: torch.Tensor, generator: torch.Generator, padding:
     return padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
 
 
+@functools.cache
+def channel_statistics(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """MEAN and STD as (1, 3, 1, 1) tensors on `device`, made once: a copy from the host per batch
+    would make the host wait for the GPU every batch."""
+    return torch.tensor(MEAN, device=device).view(1, 3, 1, 1), torch.tensor(STD, device=device).view(1, 3, 1, 1)
+
+
 def normalize(images: torch.Tensor) -> torch.Tensor:
     """uint8 (N, 3, H, W) -> float, as ToTensor() then Normalize(MEAN, STD)."""
-    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1)
+    mean, std = channel_statistics(images.device)
     return (images.float() / 255 - mean) / std
 
 

@@ -383,17 +383,18 @@ class StepGraphs:
     labels that returns tensors) runs eagerly for its first WARMUP calls at each input shape (cuDNN
     autotuning, lazy initialisation), is then captured once and replayed with the batch copied into
     the graph's own input tensors. The learning rates a step reads are baked into its capture, so every
-    graph is dropped when one changes. Parameters must be updated in place (torch.optim and
-    load_state_dict do). The returned tensors are overwritten by the next replay of the same step.
+    graph is dropped when an optimiser in `state` changes its learning rate. Parameters must be updated
+    in place (torch.optim and load_state_dict do). The returned tensors are overwritten by the next
+    replay of the same step.
     Disabled (every call eager) off CUDA and with --no-cuda-graphs.
     """
 
     WARMUP = 3
 
-    def __init__(self, device: torch.device, optimizers: list[torch.optim.Optimizer], enabled: bool = True):
+    def __init__(self, state: dict, device: torch.device, enabled: bool = True):
         self.enabled = enabled and device.type == "cuda"
         self.device = device
-        self.optimizers = optimizers
+        self.optimizers = [obj for obj in state.values() if isinstance(obj, torch.optim.Optimizer)]
         self.learning_rates: list[float] = []
         self.graphs: dict[tuple, tuple] = {}
         self.calls: dict[tuple, int] = {}
@@ -460,8 +461,9 @@ def train_epoch(
     meter = Meter()
     guard = FiniteGuard(device)
     state["model"].train()
+    train = functools.partial(train_step, state, cfg=cfg)
     for step, images, labels in batches(train_loader, cfg, device):
-        out = graphs("train", functools.partial(train_step, state, cfg=cfg), images, labels)
+        out = graphs("train", train, images, labels)
         guard.watch(out.pop("loss"), epoch, "train", step)
         for name, value in out.items():
             meter.add(name, value, images.shape[0])
@@ -486,8 +488,9 @@ def eval_step(state: dict, images: torch.Tensor, labels: torch.Tensor, cfg: Conf
 def evaluate(state: dict, graphs: StepGraphs, test_loader, cfg: Config, device: torch.device) -> dict[str, float]:
     meter = Meter()
     state["model"].eval()
+    step = functools.partial(eval_step, state, cfg=cfg)
     for _, images, labels in batches(test_loader, cfg, device):
-        out = graphs("evaluate", functools.partial(eval_step, state, cfg=cfg), images, labels)
+        out = graphs("evaluate", step, images, labels)
         for name, value in out.items():
             meter.add(name, value, images.shape[0])
     state["model"].train()
@@ -703,8 +706,7 @@ def train(cfg: Config) -> dict:
         "torch": str(torch.__version__),
     }
     print(f"{METHOD}: {run_dir} on {device}, {cfg.epochs} epochs")
-    optimizers = [obj for obj in state.values() if isinstance(obj, torch.optim.Optimizer)]
-    graphs = StepGraphs(device, optimizers, enabled=cfg.cuda_graphs)
+    graphs = StepGraphs(state, device, enabled=cfg.cuda_graphs)
 
     previous = {s: signal.signal(s, raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
     epoch = start_epoch

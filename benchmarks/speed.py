@@ -462,11 +462,10 @@ def measure(method: Method, device: torch.device, args: argparse.Namespace) -> d
     images, labels = random_batch(args.batch_size, device, cfg.channels_last)
     with PeakMemory(device) as memory, OtherCpuUse() as others:
         state = module.build(cfg, device)
-        optimizers = [obj for obj in state.values() if isinstance(obj, torch.optim.Optimizer)]
-        graphs = module.StepGraphs(device, optimizers, enabled=cfg.cuda_graphs)
+        graphs = module.StepGraphs(state, device, enabled=cfg.cuda_graphs)
         phases = iteration_phases(method, state, graphs, images, labels, cfg)
         eager_phases = iteration_phases(
-            method, state, module.StepGraphs(device, [], enabled=False), images, labels, cfg
+            method, state, module.StepGraphs(state, device, enabled=False), images, labels, cfg
         )
         # The FLOP-counting iteration is untimed and eager. Without --compile it is also the first
         # warm-up iteration; with --compile, or with --warmup 0, it is extra.

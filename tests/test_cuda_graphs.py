@@ -16,12 +16,11 @@ from conftest import run_script
 
 import model_vgg_maxl as maxl
 
-SCRIPTS = ["model_vgg_single.py", "model_vgg_human.py", "model_vgg_maxl.py"]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def test_disabled_off_cuda_calls_the_step_itself():
-    graphs = maxl.StepGraphs(torch.device("cpu"), [], enabled=True)
+    graphs = maxl.StepGraphs({}, torch.device("cpu"), enabled=True)
     assert not graphs.enabled
     images, labels = torch.randn(2, 3, 32, 32), torch.zeros(2, 4, dtype=torch.long)
     out = graphs("train", lambda x, y: {"sum": x.sum() + y.sum()}, images, labels)
@@ -82,7 +81,7 @@ def test_graphs_replay_after_warm_up_and_are_dropped_when_the_learning_rate_chan
         optimizer.step()
         return {"loss": loss}
 
-    graphs = maxl.StepGraphs(device, [optimizer])
+    graphs = maxl.StepGraphs({"optimizer": optimizer}, device)
     images = torch.ones(2, 3, device=device)
     labels = torch.zeros(2, 4, dtype=torch.long, device=device)
     for call in range(6):
