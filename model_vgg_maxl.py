@@ -102,7 +102,7 @@ class Config:
     deterministic: bool = option(False, "deterministic algorithms and cuDNN settings (slower on CUDA)")
     amp: bool = option(False, "bf16 autocast on CUDA (changes the numerics; off reproduces the paper in fp32)")
     compile: bool = option(False, "torch.compile the networks' plain forward passes (phase 1, evaluation)")
-    channels_last: bool = option(True, "channels_last memory format on CUDA")
+    channels_last: bool = option(True, "channels_last memory format (faster convolutions on CUDA and on CPU)")
     cuda_graphs: bool = option(True, "replay each step as a CUDA graph on CUDA (same arithmetic, less launch overhead)")
     results_dir: str = option("results", "runs are written to <results-dir>/<run-name>/")
     run_name: str = option("", "default: method, levels, seed (e.g. maxl-second-order-pri20-aux100-seed0)")
@@ -273,7 +273,7 @@ def make_loaders(cfg: Config, device: torch.device) -> tuple:
 
 def batches(loader, cfg: Config, device: torch.device):
     """The loader's batches on `device` (at most --limit-batches of them)."""
-    memory_format = torch.channels_last if cfg.channels_last and device.type == "cuda" else torch.contiguous_format
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     for step, (images, labels) in enumerate(loader):
         if cfg.limit_batches and step == cfg.limit_batches:
             return
@@ -415,6 +415,71 @@ def gradient_cosine(primary_grads: list[torch.Tensor], auxiliary_grads: list[tor
 # The meta-gradient
 
 
+def auxiliary_path(model: VGG16) -> list[tuple[str, nn.Module]]:
+    """(name, layer) from the images to the auxiliary logits, in the order VGG16.forward applies them."""
+    return [
+        (name, layer)
+        for name, layer in model.named_modules()
+        if name.startswith(("block", "classifier2.")) and not list(layer.children())
+    ]
+
+
+@contextlib.contextmanager
+def recorded_inputs(layers: list[nn.Module]):
+    """Yields a dict that receives, for each of `layers`, the input of its forward call (detached) inside the block."""
+    inputs: dict[nn.Module, torch.Tensor] = {}
+
+    def record(layer: nn.Module, args: tuple) -> None:
+        inputs[layer] = args[0].detach()
+
+    handles = [layer.register_forward_pre_hook(record) for layer in layers]
+    try:
+        yield inputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def path_tangent(
+    path: list[tuple[str, nn.Module]],
+    inputs: dict[nn.Module, torch.Tensor],
+    params: dict[str, torch.Tensor],
+    direction: dict[str, torch.Tensor],
+    buffers: dict[str, torch.Tensor],
+) -> torch.Tensor:
+    """Forward-mode derivative of the path's output along `direction` (one tangent per parameter).
+
+    The same as a JVP through the path with tangent-free images, minus its primal forward pass: every
+    layer's input is the one `recorded_inputs` kept from a forward pass at `params`. Conv2d and Linear
+    are bilinear in (input, parameters), so their tangent is layer(tangent; W, 0) + layer(input; dW, db),
+    two of the JVP's three convolutions. The other layers (BatchNorm with batch statistics, ReLU,
+    max-pool) are cheap and go through forward-mode AD; an in-place ReLU rewrites its recorded input,
+    which already holds its output, with the same values. Between layers the tangent takes the shape of
+    the next layer's input (the trunk's flatten).
+    """
+    tangent = None
+    for name, layer in path:
+        layer_input = inputs[layer]
+        if tangent is not None:
+            tangent = tangent.reshape(layer_input.shape)
+        own = {key: params[f"{name}.{key}"] for key, _ in layer.named_parameters()}
+        along = {key: direction[f"{name}.{key}"] for key in own}
+        if isinstance(layer, (nn.Conv2d, nn.Linear)):
+            out = functional_call(layer, along, (layer_input,))
+            if tangent is not None:
+                out = out + functional_call(layer, {**own, "bias": torch.zeros_like(own["bias"])}, (tangent,))
+            tangent = out
+        else:
+            own_buffers = {key: buffers[f"{name}.{key}"] for key, _ in layer.named_buffers()}
+            if tangent is None:
+                tangent = torch.zeros_like(layer_input)
+            with fwAD.dual_level():
+                dual = {key: fwAD.make_dual(p, along[key]) for key, p in own.items()}
+                out = functional_call(layer, (dual, own_buffers), (fwAD.make_dual(layer_input, tangent),))
+                tangent = fwAD.unpack_dual(out).tangent
+    return tangent
+
+
 def meta_gradients(
     model: VGG16,
     label_generator: LabelGenerator,
@@ -433,7 +498,8 @@ def meta_gradients(
     linear in the generated labels t, so the chain rule through theta_1^+ reduces to a gradient
     w.r.t. t, `label_grad` (N, K), then one backward through the generator:
       second-order       label_grad = -inner_lr / N * (directional derivative along d of the
-                         auxiliary focal terms at theta_1), d = grad L_pri(theta_1^+): forward-mode AD.
+                         auxiliary focal terms at theta_1), d = grad L_pri(theta_1^+): forward-mode AD
+                         that reuses the layer inputs of the forward pass at theta_1 (path_tangent).
       finite-difference  the same derivative as a central difference with eps = fd_step / ||d|| (DARTS).
       double-backward    the reference's way: differentiate through the inner gradient (create_graph).
     BatchNorm uses batch statistics, as in training. Parameters, buffers and .grad of both
@@ -470,9 +536,11 @@ def meta_gradients(
         objective = focal_loss(primary_plus, primary_target, focal_gamma) + entropy_weight * negative_entropy(labels)
         result = list(torch.autograd.grad(objective, generator_params))
     else:
+        path = auxiliary_path(model)
         with torch.enable_grad():
             leaves = {name: p.detach().requires_grad_() for name, p in model.named_parameters()}
-            primary_logits, aux_logits = forward(leaves)
+            with recorded_inputs([layer for _, layer in path] if method == "second-order" else []) as inputs:
+                primary_logits, aux_logits = forward(leaves)
             train_loss = focal_loss(primary_logits, primary_target, focal_gamma) + focal_loss(
                 aux_logits, labels.detach(), focal_gamma
             )
@@ -488,9 +556,9 @@ def meta_gradients(
         direction = dict(zip(theta1, d))
         with torch.no_grad():
             if method == "second-order":
+                aux_tangent = path_tangent(path, inputs, theta1, direction, buffers)
                 with fwAD.dual_level():
-                    dual = {name: fwAD.make_dual(p, direction[name]) for name, p in theta1.items()}
-                    aux_dual = forward(dual)[1]
+                    aux_dual = fwAD.make_dual(aux_logits.detach(), aux_tangent)
                     slope = fwAD.unpack_dual(focal_terms(aux_dual, focal_gamma)).tangent
             else:
                 eps = fd_step / torch.sqrt(sum(v.pow(2).sum() for v in d))
@@ -744,7 +812,7 @@ def evaluate(state: dict, graphs: StepGraphs, test_loader, cfg: Config, device: 
 def build(cfg: Config, device: torch.device) -> dict:
     """Networks, optimisers and schedulers. Keys without 'forward_' are saved in the checkpoint."""
     psi = parse_psi(cfg.psi, cfg.primary_level)
-    memory_format = torch.channels_last if cfg.channels_last and device.type == "cuda" else torch.contiguous_format
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = VGG16(psi).to(device, memory_format=memory_format)
     label_generator = LabelGenerator(psi).to(device, memory_format=memory_format)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)

@@ -80,7 +80,7 @@ class Config:
     deterministic: bool = option(False, "deterministic algorithms and cuDNN settings (slower on CUDA)")
     amp: bool = option(False, "bf16 autocast on CUDA (changes the numerics; off reproduces the paper in fp32)")
     compile: bool = option(False, "torch.compile the networks' plain forward passes (phase 1, evaluation)")
-    channels_last: bool = option(True, "channels_last memory format on CUDA")
+    channels_last: bool = option(True, "channels_last memory format (faster convolutions on CUDA and on CPU)")
     cuda_graphs: bool = option(True, "replay each step as a CUDA graph on CUDA (same arithmetic, less launch overhead)")
     results_dir: str = option("results", "runs are written to <results-dir>/<run-name>/")
     run_name: str = option("", "default: method, levels, seed (e.g. single-pri20-seed0)")
@@ -226,7 +226,7 @@ def make_loaders(cfg: Config, device: torch.device) -> tuple:
 
 def batches(loader, cfg: Config, device: torch.device):
     """The loader's batches on `device` (at most --limit-batches of them)."""
-    memory_format = torch.channels_last if cfg.channels_last and device.type == "cuda" else torch.contiguous_format
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     for step, (images, labels) in enumerate(loader):
         if cfg.limit_batches and step == cfg.limit_batches:
             return
@@ -483,7 +483,7 @@ def evaluate(state: dict, graphs: StepGraphs, test_loader, cfg: Config, device: 
 
 def build(cfg: Config, device: torch.device) -> dict:
     """Network, optimiser and scheduler. Keys without 'forward_' are saved in the checkpoint."""
-    memory_format = torch.channels_last if cfg.channels_last and device.type == "cuda" else torch.contiguous_format
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = VGG16(cfg.primary_level).to(device, memory_format=memory_format)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
     return {

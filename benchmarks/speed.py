@@ -34,8 +34,8 @@ On CUDA each step goes through the script's StepGraphs, as in a real epoch: warm
 and replayed as a CUDA graph (--no-cuda-graphs: eager). The reference-style row is always eager.
 
 Time at batch 100 with the defaults (CPU: 1 warm-up and 3 timed iterations; CUDA: 50 and 100): about
-a minute with --reference-style on an idle 2-core CPU (a MAXL iteration takes about 3 s there, the
-reference-style one about 4.5 s); about a minute on one H100, also with --compile.
+a minute with --reference-style on an idle 2-core CPU (a MAXL iteration takes about 2.5 s there, the
+reference-style one about 4.8 s); about a minute on one H100, also with --compile.
 """
 
 from __future__ import annotations
@@ -206,7 +206,7 @@ def make_config(method: Method, device: torch.device, args: argparse.Namespace):
         batch_size=args.batch_size,
         amp=args.amp,
         compile=args.compile,
-        channels_last=channels_last_for(device, args),
+        channels_last=args.channels_last,
         cuda_graphs=args.cuda_graphs,
         download=False,
         workers=0,
@@ -222,10 +222,6 @@ def make_config(method: Method, device: torch.device, args: argparse.Namespace):
     return cfg
 
 
-def channels_last_for(device: torch.device, args: argparse.Namespace) -> bool:
-    return device.type == "cuda" if args.channels_last is None else args.channels_last
-
-
 def random_batch(batch_size: int, device: torch.device, channels_last: bool, seed: int = 0) -> tuple:
     """Images normalised from random uint8 pixels, and consistent (N, 4) hierarchy labels."""
     generator = torch.Generator().manual_seed(seed)
@@ -234,7 +230,7 @@ def random_batch(batch_size: int, device: torch.device, channels_last: bool, see
     coarse = np.asarray(FINE_TO_COARSE, dtype=np.int64)[fine]
     labels = torch.from_numpy(hierarchy_labels(fine, coarse)).to(device)
     images = normalize(pixels.to(device))
-    if channels_last and device.type == "cuda":  # as the scripts' batches(): channels_last only on CUDA
+    if channels_last:  # as the scripts' batches()
         images = images.contiguous(memory_format=torch.channels_last)
     return images, labels
 
@@ -542,7 +538,7 @@ def summarize(method: Method, device, cfg, phase_names, times, first, flops, pea
         "meta_grad": cfg.meta_grad if method.is_maxl else None,
         "amp": cfg.amp and device.type == "cuda",
         "compile": cfg.compile,
-        "channels_last": cfg.channels_last and device.type == "cuda",
+        "channels_last": cfg.channels_last,
         "cuda_graphs": cfg.cuda_graphs and device.type == "cuda",
         "times_ms": [[1e3 * s for s in t] for t in times],
     }
@@ -604,7 +600,7 @@ def header_line(device: torch.device, args: argparse.Namespace) -> str:
         for name, on in (
             ("amp", args.amp and device.type == "cuda"),
             ("compile", args.compile),
-            ("channels_last", channels_last_for(device, args) and device.type == "cuda"),
+            ("channels_last", args.channels_last),
             ("cuda graphs", args.cuda_graphs and device.type == "cuda"),
         )
     )
@@ -695,8 +691,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--channels-last",
         action=argparse.BooleanOptionalAction,
-        default=None,
-        help="channels_last memory format (default: on for CUDA; the scripts apply it on CUDA only)",
+        default=True,
+        help="channels_last memory format, as the scripts' default (also the reference-style row)",
     )
     parser.add_argument(
         "--cuda-graphs",
@@ -771,8 +767,8 @@ def main(argv: list[str] | None = None) -> None:
     methods = method_list(args)
     results = []
     for device in devices:
-        if device.type == "cpu" and (args.amp or args.channels_last):
-            print("note: the scripts apply --amp and --channels-last on CUDA only; on CPU they change nothing")
+        if device.type == "cpu" and args.amp:
+            print("note: the scripts apply --amp on CUDA only; on CPU it changes nothing")
         warm_runtime(device, args)
         rows = []
         for method in methods:

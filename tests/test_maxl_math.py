@@ -63,6 +63,7 @@ def snapshot(copy: bool, **modules) -> dict:
     state = {}
     for net_name, net in modules.items():
         state[f"{net_name}.training"] = [m.training for m in net.modules()]
+        state[f"{net_name}.hooks"] = [len(m._forward_pre_hooks) + len(m._forward_hooks) for m in net.modules()]
         for name, p in net.named_parameters():
             state[f"{net_name}.param.{name}"] = keep(p)
             state[f"{net_name}.requires_grad.{name}"] = p.requires_grad
@@ -184,6 +185,43 @@ def entropy_gradient(small) -> torch.Tensor:
 # The meta-gradient
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_path_tangent_equals_forward_mode_ad(small, memory_format):
+    """path_tangent from the recorded layer inputs == a full forward-mode JVP of the auxiliary logits."""
+    s = small
+    x = s.x.contiguous(memory_format=memory_format)
+    params = {k: p.detach() for k, p in s.model.named_parameters()}
+    gen = torch.Generator().manual_seed(5)
+    direction = {k: torch.randn(p.shape, generator=gen, dtype=F64) for k, p in params.items()}
+    path = maxl.auxiliary_path(s.model)
+    # The path is the auxiliary output's whole dependence: every parameter but the primary head's.
+    path_params = {f"{name}.{key}" for name, layer in path for key, _ in layer.named_parameters()}
+    assert path_params == {k for k in params if not k.startswith("classifier1.")}
+    buffers = {k: b.clone() for k, b in s.model.named_buffers()}
+    with maxl.recorded_inputs([layer for _, layer in path]) as inputs:
+        _, aux_logits = functional_call(s.model, (params, buffers), (x,))
+    assert len(inputs) == len(path)
+    with torch.no_grad():
+        tangent = maxl.path_tangent(path, inputs, params, direction, buffers)
+        with maxl.fwAD.dual_level():
+            dual = {k: maxl.fwAD.make_dual(p, direction[k]) for k, p in params.items()}
+            expected = maxl.fwAD.unpack_dual(functional_call(s.model, (dual, buffers), (x,))[1]).tangent
+    assert tangent.shape == expected.shape == aux_logits.shape
+    assert expected.norm() > 0
+    assert rel_err(tangent, expected) < 1e-12
+
+
+def test_recorded_inputs_removes_its_hooks_also_on_error(small):
+    layers = [layer for _, layer in maxl.auxiliary_path(small.model)]
+    with pytest.raises(RuntimeError, match="inside"):
+        with maxl.recorded_inputs(layers) as inputs:
+            with torch.no_grad():
+                small.model(small.x)
+            raise RuntimeError("inside")
+    assert inputs[layers[0]] is not None and torch.equal(inputs[layers[0]], small.x)
+    assert all(not m._forward_pre_hooks for m in small.model.modules())
+
+
 @pytest.mark.parametrize("setup_name", ["small", "default_psi"])
 def test_second_order_equals_double_backward(setup_name, request):
     """Forward-mode JVP == the reference's create_graph double backward, to float64 rounding."""
@@ -261,8 +299,8 @@ def test_tiny_inner_step_leaves_the_entropy_gradient_alone(small, entropy_gradie
 @pytest.mark.parametrize("network", ["model", "generator"])
 @pytest.mark.parametrize("method", METHODS)
 def test_meta_gradients_have_no_side_effects(small, method, network):
-    """Parameters, buffers (running stats, num_batches_tracked, the mask), .grad (set or None) and train/eval
-    flags of the network are bit-identical after the call (the docstring's promise, for both networks)."""
+    """Parameters, buffers (running stats, num_batches_tracked, the mask), .grad (set or None), train/eval
+    flags and forward hooks of the network are as before the call (the docstring's promise, for both networks)."""
     assert [key for key in small.runs(method).changes if key.startswith(network + ".")] == []
 
 
