@@ -536,10 +536,11 @@ def meta_gradients(
         objective = focal_loss(primary_plus, primary_target, focal_gamma) + entropy_weight * negative_entropy(labels)
         result = list(torch.autograd.grad(objective, generator_params))
     else:
-        path = auxiliary_path(model)
+        # second-order's tangent pass reuses the layer inputs of the forward pass at theta_1.
+        path = auxiliary_path(model) if method == "second-order" else []
         with torch.enable_grad():
             leaves = {name: p.detach().requires_grad_() for name, p in model.named_parameters()}
-            with recorded_inputs([layer for _, layer in path] if method == "second-order" else []) as inputs:
+            with recorded_inputs([layer for _, layer in path]) as inputs:
                 primary_logits, aux_logits = forward(leaves)
             train_loss = focal_loss(primary_logits, primary_target, focal_gamma) + focal_loss(
                 aux_logits, labels.detach(), focal_gamma
