@@ -8,9 +8,10 @@ the 100 fine classes). The "Human" curve of the MAXL paper's Figure 3.
     python model_vgg_human.py --primary-level 3 --aux-level 10
     python model_vgg_human.py --smoke                          # one-minute install check on CPU
 
+To change the experiment, edit `Config` below (or pass the flag: every field is one). The run
+machinery at the bottom of the file is the same in every model script.
 Prints one line per epoch (train and test loss and accuracy, primary and auxiliary) and writes
 results/<run-name>/metrics.json and checkpoint.pt after every epoch; --resume continues.
-Speed on each device: see the README's benchmark table.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import argparse
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 import random
@@ -51,13 +53,15 @@ METHOD = "human"
 
 
 def option(default, help: str, **argparse_kwargs):
-    """A config field that becomes a command-line flag with this help text."""
+    """A Config field that becomes a command-line flag with this help text (a list default is copied per Config)."""
+    if isinstance(default, list):
+        return field(default_factory=default.copy, metadata={"help": help, **argparse_kwargs})
     return field(default=default, metadata={"help": help, **argparse_kwargs})
 
 
 @dataclass
 class Config:
-    # --- the experiment (paper defaults) ---
+    # --- the experiment (the paper's settings; edit here or pass the flag) ---
     primary_level: int = option(20, "primary task: number of classes in the hierarchy", choices=(3, 10, 20))
     aux_level: int = option(100, "auxiliary task: a finer level of the hierarchy", choices=(10, 20, 100))
     epochs: int = option(200, "training epochs")
@@ -66,7 +70,7 @@ class Config:
     lr_step: int = option(50, "the learning rate is multiplied by --lr-gamma every this many epochs")
     lr_gamma: float = option(0.5, "StepLR factor")
     focal_gamma: float = option(2.0, "focal loss exponent (paper: 2)")
-    # --- data ---
+    # --- data and run: the same fields in every model script (tools/sync_shared.py keeps them so) ---
     data_root: str = option("dataset", "folder that holds (or receives) cifar-100-python/")
     download: bool = option(True, "download CIFAR-100 when it is missing")
     data_path: str = option(
@@ -85,162 +89,13 @@ class Config:
     channels_last: bool = option(True, "channels_last memory format (faster convolutions on CUDA and on CPU)")
     cuda_graphs: bool = option(True, "replay each step as a CUDA graph on CUDA (same arithmetic, less launch overhead)")
     results_dir: str = option("results", "runs are written to <results-dir>/<run-name>/")
-    run_name: str = option("", "default: method, levels, seed (e.g. human-pri20-aux100-seed0)")
+    run_name: str = option(
+        "", "default: method, levels, seed, and a hash of the settings that differ from the paper's (e.g. {example})"
+    )
     resume: bool = option(False, "continue the run in <results-dir>/<run-name> from its checkpoint")
     overwrite: bool = option(False, "start over in a run folder that already holds results")
     limit_batches: int = option(0, "only this many batches per pass (0 = all): smoke tests and benchmarks")
     smoke: bool = option(False, "one-minute install check on CPU: synthetic data in a temporary folder, no download")
-
-
-# Settings a resumed run may change; everything else must match the checkpoint.
-RESUMABLE_CHANGES = {"epochs", "resume", "overwrite", "data_root", "download", "workers", "cuda_graphs"}
-
-
-class UsageError(Exception):
-    """Bad input or a refused action: shown as one line, exit code 2."""
-
-
-class NonFiniteLoss(Exception):
-    """A loss became NaN or infinite: the run stops, the last good checkpoint stays."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad flag gets one line (not the whole usage) and exit code 2."""
-
-    def error(self, message: str):
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        raise SystemExit(2)
-
-
-def parse_config(argv: list[str] | None = None) -> Config:
-    parser = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        kwargs = dict(f.metadata)
-        if f.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, **kwargs)
-        else:
-            parser.add_argument(
-                flag, type={"int": int, "float": float, "str": str}[f.type], default=f.default, **kwargs
-            )
-    return Config(**vars(parser.parse_args(argv)))
-
-
-def check_config(cfg: Config) -> None:
-    """Refuse impossible settings before anything runs."""
-    for name in ("epochs", "batch_size", "lr_step"):
-        if getattr(cfg, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
-    for name in ("limit_batches", "workers"):
-        if getattr(cfg, name) < 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be 0 or more (got {getattr(cfg, name)})")
-    for name in ("lr",):
-        if not getattr(cfg, name) > 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive (got {getattr(cfg, name)})")
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
-        raise UsageError(f"--device {cfg.device!r} is not one of auto, cpu, cuda, cuda:N")
-    if cfg.aux_level <= cfg.primary_level:
-        raise UsageError(
-            f"--aux-level {cfg.aux_level} must be finer than --primary-level {cfg.primary_level} "
-            f"(choose from {', '.join(str(n) for n in LEVELS if n > cfg.primary_level)})"
-        )
-
-
-def default_run_name(cfg: Config) -> str:
-    return f"{METHOD}-pri{cfg.primary_level}-aux{cfg.aux_level}-seed{cfg.seed}"
-
-
-def derived_settings(cfg: Config) -> dict:
-    """Values computed from the flags, stored beside them in metrics.json."""
-    return {"aux_classes": cfg.aux_level}
-
-
-def published_accuracy(cfg: Config) -> dict[str, float]:
-    """Published test accuracy (%) for this configuration, where one exists."""
-    if cfg.primary_level == 20 and cfg.aux_level == 100:
-        return {"WAMAL authors' README": 75.7, "derived from the WAMAL paper's abstract": 74.6}
-    return {}
-
-
-# ---------------------------------------------------------------------------------------------
-# Devices, seeds, data
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UsageError(
-                f"--device {name}: CUDA is not available on this machine (torch {torch.__version__}); use --device cpu"
-            )
-        index = int(name.split(":")[1]) if ":" in name else 0
-        if index >= torch.cuda.device_count():
-            raise UsageError(
-                f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0"
-            )
-    return torch.device(name)
-
-
-def configure_backends(cfg: Config, device: torch.device) -> None:
-    """Seeds, and the speed/determinism trade-off of cuDNN and cuBLAS."""
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    if cfg.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.deterministic = cfg.deterministic
-    torch.backends.cudnn.benchmark = device.type == "cuda" and not cfg.deterministic
-
-
-def load_datasets(cfg: Config) -> tuple[CIFAR100, CIFAR100]:
-    folder = Path(cfg.data_root) / CIFAR100.base_folder
-    try:
-        train_set = CIFAR100(cfg.data_root, train=True, transform=TRAIN_TRANSFORM, download=cfg.download)
-        test_set = CIFAR100(cfg.data_root, train=False, transform=TEST_TRANSFORM)
-    except (URLError, OSError) as error:
-        raise UsageError(
-            f"could not download CIFAR-100 into '{cfg.data_root}' ({error}); download cifar-100-python.tar.gz "
-            f"yourself and extract it there, or point --data-root at a folder that holds cifar-100-python/"
-        ) from None
-    except RuntimeError:
-        hint = (
-            "run without --no-download to fetch it (161 MB)"
-            if not cfg.download
-            else "delete that folder to download it again"
-        )
-        raise UsageError(
-            f"CIFAR-100 not found or corrupted in '{folder}'; {hint}, or point --data-root elsewhere"
-        ) from None
-    return train_set, test_set
-
-
-def make_loaders(cfg: Config, device: torch.device) -> tuple:
-    """Train and test batches of (images, labels[N, 4]); the train loader carries its RNG as `.generator`."""
-    train_set, test_set = load_datasets(cfg)
-    on_device = cfg.data_path == "device" or (cfg.data_path == "auto" and device.type == "cuda")
-    if on_device:
-        train = DeviceLoader(train_set, cfg.batch_size, device, shuffle=True, augment=True, seed=cfg.seed)
-        test = DeviceLoader(test_set, cfg.batch_size, device, shuffle=False, augment=False, seed=cfg.seed)
-        return train, test
-    generator = torch.Generator()
-    generator.manual_seed(cfg.seed)
-    # Workers are re-seeded from `generator` every epoch (no persistent workers) so a resumed run repeats exactly.
-    common = dict(batch_size=cfg.batch_size, num_workers=cfg.workers, pin_memory=device.type == "cuda")
-    train = torch.utils.data.DataLoader(train_set, shuffle=True, generator=generator, **common)
-    test = torch.utils.data.DataLoader(test_set, shuffle=False, **common)
-    return train, test
-
-
-def batches(loader, cfg: Config, device: torch.device):
-    """The loader's batches on `device` (at most --limit-batches of them)."""
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    for step, (images, labels) in enumerate(loader):
-        if cfg.limit_batches and step == cfg.limit_batches:
-            return
-        images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
-        yield step, images, labels.to(device, non_blocking=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,42 +184,317 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -
 
 
 # ---------------------------------------------------------------------------------------------
-# Training and evaluation
+# Training and evaluation steps
 
 
-class Meter:
-    """Sums per-sample metrics on the device; one host sync per epoch."""
+def train_step(state: dict, images: torch.Tensor, labels: torch.Tensor, cfg: Config) -> dict:
+    """One batch: an SGD step on the primary plus the human auxiliary focal loss. Returns metrics as tensors."""
+    optimizer = state["optimizer"]
+    primary, auxiliary = labels[:, level_index(cfg.primary_level)], labels[:, level_index(cfg.aux_level)]
+    with autocast(cfg, images.device):
+        primary_logits, aux_logits = state["forward_model"](images)
+    primary_loss = focal_loss(primary_logits, F.one_hot(primary, cfg.primary_level).float(), cfg.focal_gamma)
+    aux_loss = focal_loss(aux_logits, F.one_hot(auxiliary, cfg.aux_level).float(), cfg.focal_gamma)
+    out = {
+        "loss": primary_loss + aux_loss,
+        "train_primary_loss": primary_loss,
+        "train_primary_acc": (primary_logits.argmax(1) == primary).float().mean(),
+        "train_aux_loss": aux_loss,
+        "train_aux_acc": (aux_logits.argmax(1) == auxiliary).float().mean(),
+    }
+    optimizer.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    optimizer.step()
+    return out
 
-    def __init__(self):
-        self.sums: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, int] = {}
 
-    def add(self, name: str, batch_mean: torch.Tensor, n: int) -> None:
-        self.sums[name] = self.sums.get(name, 0) + batch_mean.detach().float() * n
-        self.counts[name] = self.counts.get(name, 0) + n
+def train_epoch(
+    state: dict, graphs: StepGraphs, train_loader, cfg: Config, device: torch.device, epoch: int
+) -> dict[str, float]:
+    """One pass over the train set."""
+    meter = Meter()
+    guard = FiniteGuard(device)
+    state["model"].train()
+    train = functools.partial(train_step, state, cfg=cfg)
+    for step, images, labels in batches(train_loader, cfg, device):
+        out = graphs("train", train, images, labels)
+        guard.watch(out.pop("loss"), epoch, "train", step)
+        for name, value in out.items():
+            meter.add(name, value, images.shape[0])
+    guard.check(epoch, "train")
+    return meter.means()
 
-    def means(self) -> dict[str, float]:
-        return {name: (total / self.counts[name]).item() for name, total in self.sums.items()}
+
+def eval_step(state: dict, images: torch.Tensor, labels: torch.Tensor, cfg: Config) -> dict:
+    """Test metrics of one batch, as tensors."""
+    primary, auxiliary = labels[:, level_index(cfg.primary_level)], labels[:, level_index(cfg.aux_level)]
+    with autocast(cfg, images.device):
+        primary_logits, aux_logits = state["forward_model"](images)
+    return {
+        "test_primary_loss": focal_loss(primary_logits, F.one_hot(primary, cfg.primary_level).float(), cfg.focal_gamma),
+        "test_primary_acc": (primary_logits.argmax(1) == primary).float().mean(),
+        "test_aux_loss": focal_loss(aux_logits, F.one_hot(auxiliary, cfg.aux_level).float(), cfg.focal_gamma),
+        "test_aux_acc": (aux_logits.argmax(1) == auxiliary).float().mean(),
+    }
 
 
-class FiniteGuard:
-    """Records the first step whose loss is not finite, without a host sync per step."""
+def build(cfg: Config, device: torch.device) -> dict:
+    """Network, optimiser and scheduler. Keys without 'forward_' are saved in the checkpoint."""
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = VGG16(cfg.primary_level, cfg.aux_level).to(device, memory_format=memory_format)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+    return {
+        "model": model,
+        "optimizer": optimizer,
+        "scheduler": torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma),
+        "forward_model": torch.compile(model) if cfg.compile else model,
+    }
 
-    CHECK_EVERY = 50
 
-    def __init__(self, device: torch.device):
-        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+def epoch_line(record: dict, epochs: int) -> str:
+    r = record
+    return (
+        f"epoch {r['epoch']:3d}/{epochs} "
+        f"| train pri {r['train_primary_loss']:.4f} {100 * r['train_primary_acc']:5.2f}% "
+        f"aux {r['train_aux_loss']:.4f} {100 * r['train_aux_acc']:5.2f}% "
+        f"| test pri {r['test_primary_loss']:.4f} {100 * r['test_primary_acc']:5.2f}% "
+        f"aux {r['test_aux_loss']:.4f} {100 * r['test_aux_acc']:5.2f}% | {r['seconds']:.1f}s"
+    )
 
-    def watch(self, loss: torch.Tensor, epoch: int, phase: str, step: int) -> None:
-        bad = (self.first_bad < 0) & ~torch.isfinite(loss.detach())
-        self.first_bad = torch.where(bad, step, self.first_bad)
-        if (step + 1) % self.CHECK_EVERY == 0:
-            self.check(epoch, phase)
 
-    def check(self, epoch: int, phase: str) -> None:
-        step = int(self.first_bad)
-        if step >= 0:
-            raise NonFiniteLoss(f"non-finite loss at epoch {epoch}, {phase} step {step + 1}; the run stopped")
+# ---------------------------------------------------------------------------------------------
+# What the run machinery asks of this method
+
+
+def check_config(cfg: Config) -> Config:
+    """Refuse impossible settings before anything runs; return the config to run."""
+    require(cfg, at_least_1=("epochs", "batch_size", "lr_step"), positive=("lr",))
+    if cfg.aux_level <= cfg.primary_level:
+        raise UsageError(
+            f"--aux-level {cfg.aux_level} must be finer than --primary-level {cfg.primary_level} "
+            f"(choose from {', '.join(str(n) for n in LEVELS if n > cfg.primary_level)})"
+        )
+    return cfg
+
+
+def run_name_stem(cfg: Config) -> str:
+    return f"{METHOD}-pri{cfg.primary_level}-aux{cfg.aux_level}-seed{cfg.seed}"
+
+
+def paper_settings(cfg: Config) -> dict:
+    """The paper's values of the settings that change the result and are not in run_name_stem.
+
+    A fixed record, not Config's defaults: a run whose settings differ gets a hash of them in its name."""
+    return {"batch_size": 100, "lr": 0.01, "lr_step": 50, "lr_gamma": 0.5, "focal_gamma": 2.0}
+
+
+def derived_settings(cfg: Config) -> dict:
+    """Values computed from the flags, stored beside them in metrics.json."""
+    return {"aux_classes": cfg.aux_level}
+
+
+def published_accuracy(cfg: Config) -> dict[str, float]:
+    """Published test accuracy (%) for this configuration, where one exists."""
+    if cfg.primary_level == 20 and cfg.aux_level == 100:
+        return {"WAMAL authors' README": 75.7, "derived from the WAMAL paper's abstract": 74.6}
+    return {}
+
+
+# =============================================================================================
+# RUN MACHINERY. Identical in every model script: edit it in model_vgg_single.py (the canonical
+# copy), then run `python tools/sync_shared.py` to copy it into the others (`--check` compares only).
+# The code above defines what the machinery needs from the method:
+#   METHOD                  the method's name: run names, checkpoints, metrics.json
+#   Config                  the settings; its data and run fields are shared (synced) too
+#   check_config(cfg)       refuses impossible settings (UsageError); returns cfg with psi etc. parsed
+#   run_name_stem(cfg)      the readable part of the default run name (method, levels, seed)
+#   paper_settings(cfg)     the paper's values of the other settings that change the result
+#   derived_settings(cfg)   values computed from the settings, stored beside them in metrics.json
+#   published_accuracy(cfg) published test accuracy (%) for this configuration, if any
+#   build(cfg, device)      networks, optimisers, schedulers: a dict; "model" is evaluated, keys
+#                           without "forward_" are checkpointed
+#   train_epoch(state, graphs, train_loader, cfg, device, epoch)  one epoch's training metrics
+#   eval_step(state, images, labels, cfg)                         one test batch's metrics
+#   epoch_line(record, epochs)                                    the per-epoch line
+# It provides: UsageError, NonFiniteLoss, require, autocast, batches, StepGraphs, Meter,
+# FiniteGuard, evaluate, run, smoke, main.
+# =============================================================================================
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+# Settings a resumed run may change; every other one must match the checkpoint.
+RESUMABLE_CHANGES = {"epochs", "resume", "overwrite", "data_root", "download", "workers", "cuda_graphs"}
+
+
+class UsageError(Exception):
+    """Bad input or a refused action: shown as one line, exit code 2."""
+
+
+class NonFiniteLoss(Exception):
+    """A loss became NaN or infinite: the run stops, the last good checkpoint stays."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag gets one line (not the whole usage) and exit code 2."""
+
+    def error(self, message: str):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def command_line() -> OneLineParser:
+    """One flag per Config field, the field's value in this file as its default."""
+    parser = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    defaults = Config()
+    example = default_run_name(check_config(defaults))
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        kwargs = {
+            **f.metadata,
+            "default": getattr(defaults, f.name),
+            "help": f.metadata["help"].format(example=example),
+        }
+        if f.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        else:
+            parser.add_argument(flag, **{"type": {"int": int, "float": float, "str": str}.get(f.type), **kwargs})
+    return parser
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    return Config(**vars(command_line().parse_args(argv)))
+
+
+def flag(name: str, value) -> str:
+    """A setting as its command-line flag; a list (psi) as the command line writes it: 5 or 2,3,4."""
+    if isinstance(value, list):
+        value = value[0] if len(set(value)) == 1 else ",".join(str(v) for v in value)
+    return f"--{name.replace('_', '-')} {value}"
+
+
+def require(cfg: Config, at_least_1=(), at_least_0=(), positive=()) -> None:
+    """Refuse, with one line naming the flag, a setting outside its range."""
+    for names, ok, rule in (
+        (at_least_1, lambda v: v >= 1, "must be at least 1"),
+        (at_least_0, lambda v: v >= 0, "must be 0 or more"),
+        (positive, lambda v: v > 0, "must be positive"),
+    ):
+        for name in names:
+            if not ok(getattr(cfg, name)):
+                raise UsageError(f"--{name.replace('_', '-')} {rule} (got {getattr(cfg, name)})")
+
+
+def check_settings(cfg: Config) -> Config:
+    """The method's checks (check_config), then the shared data and run settings'."""
+    cfg = check_config(cfg)
+    require(cfg, at_least_0=("limit_batches", "workers"))
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
+        raise UsageError(f"--device {cfg.device!r} is not one of auto, cpu, cuda, cuda:N")
+    return cfg
+
+
+def edited_settings(cfg: Config) -> dict:
+    """The settings that change the result and differ from the paper's (fixed) values, by name."""
+    paper = {**paper_settings(cfg), "amp": False}
+    return {name: getattr(cfg, name) for name in sorted(paper) if getattr(cfg, name) != paper[name]}
+
+
+def default_run_name(cfg: Config) -> str:
+    """run_name_stem(cfg); plus, when settings differ from the paper's, a short hash of them.
+
+    The same edited settings give the same name again (--resume finds the run); the paper's
+    configuration keeps the readable name alone."""
+    edited = edited_settings(cfg)
+    if not edited:
+        return run_name_stem(cfg)
+    digest = hashlib.sha256(json.dumps(edited, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{run_name_stem(cfg)}-{digest}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices, seeds, data
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError(
+                f"--device {name}: CUDA is not available on this machine (torch {torch.__version__}); use --device cpu"
+            )
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise UsageError(
+                f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0"
+            )
+    return torch.device(name)
+
+
+def configure_backends(cfg: Config, device: torch.device) -> None:
+    """Seeds, and the speed/determinism trade-off of cuDNN and cuBLAS."""
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = cfg.deterministic
+    torch.backends.cudnn.benchmark = device.type == "cuda" and not cfg.deterministic
+
+
+def load_datasets(cfg: Config) -> tuple[CIFAR100, CIFAR100]:
+    folder = Path(cfg.data_root) / CIFAR100.base_folder
+    try:
+        train_set = CIFAR100(cfg.data_root, train=True, transform=TRAIN_TRANSFORM, download=cfg.download)
+        test_set = CIFAR100(cfg.data_root, train=False, transform=TEST_TRANSFORM)
+    except (URLError, OSError) as error:
+        raise UsageError(
+            f"could not download CIFAR-100 into '{cfg.data_root}' ({error}); download cifar-100-python.tar.gz "
+            f"yourself and extract it there, or point --data-root at a folder that holds cifar-100-python/"
+        ) from None
+    except RuntimeError:
+        hint = (
+            "run without --no-download to fetch it (161 MB)"
+            if not cfg.download
+            else "delete that folder to download it again"
+        )
+        raise UsageError(
+            f"CIFAR-100 not found or corrupted in '{folder}'; {hint}, or point --data-root elsewhere"
+        ) from None
+    return train_set, test_set
+
+
+def make_loaders(cfg: Config, device: torch.device) -> tuple:
+    """Train and test batches of (images, labels[N, 4]); the train loader carries its RNG as `.generator`."""
+    train_set, test_set = load_datasets(cfg)
+    on_device = cfg.data_path == "device" or (cfg.data_path == "auto" and device.type == "cuda")
+    if on_device:
+        train = DeviceLoader(train_set, cfg.batch_size, device, shuffle=True, augment=True, seed=cfg.seed)
+        test = DeviceLoader(test_set, cfg.batch_size, device, shuffle=False, augment=False, seed=cfg.seed)
+        return train, test
+    generator = torch.Generator()
+    generator.manual_seed(cfg.seed)
+    # Workers are re-seeded from `generator` every epoch (no persistent workers) so a resumed run repeats exactly.
+    common = dict(batch_size=cfg.batch_size, num_workers=cfg.workers, pin_memory=device.type == "cuda")
+    train = torch.utils.data.DataLoader(train_set, shuffle=True, generator=generator, **common)
+    test = torch.utils.data.DataLoader(test_set, shuffle=False, **common)
+    return train, test
+
+
+def batches(loader, cfg: Config, device: torch.device):
+    """The loader's batches on `device` (at most --limit-batches of them)."""
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    for step, (images, labels) in enumerate(loader):
+        if cfg.limit_batches and step == cfg.limit_batches:
+            return
+        images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+        yield step, images, labels.to(device, non_blocking=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixed precision and CUDA graphs
 
 
 def autocast(cfg: Config, device: torch.device):
@@ -433,55 +563,43 @@ class StepGraphs:
         return dict(outputs)
 
 
-def train_step(state: dict, images: torch.Tensor, labels: torch.Tensor, cfg: Config) -> dict:
-    """One batch: an SGD step on the primary plus the human auxiliary focal loss. Returns metrics as tensors."""
-    optimizer = state["optimizer"]
-    primary, auxiliary = labels[:, level_index(cfg.primary_level)], labels[:, level_index(cfg.aux_level)]
-    with autocast(cfg, images.device):
-        primary_logits, aux_logits = state["forward_model"](images)
-    primary_loss = focal_loss(primary_logits, F.one_hot(primary, cfg.primary_level).float(), cfg.focal_gamma)
-    aux_loss = focal_loss(aux_logits, F.one_hot(auxiliary, cfg.aux_level).float(), cfg.focal_gamma)
-    out = {
-        "loss": primary_loss + aux_loss,
-        "train_primary_loss": primary_loss,
-        "train_primary_acc": (primary_logits.argmax(1) == primary).float().mean(),
-        "train_aux_loss": aux_loss,
-        "train_aux_acc": (aux_logits.argmax(1) == auxiliary).float().mean(),
-    }
-    optimizer.zero_grad(set_to_none=True)
-    out["loss"].backward()
-    optimizer.step()
-    return out
+# ---------------------------------------------------------------------------------------------
+# Meters and evaluation
 
 
-def train_epoch(
-    state: dict, graphs: StepGraphs, train_loader, cfg: Config, device: torch.device, epoch: int
-) -> dict[str, float]:
-    """One pass over the train set."""
-    meter = Meter()
-    guard = FiniteGuard(device)
-    state["model"].train()
-    train = functools.partial(train_step, state, cfg=cfg)
-    for step, images, labels in batches(train_loader, cfg, device):
-        out = graphs("train", train, images, labels)
-        guard.watch(out.pop("loss"), epoch, "train", step)
-        for name, value in out.items():
-            meter.add(name, value, images.shape[0])
-    guard.check(epoch, "train")
-    return meter.means()
+class Meter:
+    """Sums per-sample metrics on the device; one host sync per epoch."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, name: str, batch_mean: torch.Tensor, n: int) -> None:
+        self.sums[name] = self.sums.get(name, 0) + batch_mean.detach().float() * n
+        self.counts[name] = self.counts.get(name, 0) + n
+
+    def means(self) -> dict[str, float]:
+        return {name: (total / self.counts[name]).item() for name, total in self.sums.items()}
 
 
-def eval_step(state: dict, images: torch.Tensor, labels: torch.Tensor, cfg: Config) -> dict:
-    """Test metrics of one batch, as tensors."""
-    primary, auxiliary = labels[:, level_index(cfg.primary_level)], labels[:, level_index(cfg.aux_level)]
-    with autocast(cfg, images.device):
-        primary_logits, aux_logits = state["forward_model"](images)
-    return {
-        "test_primary_loss": focal_loss(primary_logits, F.one_hot(primary, cfg.primary_level).float(), cfg.focal_gamma),
-        "test_primary_acc": (primary_logits.argmax(1) == primary).float().mean(),
-        "test_aux_loss": focal_loss(aux_logits, F.one_hot(auxiliary, cfg.aux_level).float(), cfg.focal_gamma),
-        "test_aux_acc": (aux_logits.argmax(1) == auxiliary).float().mean(),
-    }
+class FiniteGuard:
+    """Records the first step whose loss is not finite, without a host sync per step."""
+
+    CHECK_EVERY = 50
+
+    def __init__(self, device: torch.device):
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+
+    def watch(self, loss: torch.Tensor, epoch: int, phase: str, step: int) -> None:
+        bad = (self.first_bad < 0) & ~torch.isfinite(loss.detach())
+        self.first_bad = torch.where(bad, step, self.first_bad)
+        if (step + 1) % self.CHECK_EVERY == 0:
+            self.check(epoch, phase)
+
+    def check(self, epoch: int, phase: str) -> None:
+        step = int(self.first_bad)
+        if step >= 0:
+            raise NonFiniteLoss(f"non-finite loss at epoch {epoch}, {phase} step {step + 1}; the run stopped")
 
 
 @torch.inference_mode()
@@ -497,32 +615,8 @@ def evaluate(state: dict, graphs: StepGraphs, test_loader, cfg: Config, device: 
     return meter.means()
 
 
-def build(cfg: Config, device: torch.device) -> dict:
-    """Network, optimiser and scheduler. Keys without 'forward_' are saved in the checkpoint."""
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model = VGG16(cfg.primary_level, cfg.aux_level).to(device, memory_format=memory_format)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
-    return {
-        "model": model,
-        "optimizer": optimizer,
-        "scheduler": torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma),
-        "forward_model": torch.compile(model) if cfg.compile else model,
-    }
-
-
-def epoch_line(record: dict, epochs: int) -> str:
-    r = record
-    return (
-        f"epoch {r['epoch']:3d}/{epochs} "
-        f"| train pri {r['train_primary_loss']:.4f} {100 * r['train_primary_acc']:5.2f}% "
-        f"aux {r['train_aux_loss']:.4f} {100 * r['train_aux_acc']:5.2f}% "
-        f"| test pri {r['test_primary_loss']:.4f} {100 * r['test_primary_acc']:5.2f}% "
-        f"aux {r['test_aux_loss']:.4f} {100 * r['test_aux_acc']:5.2f}% | {r['seconds']:.1f}s"
-    )
-
-
 # ---------------------------------------------------------------------------------------------
-# Run lifecycle: results, checkpoints, resume, signals
+# Results, checkpoints, resume
 
 
 def write_atomic(path: Path, write) -> None:
@@ -585,10 +679,6 @@ def summary_line(summary: dict) -> str:
     )
 
 
-def flag(name: str, value) -> str:
-    return f"--{name.replace('_', '-')} {value}"
-
-
 def load_checkpoint(path: Path, cfg: Config) -> dict:
     """The checkpoint at `path`, after checking it belongs to this configuration; refuses with one line."""
     if not path.is_file():
@@ -641,6 +731,10 @@ def prepare_run_dir(run_dir: Path, cfg: Config) -> dict | None:
     return checkpoint
 
 
+# ---------------------------------------------------------------------------------------------
+# Signals
+
+
 class Interrupted(Exception):
     def __init__(self, signum: int):
         self.signum = signum
@@ -673,9 +767,13 @@ def resume_command(run_name: str) -> str:
     return shlex.join(["python", Path(sys.argv[0]).name, *args, "--resume"])
 
 
-def train(cfg: Config) -> dict:
-    """The whole run: returns the summary."""
-    check_config(cfg)
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def run(cfg: Config) -> dict:
+    """The whole experiment: every epoch, its checkpoint and metrics; returns the summary."""
+    cfg = check_settings(cfg)
     device = resolve_device(cfg.device)
     run_name = cfg.run_name or default_run_name(cfg)
     run_dir = Path(cfg.results_dir) / run_name
@@ -767,15 +865,15 @@ def smoke(cfg: Config) -> dict:
             overwrite=False,
             smoke=False,
         )
-        summary = train(smoke_cfg)
+        summary = run(smoke_cfg)
     print("smoke test passed: the install trains and evaluates")
     return summary
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_config(argv)
     try:
-        smoke(cfg) if cfg.smoke else train(cfg)
+        cfg = parse_config(argv)
+        smoke(cfg) if cfg.smoke else run(cfg)
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -11,9 +11,11 @@ Reproduces the MAXL curve of the paper's Figure 3 (primary 20, auxiliary 100 by 
     python model_vgg_maxl.py --primary-level 3 --psi 2,3,4 --epochs 50
     python model_vgg_maxl.py --smoke                          # one-minute install check on CPU
 
+To change the experiment, edit `Config` below (or pass the flag: every field is one); psi may be
+written as the authors did, e.g. `[5] * 20` or `[2, 3, 4]`. The run machinery at the bottom of
+the file is the same in every model script.
 Prints one line per epoch (train, gradient cosine, meta step, test, generator usage) and
 writes results/<run-name>/metrics.json and checkpoint.pt after every epoch; --resume continues.
-Speed on each device: see the README's benchmark table.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import argparse
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 import random
@@ -56,15 +59,22 @@ META_GRADIENT_METHODS = ("second-order", "finite-difference", "double-backward")
 
 
 def option(default, help: str, **argparse_kwargs):
-    """A config field that becomes a command-line flag with this help text."""
+    """A Config field that becomes a command-line flag with this help text (a list default is copied per Config)."""
+    if isinstance(default, list):
+        return field(default_factory=default.copy, metadata={"help": help, **argparse_kwargs})
     return field(default=default, metadata={"help": help, **argparse_kwargs})
 
 
 @dataclass
 class Config:
-    # --- the experiment (paper defaults) ---
+    # --- the experiment (the paper's settings; edit here or pass the flag) ---
     primary_level: int = option(20, "primary task: number of classes in the hierarchy", choices=(3, 10, 20))
-    psi: str = option("5", "auxiliary classes per primary class: k (k for every class) or a comma list, one per class")
+    psi: str | list[int] = option(
+        "5",
+        "auxiliary classes per primary class: k (k for every class) or a comma list, one per class "
+        "(in this file also a list, e.g. [2, 3, 4])",
+        type=str,
+    )
     epochs: int = option(200, "training epochs")
     batch_size: int = option(100, "images per batch, train and test")
     lr: float = option(0.01, "multi-task network (theta_1): SGD learning rate, no momentum, no weight decay")
@@ -86,7 +96,7 @@ class Config:
     cossim_every: int = option(
         10, "compute the primary/auxiliary gradient cosine every N steps (1 = every step, as the reference)"
     )
-    # --- data ---
+    # --- data and run: the same fields in every model script (tools/sync_shared.py keeps them so) ---
     data_root: str = option("dataset", "folder that holds (or receives) cifar-100-python/")
     download: bool = option(True, "download CIFAR-100 when it is missing")
     data_path: str = option(
@@ -105,180 +115,13 @@ class Config:
     channels_last: bool = option(True, "channels_last memory format (faster convolutions on CUDA and on CPU)")
     cuda_graphs: bool = option(True, "replay each step as a CUDA graph on CUDA (same arithmetic, less launch overhead)")
     results_dir: str = option("results", "runs are written to <results-dir>/<run-name>/")
-    run_name: str = option("", "default: method, levels, seed (e.g. maxl-second-order-pri20-aux100-seed0)")
+    run_name: str = option(
+        "", "default: method, levels, seed, and a hash of the settings that differ from the paper's (e.g. {example})"
+    )
     resume: bool = option(False, "continue the run in <results-dir>/<run-name> from its checkpoint")
     overwrite: bool = option(False, "start over in a run folder that already holds results")
     limit_batches: int = option(0, "only this many batches per pass (0 = all): smoke tests and benchmarks")
     smoke: bool = option(False, "one-minute install check on CPU: synthetic data in a temporary folder, no download")
-
-
-# Settings a resumed run may change; everything else must match the checkpoint.
-RESUMABLE_CHANGES = {"epochs", "resume", "overwrite", "data_root", "download", "workers", "cuda_graphs"}
-
-
-class UsageError(Exception):
-    """Bad input or a refused action: shown as one line, exit code 2."""
-
-
-class NonFiniteLoss(Exception):
-    """A loss became NaN or infinite: the run stops, the last good checkpoint stays."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad flag gets one line (not the whole usage) and exit code 2."""
-
-    def error(self, message: str):
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        raise SystemExit(2)
-
-
-def parse_config(argv: list[str] | None = None) -> Config:
-    parser = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        kwargs = dict(f.metadata)
-        if f.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, **kwargs)
-        else:
-            parser.add_argument(
-                flag, type={"int": int, "float": float, "str": str}[f.type], default=f.default, **kwargs
-            )
-    return Config(**vars(parser.parse_args(argv)))
-
-
-def parse_psi(text: str, num_primary: int) -> list[int]:
-    """'5' -> [5] * num_primary; '2,3,4' -> [2, 3, 4]. Refuses a wrong length or an entry below 1."""
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise UsageError(
-            f"--psi {text!r} is not an integer or a comma list of integers (e.g. --psi 5 or --psi 2,3,4)"
-        ) from None
-    if len(values) == 1:
-        values = values * num_primary
-    if len(values) != num_primary:
-        raise UsageError(
-            f"--psi has {len(values)} entries but the primary task has {num_primary} classes; "
-            f"give one entry per primary class or a single integer"
-        )
-    if min(values) < 1:
-        raise UsageError(f"--psi {text}: every primary class needs at least 1 auxiliary class")
-    return values
-
-
-def check_config(cfg: Config) -> None:
-    """Refuse impossible settings before anything runs."""
-    for name in ("epochs", "batch_size", "lr_step", "cossim_every"):
-        if getattr(cfg, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
-    for name in ("limit_batches", "workers"):
-        if getattr(cfg, name) < 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be 0 or more (got {getattr(cfg, name)})")
-    for name in ("lr", "gen_lr", "fd_step"):
-        if not getattr(cfg, name) > 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive (got {getattr(cfg, name)})")
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
-        raise UsageError(f"--device {cfg.device!r} is not one of auto, cpu, cuda, cuda:N")
-    parse_psi(cfg.psi, cfg.primary_level)
-
-
-def default_run_name(cfg: Config) -> str:
-    psi = parse_psi(cfg.psi, cfg.primary_level)
-    return f"{METHOD}-{cfg.meta_grad}-pri{cfg.primary_level}-aux{sum(psi)}-seed{cfg.seed}"
-
-
-def derived_settings(cfg: Config) -> dict:
-    """Values computed from the flags, stored beside them in metrics.json."""
-    psi = parse_psi(cfg.psi, cfg.primary_level)
-    return {"psi_list": psi, "aux_classes": sum(psi)}
-
-
-def published_accuracy(cfg: Config) -> dict[str, float]:
-    """Published test accuracy (%) for this configuration, where one exists."""
-    if cfg.primary_level == 20 and parse_psi(cfg.psi, 20) == [5] * 20:
-        return {"WAMAL authors' README": 76.6, "derived from the WAMAL paper's abstract": 77.4}
-    return {}
-
-
-# ---------------------------------------------------------------------------------------------
-# Devices, seeds, data
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UsageError(
-                f"--device {name}: CUDA is not available on this machine (torch {torch.__version__}); use --device cpu"
-            )
-        index = int(name.split(":")[1]) if ":" in name else 0
-        if index >= torch.cuda.device_count():
-            raise UsageError(
-                f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0"
-            )
-    return torch.device(name)
-
-
-def configure_backends(cfg: Config, device: torch.device) -> None:
-    """Seeds, and the speed/determinism trade-off of cuDNN and cuBLAS."""
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    if cfg.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.deterministic = cfg.deterministic
-    torch.backends.cudnn.benchmark = device.type == "cuda" and not cfg.deterministic
-
-
-def load_datasets(cfg: Config) -> tuple[CIFAR100, CIFAR100]:
-    folder = Path(cfg.data_root) / CIFAR100.base_folder
-    try:
-        train_set = CIFAR100(cfg.data_root, train=True, transform=TRAIN_TRANSFORM, download=cfg.download)
-        test_set = CIFAR100(cfg.data_root, train=False, transform=TEST_TRANSFORM)
-    except (URLError, OSError) as error:
-        raise UsageError(
-            f"could not download CIFAR-100 into '{cfg.data_root}' ({error}); download cifar-100-python.tar.gz "
-            f"yourself and extract it there, or point --data-root at a folder that holds cifar-100-python/"
-        ) from None
-    except RuntimeError:
-        hint = (
-            "run without --no-download to fetch it (161 MB)"
-            if not cfg.download
-            else "delete that folder to download it again"
-        )
-        raise UsageError(
-            f"CIFAR-100 not found or corrupted in '{folder}'; {hint}, or point --data-root elsewhere"
-        ) from None
-    return train_set, test_set
-
-
-def make_loaders(cfg: Config, device: torch.device) -> tuple:
-    """Train and test batches of (images, labels[N, 4]); the train loader carries its RNG as `.generator`."""
-    train_set, test_set = load_datasets(cfg)
-    on_device = cfg.data_path == "device" or (cfg.data_path == "auto" and device.type == "cuda")
-    if on_device:
-        train = DeviceLoader(train_set, cfg.batch_size, device, shuffle=True, augment=True, seed=cfg.seed)
-        test = DeviceLoader(test_set, cfg.batch_size, device, shuffle=False, augment=False, seed=cfg.seed)
-        return train, test
-    generator = torch.Generator()
-    generator.manual_seed(cfg.seed)
-    # Workers are re-seeded from `generator` every epoch (no persistent workers) so a resumed run repeats exactly.
-    common = dict(batch_size=cfg.batch_size, num_workers=cfg.workers, pin_memory=device.type == "cuda")
-    train = torch.utils.data.DataLoader(train_set, shuffle=True, generator=generator, **common)
-    test = torch.utils.data.DataLoader(test_set, shuffle=False, **common)
-    return train, test
-
-
-def batches(loader, cfg: Config, device: torch.device):
-    """The loader's batches on `device` (at most --limit-batches of them)."""
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    for step, (images, labels) in enumerate(loader):
-        if cfg.limit_batches and step == cfg.limit_batches:
-            return
-        images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
-        yield step, images, labels.to(device, non_blocking=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,13 +249,83 @@ def negative_entropy(label_probs: torch.Tensor) -> torch.Tensor:
 
 
 def gradient_cosine(primary_grads: list[torch.Tensor], auxiliary_grads: list[torch.Tensor]) -> torch.Tensor:
-    """The reference's diagnostic: per tensor, the mean of F.cosine_similarity(dim=0); then the mean over tensors."""
-    cosines = [F.cosine_similarity(g1, g2, dim=0).mean() for g1, g2 in zip(primary_grads, auxiliary_grads)]
+    """The reference's diagnostic (its code since "update for pytorch 1.8"): each gradient reshaped to
+    (output channels, -1), the cosine of the two gradients per output channel, averaged; then the mean over tensors."""
+    cosines = [
+        F.cosine_similarity(g1.reshape(len(g1), -1), g2.reshape(len(g2), -1), dim=1).mean()
+        for g1, g2 in zip(primary_grads, auxiliary_grads)
+    ]
     return torch.stack(cosines).mean()
 
 
 # ---------------------------------------------------------------------------------------------
 # The meta-gradient
+#
+# The label generator minimises J(theta_2) = L_pri(theta_1^+) + entropy_weight * negative_entropy(labels),
+# theta_1^+ = theta_1 - inner_lr * grad_theta_1 (L_pri + L_aux(labels(theta_2))). L_aux is linear in the
+# generated labels t, so the chain rule through theta_1^+ collapses to a gradient w.r.t. t,
+#     dJ/dt_ik = -inner_lr / N * D_d focal_aux_ik(theta_1),   d = grad L_pri(theta_1^+),
+# the directional derivative along d of the auxiliary head's per-class focal terms, followed by
+# one backward through the generator. The methods differ only in how they get it.
+
+
+def generated_labels(label_generator: LabelGenerator, images: torch.Tensor, primary: torch.Tensor) -> torch.Tensor:
+    """The generator's labels, differentiable w.r.t. theta_2; batch statistics, its running statistics untouched."""
+    buffers = {name: b.clone() for name, b in label_generator.named_buffers()}
+    return functional_call(label_generator, (dict(label_generator.named_parameters()), buffers), (images, primary))
+
+
+@dataclass
+class InnerStep:
+    """The virtual step of theta_1 on one batch, the generated labels taken as constants."""
+
+    theta1: dict[str, torch.Tensor]  # the multi-task network's parameters, detached
+    buffers: dict[str, torch.Tensor]  # throw-away copies of its BatchNorm statistics
+    primary_logits: torch.Tensor  # at theta_1
+    aux_logits: torch.Tensor  # at theta_1
+    primary_plus: torch.Tensor  # primary logits at theta_1^+
+    direction: dict[str, torch.Tensor]  # d = grad L_pri(theta_1^+)
+    layer_inputs: dict[nn.Module, torch.Tensor]  # inputs of the `record`ed layers at theta_1
+
+
+def inner_step(
+    model: VGG16,
+    images: torch.Tensor,
+    primary_target: torch.Tensor,
+    labels: torch.Tensor,
+    inner_lr: float,
+    focal_gamma: float,
+    record: tuple[nn.Module, ...] = (),
+) -> InnerStep:
+    """theta_1^+ = theta_1 - inner_lr * grad(L_pri + L_aux), and d = grad L_pri(theta_1^+). No graph is kept."""
+    theta1 = {name: p.detach() for name, p in model.named_parameters()}
+    # Running statistics go to throw-away copies: the meta step must not change the networks it involves.
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    with torch.enable_grad():
+        leaves = {name: p.detach().requires_grad_() for name, p in theta1.items()}
+        with recorded_inputs(record) as layer_inputs:
+            primary_logits, aux_logits = functional_call(model, (leaves, buffers), (images,))
+        train_loss = focal_loss(primary_logits, primary_target, focal_gamma) + focal_loss(
+            aux_logits, labels.detach(), focal_gamma
+        )
+        grads = torch.autograd.grad(train_loss, list(leaves.values()))
+        theta1_plus = {name: (p - inner_lr * g).requires_grad_() for (name, p), g in zip(theta1.items(), grads)}
+        primary_plus = functional_call(model, (theta1_plus, buffers), (images,))[0]
+        d = torch.autograd.grad(
+            focal_loss(primary_plus, primary_target, focal_gamma),
+            list(theta1_plus.values()),
+            allow_unused=True,
+            materialize_grads=True,
+        )
+    return InnerStep(theta1, buffers, primary_logits, aux_logits, primary_plus, dict(zip(theta1, d)), layer_inputs)
+
+
+def generator_gradients(
+    label_generator: LabelGenerator, labels: torch.Tensor, label_grad: torch.Tensor, entropy_weight: float
+) -> list[torch.Tensor]:
+    """grad_theta_2 of J, given dJ/dt (`label_grad`, constant): one backward through the generator."""
+    surrogate = (labels * label_grad).sum() + entropy_weight * negative_entropy(labels)
+    return list(torch.autograd.grad(surrogate, list(label_generator.parameters())))
 
 
 def auxiliary_path(model: VGG16) -> list[tuple[str, nn.Module]]:
@@ -480,142 +393,552 @@ def path_tangent(
     return tangent
 
 
-def meta_gradients(
+# Every method takes the same keywords and returns grad_theta_2 J (one tensor per generator parameter) and the
+# primary logits at theta_1 and at theta_1^+.
+
+
+def second_order(
+    *,
     model: VGG16,
     label_generator: LabelGenerator,
-    x: torch.Tensor,
-    y_primary: torch.Tensor,
+    images: torch.Tensor,
+    primary: torch.Tensor,
+    inner_lr: float,
+    entropy_weight: float,
+    focal_gamma: float,
+    fd_step: float,
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Exact: the directional derivative by forward-mode AD (path_tangent), reusing the forward pass at theta_1.
+
+    `fd_step` is unused (the signature is every method's)."""
+    labels = generated_labels(label_generator, images, primary)
+    path = auxiliary_path(model)
+    primary_target = F.one_hot(primary, model.classifier1[-1].out_features).float()
+    step = inner_step(model, images, primary_target, labels, inner_lr, focal_gamma, tuple(layer for _, layer in path))
+    with torch.no_grad():
+        aux_tangent = path_tangent(path, step.layer_inputs, step.theta1, step.direction, step.buffers)
+        with fwAD.dual_level():
+            aux_dual = fwAD.make_dual(step.aux_logits.detach(), aux_tangent)
+            slope = fwAD.unpack_dual(focal_terms(aux_dual, focal_gamma)).tangent
+        label_grad = -inner_lr / images.shape[0] * slope
+    return (
+        generator_gradients(label_generator, labels, label_grad, entropy_weight),
+        step.primary_logits,
+        step.primary_plus,
+    )
+
+
+def finite_difference(
+    *,
+    model: VGG16,
+    label_generator: LabelGenerator,
+    images: torch.Tensor,
+    primary: torch.Tensor,
+    inner_lr: float,
+    entropy_weight: float,
+    focal_gamma: float,
+    fd_step: float,
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """The authors' first-order variant (DARTS): the directional derivative as a central difference,
+    eps = fd_step / ||d||, from two forward passes at theta_1 +- eps * d."""
+    labels = generated_labels(label_generator, images, primary)
+    primary_target = F.one_hot(primary, model.classifier1[-1].out_features).float()
+    step = inner_step(model, images, primary_target, labels, inner_lr, focal_gamma)
+    with torch.no_grad():
+        d = step.direction
+        eps = fd_step / torch.sqrt(sum(v.pow(2).sum() for v in d.values()))
+
+        def aux_focal_terms(sign: int) -> torch.Tensor:
+            shifted = {name: p + sign * eps * d[name] for name, p in step.theta1.items()}
+            return focal_terms(functional_call(model, (shifted, step.buffers), (images,))[1], focal_gamma)
+
+        slope = (aux_focal_terms(+1) - aux_focal_terms(-1)) / (2 * eps)
+        label_grad = -inner_lr / images.shape[0] * slope
+    return (
+        generator_gradients(label_generator, labels, label_grad, entropy_weight),
+        step.primary_logits,
+        step.primary_plus,
+    )
+
+
+def double_backward(
+    *,
+    model: VGG16,
+    label_generator: LabelGenerator,
+    images: torch.Tensor,
+    primary: torch.Tensor,
+    inner_lr: float,
+    entropy_weight: float,
+    focal_gamma: float,
+    fd_step: float,
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Exact, the reference's way: backpropagate J through the inner gradient (create_graph=True). Slowest;
+    kept as the test oracle. `fd_step` is unused (the signature is every method's)."""
+    labels = generated_labels(label_generator, images, primary)
+    primary_target = F.one_hot(primary, model.classifier1[-1].out_features).float()
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    params = dict(model.named_parameters())
+    primary_logits, aux_logits = functional_call(model, (params, buffers), (images,))
+    train_loss = focal_loss(primary_logits, primary_target, focal_gamma) + focal_loss(aux_logits, labels, focal_gamma)
+    grads = torch.autograd.grad(train_loss, list(params.values()), create_graph=True)
+    theta1_plus = {name: p - inner_lr * g for (name, p), g in zip(params.items(), grads)}
+    primary_plus = functional_call(model, (theta1_plus, buffers), (images,))[0]
+    objective = focal_loss(primary_plus, primary_target, focal_gamma) + entropy_weight * negative_entropy(labels)
+    grads = list(torch.autograd.grad(objective, list(label_generator.parameters())))
+    return grads, primary_logits.detach(), primary_plus.detach()
+
+
+def meta_gradients(
+    *,
+    model: VGG16,
+    label_generator: LabelGenerator,
+    images: torch.Tensor,
+    primary: torch.Tensor,
     inner_lr: float,
     method: str = "second-order",
     entropy_weight: float = 0.2,
-    fd_step: float = 0.01,
     focal_gamma: float = 2.0,
-    stats: dict | None = None,
-) -> list[torch.Tensor]:
-    """Gradient of L_pri(theta_1^+) + entropy_weight * negative_entropy w.r.t. every label-generator parameter.
+    fd_step: float = 0.01,
+) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """grad_theta_2 J for every label-generator parameter, by `method`; and the virtual step's statistics:
+    the primary loss and accuracy at theta_1 and at theta_1^+ (tensors).
 
-    theta_1^+ = theta_1 - inner_lr * grad_theta_1 (L_pri + L_aux(theta_2)). The auxiliary loss is
-    linear in the generated labels t, so the chain rule through theta_1^+ reduces to a gradient
-    w.r.t. t, `label_grad` (N, K), then one backward through the generator:
-      second-order       label_grad = -inner_lr / N * (directional derivative along d of the
-                         auxiliary focal terms at theta_1), d = grad L_pri(theta_1^+): forward-mode AD
-                         that reuses the layer inputs of the forward pass at theta_1 (path_tangent).
-      finite-difference  the same derivative as a central difference with eps = fd_step / ||d|| (DARTS).
-      double-backward    the reference's way: differentiate through the inner gradient (create_graph).
-    BatchNorm uses batch statistics, as in training. Parameters, buffers and .grad of both
-    networks are left as they were. If `stats` is given, it receives the primary loss and
-    accuracy at theta_1 and at theta_1^+ (tensors).
-    """
-    if method not in META_GRADIENT_METHODS:
+    BatchNorm uses batch statistics, as in training. Parameters, buffers and .grad of both networks are
+    left as they were."""
+    methods = {"second-order": second_order, "finite-difference": finite_difference, "double-backward": double_backward}
+    if method not in methods:
         raise ValueError(f"unknown meta-gradient method {method!r}; one of {META_GRADIENT_METHODS}")
-    n = x.shape[0]
-    num_primary = model.classifier1[-1].out_features
-    primary_target = F.one_hot(y_primary, num_primary).float()
-    theta1 = {name: p.detach() for name, p in model.named_parameters()}
-    generator_params = list(label_generator.parameters())
-    # Running statistics go to throw-away copies: the meta step must not change the networks it involves.
-    buffers = {name: b.clone() for name, b in model.named_buffers()}
-    generator_buffers = {name: b.clone() for name, b in label_generator.named_buffers()}
-
-    def forward(params: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        return functional_call(model, (params, buffers), (x,))
-
-    labels = functional_call(
-        label_generator, (dict(label_generator.named_parameters()), generator_buffers), (x, y_primary)
+    grads, primary_logits, primary_plus = methods[method](
+        model=model,
+        label_generator=label_generator,
+        images=images,
+        primary=primary,
+        inner_lr=inner_lr,
+        entropy_weight=entropy_weight,
+        focal_gamma=focal_gamma,
+        fd_step=fd_step,
     )
-
-    if method == "double-backward":
-        params = dict(model.named_parameters())
-        primary_logits, aux_logits = forward(params)
-        train_loss = focal_loss(primary_logits, primary_target, focal_gamma) + focal_loss(
-            aux_logits, labels, focal_gamma
-        )
-        grads = torch.autograd.grad(train_loss, list(params.values()), create_graph=True)
-        theta1_plus = {name: p - inner_lr * g for (name, p), g in zip(params.items(), grads)}
-        primary_plus = forward(theta1_plus)[0]
-        objective = focal_loss(primary_plus, primary_target, focal_gamma) + entropy_weight * negative_entropy(labels)
-        result = list(torch.autograd.grad(objective, generator_params))
-    else:
-        # second-order's tangent pass reuses the layer inputs of the forward pass at theta_1.
-        path = auxiliary_path(model) if method == "second-order" else []
-        with torch.enable_grad():
-            leaves = {name: p.detach().requires_grad_() for name, p in model.named_parameters()}
-            with recorded_inputs([layer for _, layer in path]) as inputs:
-                primary_logits, aux_logits = forward(leaves)
-            train_loss = focal_loss(primary_logits, primary_target, focal_gamma) + focal_loss(
-                aux_logits, labels.detach(), focal_gamma
-            )
-            grads = torch.autograd.grad(train_loss, list(leaves.values()))
-            theta1_plus = {name: (p - inner_lr * g).requires_grad_() for (name, p), g in zip(theta1.items(), grads)}
-            primary_plus = forward(theta1_plus)[0]
-            d = torch.autograd.grad(
-                focal_loss(primary_plus, primary_target, focal_gamma),
-                list(theta1_plus.values()),
-                allow_unused=True,
-                materialize_grads=True,
-            )
-        direction = dict(zip(theta1, d))
-        with torch.no_grad():
-            if method == "second-order":
-                aux_tangent = path_tangent(path, inputs, theta1, direction, buffers)
-                with fwAD.dual_level():
-                    aux_dual = fwAD.make_dual(aux_logits.detach(), aux_tangent)
-                    slope = fwAD.unpack_dual(focal_terms(aux_dual, focal_gamma)).tangent
-            else:
-                eps = fd_step / torch.sqrt(sum(v.pow(2).sum() for v in d))
-                plus = focal_terms(forward({k: p + eps * direction[k] for k, p in theta1.items()})[1], focal_gamma)
-                minus = focal_terms(forward({k: p - eps * direction[k] for k, p in theta1.items()})[1], focal_gamma)
-                slope = (plus - minus) / (2 * eps)
-            label_grad = -inner_lr / n * slope
-        surrogate = (labels * label_grad).sum() + entropy_weight * negative_entropy(labels)
-        result = list(torch.autograd.grad(surrogate, generator_params))
-
-    if stats is not None:
-        with torch.no_grad():
-            stats["meta_primary_loss_before"] = focal_loss(primary_logits, primary_target, focal_gamma)
-            stats["meta_primary_acc_before"] = (primary_logits.argmax(1) == y_primary).float().mean()
-            stats["meta_primary_loss_after"] = focal_loss(primary_plus, primary_target, focal_gamma)
-            stats["meta_primary_acc_after"] = (primary_plus.argmax(1) == y_primary).float().mean()
-    return result
+    primary_target = F.one_hot(primary, model.classifier1[-1].out_features).float()
+    with torch.no_grad():
+        stats = {
+            "meta_primary_loss_before": focal_loss(primary_logits, primary_target, focal_gamma),
+            "meta_primary_acc_before": (primary_logits.argmax(1) == primary).float().mean(),
+            "meta_primary_loss_after": focal_loss(primary_plus, primary_target, focal_gamma),
+            "meta_primary_acc_after": (primary_plus.argmax(1) == primary).float().mean(),
+        }
+    return grads, stats
 
 
 # ---------------------------------------------------------------------------------------------
-# Training and evaluation
+# Training and evaluation steps
 
 
-class Meter:
-    """Sums per-sample metrics on the device; one host sync per epoch."""
+def train_step(state: dict, images: torch.Tensor, labels: torch.Tensor, cfg: Config, diagnose: bool) -> dict:
+    """Phase 1 on one batch: an SGD step of theta_1 on L_pri + L_aux, the generated labels taken as given.
 
-    def __init__(self):
-        self.sums: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, int] = {}
+    With `diagnose`, also the cosine between the primary and auxiliary gradients on the trunk.
+    Returns the batch's metrics as tensors (no host sync).
+    """
+    model, optimizer = state["model"], state["optimizer"]
+    primary = labels[:, level_index(cfg.primary_level)]
+    with autocast(cfg, images.device):
+        with torch.no_grad():  # phase 1 does not train the generator: no graph for it
+            aux_targets = state["forward_generator"](images, primary)
+        # The diagnostic backpropagates three times through one graph; a torch.compile'd network's backward
+        # may run only once (donated buffers), so diagnostic steps run the eager network: same arithmetic.
+        forward_model = state["model"] if diagnose else state["forward_model"]
+        primary_logits, aux_logits = forward_model(images)
+    primary_loss = focal_loss(primary_logits, F.one_hot(primary, cfg.primary_level).float(), cfg.focal_gamma)
+    aux_loss = focal_loss(aux_logits, aux_targets, cfg.focal_gamma)
+    out = {
+        "loss": primary_loss + aux_loss,
+        "train_primary_loss": primary_loss,
+        "train_primary_acc": (primary_logits.argmax(1) == primary).float().mean(),
+        "train_aux_loss": aux_loss,
+        "aux_assigned": aux_targets.argmax(1),
+    }
+    if diagnose:
+        shared = model.shared_parameters()
+        # Two separate passes, as the reference: total - primary would differ in the conv biases, whose
+        # gradient before BatchNorm is zero up to rounding, and so would their cosine.
+        primary_grads = torch.autograd.grad(primary_loss, shared, retain_graph=True)
+        aux_grads = torch.autograd.grad(aux_loss, shared, retain_graph=True)
+        out["train_cosine"] = gradient_cosine(primary_grads, aux_grads)
+    optimizer.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    optimizer.step()
+    return out
 
-    def add(self, name: str, batch_mean: torch.Tensor, n: int) -> None:
-        self.sums[name] = self.sums.get(name, 0) + batch_mean.detach().float() * n
-        self.counts[name] = self.counts.get(name, 0) + n
 
-    def means(self) -> dict[str, float]:
-        return {name: (total / self.counts[name]).item() for name, total in self.sums.items()}
+def meta_step(state: dict, images: torch.Tensor, labels: torch.Tensor, cfg: Config) -> dict:
+    """Phase 2 on one batch: an SGD step of theta_2 along meta_gradients; theta_1 stays as it is.
+
+    The inner step size is the multi-task optimiser's current learning rate.
+    Returns the primary loss and accuracy before and after the virtual step (tensors).
+    """
+    label_generator = state["label_generator"]
+    primary = labels[:, level_index(cfg.primary_level)]
+    inner_lr = state["optimizer"].param_groups[0]["lr"]
+    # Always fp32, also with --amp: the meta-gradient is a small difference of large terms, and in
+    # bf16 it is noise (cosine 0.29 to the float64 gradient on a random batch; fp32: 0.986).
+    grads, stats = meta_gradients(
+        model=state["model"],
+        label_generator=label_generator,
+        images=images,
+        primary=primary,
+        inner_lr=inner_lr,
+        method=cfg.meta_grad,
+        entropy_weight=cfg.entropy_weight,
+        focal_gamma=cfg.focal_gamma,
+        fd_step=cfg.fd_step,
+    )
+    for p, g in zip(label_generator.parameters(), grads):
+        p.grad = g
+    state["gen_optimizer"].step()
+    return stats
 
 
-class FiniteGuard:
-    """Records the first step whose loss is not finite, without a host sync per step."""
+def train_epoch(
+    state: dict, graphs: StepGraphs, train_loader, cfg: Config, device: torch.device, epoch: int
+) -> dict[str, float]:
+    """Phase 1 over the train set (theta_1), then phase 2 over it again (theta_2)."""
+    meter = Meter()
+    guard = FiniteGuard(device)
+    state["model"].train()
+    state["label_generator"].train()
+    num_aux = state["model"].classifier2[-1].out_features
+    aux_used = torch.zeros(num_aux, dtype=torch.bool, device=device)
+    phase1 = {diagnose: functools.partial(train_step, state, cfg=cfg, diagnose=diagnose) for diagnose in (False, True)}
+    for step, images, labels in batches(train_loader, cfg, device):
+        diagnose = step % cfg.cossim_every == 0
+        out = graphs("phase 1 + cosine" if diagnose else "phase 1", phase1[diagnose], images, labels)
+        guard.watch(out.pop("loss"), epoch, "phase-1", step)
+        aux_used |= F.one_hot(out.pop("aux_assigned"), num_aux).bool().any(0)
+        if "train_cosine" in out:
+            meter.add("train_cosine", out.pop("train_cosine"), 1)
+        for name, value in out.items():
+            meter.add(name, value, images.shape[0])
+    guard.check(epoch, "phase-1")
 
-    CHECK_EVERY = 50
+    phase2 = functools.partial(meta_step, state, cfg=cfg)
+    for step, images, labels in batches(train_loader, cfg, device):
+        stats = graphs("phase 2", phase2, images, labels)
+        guard.watch(stats["meta_primary_loss_after"], epoch, "phase-2", step)
+        for name, value in stats.items():
+            meter.add(name, value, images.shape[0])
+    guard.check(epoch, "phase-2")
 
-    def __init__(self, device: torch.device):
-        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+    metrics = meter.means()
+    metrics["aux_classes_used"] = int(aux_used.sum())
+    return metrics
 
-    def watch(self, loss: torch.Tensor, epoch: int, phase: str, step: int) -> None:
-        bad = (self.first_bad < 0) & ~torch.isfinite(loss.detach())
-        self.first_bad = torch.where(bad, step, self.first_bad)
-        if (step + 1) % self.CHECK_EVERY == 0:
-            self.check(epoch, phase)
 
-    def check(self, epoch: int, phase: str) -> None:
-        step = int(self.first_bad)
-        if step >= 0:
-            raise NonFiniteLoss(f"non-finite loss at epoch {epoch}, {phase} step {step + 1}; the run stopped")
+def eval_step(state: dict, images: torch.Tensor, labels: torch.Tensor, cfg: Config) -> dict:
+    """Test metrics of one batch, as tensors."""
+    primary = labels[:, level_index(cfg.primary_level)]
+    with autocast(cfg, images.device):
+        primary_logits, _ = state["forward_model"](images)
+    return {
+        "test_primary_loss": focal_loss(primary_logits, F.one_hot(primary, cfg.primary_level).float(), cfg.focal_gamma),
+        "test_primary_acc": (primary_logits.argmax(1) == primary).float().mean(),
+    }
+
+
+def build(cfg: Config, device: torch.device) -> dict:
+    """Networks, optimisers and schedulers. Keys without 'forward_' are saved in the checkpoint."""
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = VGG16(cfg.psi).to(device, memory_format=memory_format)
+    label_generator = LabelGenerator(cfg.psi).to(device, memory_format=memory_format)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+    gen_optimizer = torch.optim.SGD(label_generator.parameters(), lr=cfg.gen_lr, weight_decay=cfg.gen_weight_decay)
+    return {
+        "model": model,
+        "label_generator": label_generator,
+        "optimizer": optimizer,
+        "gen_optimizer": gen_optimizer,
+        "scheduler": torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma),
+        "gen_scheduler": torch.optim.lr_scheduler.StepLR(gen_optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma),
+        "forward_model": torch.compile(model) if cfg.compile else model,
+        "forward_generator": torch.compile(label_generator) if cfg.compile else label_generator,
+    }
+
+
+def epoch_line(record: dict, epochs: int) -> str:
+    r = record
+    return (
+        f"epoch {r['epoch']:3d}/{epochs} "
+        f"| train pri {r['train_primary_loss']:.4f} {100 * r['train_primary_acc']:5.2f}% "
+        f"aux {r['train_aux_loss']:.4f} | cos {r.get('train_cosine', float('nan')):+.4f} "
+        f"| meta pri {r['meta_primary_loss_before']:.4f} {100 * r['meta_primary_acc_before']:5.2f}% -> "
+        f"{r['meta_primary_loss_after']:.4f} {100 * r['meta_primary_acc_after']:5.2f}% "
+        f"| test pri {r['test_primary_loss']:.4f} {100 * r['test_primary_acc']:5.2f}% "
+        f"| aux used {r['aux_classes_used']} | {r['seconds']:.1f}s"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# What the run machinery asks of this method
+
+
+def parse_psi(psi: str | list[int], num_primary: int) -> list[int]:
+    """'5' or [5] -> [5] * num_primary; '2,3,4' or [2, 3, 4] -> [2, 3, 4]. Refuses a wrong length or an entry < 1."""
+    text = psi if isinstance(psi, str) else ",".join(str(v) for v in psi)
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise UsageError(
+            f"--psi {text!r} is not an integer or a comma list of integers (e.g. --psi 5 or --psi 2,3,4)"
+        ) from None
+    if len(values) == 1:
+        values = values * num_primary
+    if len(values) != num_primary:
+        raise UsageError(
+            f"--psi has {len(values)} entries but the primary task has {num_primary} classes; "
+            f"give one entry per primary class or a single integer"
+        )
+    if min(values) < 1:
+        raise UsageError(f"--psi {text}: every primary class needs at least 1 auxiliary class")
+    return values
+
+
+def check_config(cfg: Config) -> Config:
+    """Refuse impossible settings before anything runs; return the config to run, psi as a list."""
+    require(cfg, at_least_1=("epochs", "batch_size", "lr_step", "cossim_every"), positive=("lr", "gen_lr", "fd_step"))
+    return dataclasses.replace(cfg, psi=parse_psi(cfg.psi, cfg.primary_level))
+
+
+def run_name_stem(cfg: Config) -> str:
+    return f"{METHOD}-{cfg.meta_grad}-pri{cfg.primary_level}-aux{sum(cfg.psi)}-seed{cfg.seed}"
+
+
+def paper_settings(cfg: Config) -> dict:
+    """The paper's values of the settings that change the result and are not in run_name_stem.
+
+    A fixed record, not Config's defaults: a run whose settings differ gets a hash of them in its name."""
+    paper = {
+        "psi": [5] * cfg.primary_level,
+        "batch_size": 100,
+        "lr": 0.01,
+        "lr_step": 50,
+        "lr_gamma": 0.5,
+        "focal_gamma": 2.0,
+        "gen_lr": 1e-3,
+        "gen_weight_decay": 5e-4,
+        "entropy_weight": 0.2,
+        "cossim_every": 10,
+    }
+    if cfg.meta_grad == "finite-difference":
+        paper["fd_step"] = 0.01
+    return paper
+
+
+def derived_settings(cfg: Config) -> dict:
+    """Values computed from the flags, stored beside them in metrics.json."""
+    return {"psi_list": cfg.psi, "aux_classes": sum(cfg.psi)}
+
+
+def published_accuracy(cfg: Config) -> dict[str, float]:
+    """Published test accuracy (%) for this configuration, where one exists."""
+    if cfg.primary_level == 20 and cfg.psi == [5] * 20:
+        return {"WAMAL authors' README": 76.6, "derived from the WAMAL paper's abstract": 77.4}
+    return {}
+
+
+# =============================================================================================
+# RUN MACHINERY. Identical in every model script: edit it in model_vgg_single.py (the canonical
+# copy), then run `python tools/sync_shared.py` to copy it into the others (`--check` compares only).
+# The code above defines what the machinery needs from the method:
+#   METHOD                  the method's name: run names, checkpoints, metrics.json
+#   Config                  the settings; its data and run fields are shared (synced) too
+#   check_config(cfg)       refuses impossible settings (UsageError); returns cfg with psi etc. parsed
+#   run_name_stem(cfg)      the readable part of the default run name (method, levels, seed)
+#   paper_settings(cfg)     the paper's values of the other settings that change the result
+#   derived_settings(cfg)   values computed from the settings, stored beside them in metrics.json
+#   published_accuracy(cfg) published test accuracy (%) for this configuration, if any
+#   build(cfg, device)      networks, optimisers, schedulers: a dict; "model" is evaluated, keys
+#                           without "forward_" are checkpointed
+#   train_epoch(state, graphs, train_loader, cfg, device, epoch)  one epoch's training metrics
+#   eval_step(state, images, labels, cfg)                         one test batch's metrics
+#   epoch_line(record, epochs)                                    the per-epoch line
+# It provides: UsageError, NonFiniteLoss, require, autocast, batches, StepGraphs, Meter,
+# FiniteGuard, evaluate, run, smoke, main.
+# =============================================================================================
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+# Settings a resumed run may change; every other one must match the checkpoint.
+RESUMABLE_CHANGES = {"epochs", "resume", "overwrite", "data_root", "download", "workers", "cuda_graphs"}
+
+
+class UsageError(Exception):
+    """Bad input or a refused action: shown as one line, exit code 2."""
+
+
+class NonFiniteLoss(Exception):
+    """A loss became NaN or infinite: the run stops, the last good checkpoint stays."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag gets one line (not the whole usage) and exit code 2."""
+
+    def error(self, message: str):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def command_line() -> OneLineParser:
+    """One flag per Config field, the field's value in this file as its default."""
+    parser = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    defaults = Config()
+    example = default_run_name(check_config(defaults))
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        kwargs = {
+            **f.metadata,
+            "default": getattr(defaults, f.name),
+            "help": f.metadata["help"].format(example=example),
+        }
+        if f.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        else:
+            parser.add_argument(flag, **{"type": {"int": int, "float": float, "str": str}.get(f.type), **kwargs})
+    return parser
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    return Config(**vars(command_line().parse_args(argv)))
+
+
+def flag(name: str, value) -> str:
+    """A setting as its command-line flag; a list (psi) as the command line writes it: 5 or 2,3,4."""
+    if isinstance(value, list):
+        value = value[0] if len(set(value)) == 1 else ",".join(str(v) for v in value)
+    return f"--{name.replace('_', '-')} {value}"
+
+
+def require(cfg: Config, at_least_1=(), at_least_0=(), positive=()) -> None:
+    """Refuse, with one line naming the flag, a setting outside its range."""
+    for names, ok, rule in (
+        (at_least_1, lambda v: v >= 1, "must be at least 1"),
+        (at_least_0, lambda v: v >= 0, "must be 0 or more"),
+        (positive, lambda v: v > 0, "must be positive"),
+    ):
+        for name in names:
+            if not ok(getattr(cfg, name)):
+                raise UsageError(f"--{name.replace('_', '-')} {rule} (got {getattr(cfg, name)})")
+
+
+def check_settings(cfg: Config) -> Config:
+    """The method's checks (check_config), then the shared data and run settings'."""
+    cfg = check_config(cfg)
+    require(cfg, at_least_0=("limit_batches", "workers"))
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
+        raise UsageError(f"--device {cfg.device!r} is not one of auto, cpu, cuda, cuda:N")
+    return cfg
+
+
+def edited_settings(cfg: Config) -> dict:
+    """The settings that change the result and differ from the paper's (fixed) values, by name."""
+    paper = {**paper_settings(cfg), "amp": False}
+    return {name: getattr(cfg, name) for name in sorted(paper) if getattr(cfg, name) != paper[name]}
+
+
+def default_run_name(cfg: Config) -> str:
+    """run_name_stem(cfg); plus, when settings differ from the paper's, a short hash of them.
+
+    The same edited settings give the same name again (--resume finds the run); the paper's
+    configuration keeps the readable name alone."""
+    edited = edited_settings(cfg)
+    if not edited:
+        return run_name_stem(cfg)
+    digest = hashlib.sha256(json.dumps(edited, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{run_name_stem(cfg)}-{digest}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices, seeds, data
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError(
+                f"--device {name}: CUDA is not available on this machine (torch {torch.__version__}); use --device cpu"
+            )
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise UsageError(
+                f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0"
+            )
+    return torch.device(name)
+
+
+def configure_backends(cfg: Config, device: torch.device) -> None:
+    """Seeds, and the speed/determinism trade-off of cuDNN and cuBLAS."""
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = cfg.deterministic
+    torch.backends.cudnn.benchmark = device.type == "cuda" and not cfg.deterministic
+
+
+def load_datasets(cfg: Config) -> tuple[CIFAR100, CIFAR100]:
+    folder = Path(cfg.data_root) / CIFAR100.base_folder
+    try:
+        train_set = CIFAR100(cfg.data_root, train=True, transform=TRAIN_TRANSFORM, download=cfg.download)
+        test_set = CIFAR100(cfg.data_root, train=False, transform=TEST_TRANSFORM)
+    except (URLError, OSError) as error:
+        raise UsageError(
+            f"could not download CIFAR-100 into '{cfg.data_root}' ({error}); download cifar-100-python.tar.gz "
+            f"yourself and extract it there, or point --data-root at a folder that holds cifar-100-python/"
+        ) from None
+    except RuntimeError:
+        hint = (
+            "run without --no-download to fetch it (161 MB)"
+            if not cfg.download
+            else "delete that folder to download it again"
+        )
+        raise UsageError(
+            f"CIFAR-100 not found or corrupted in '{folder}'; {hint}, or point --data-root elsewhere"
+        ) from None
+    return train_set, test_set
+
+
+def make_loaders(cfg: Config, device: torch.device) -> tuple:
+    """Train and test batches of (images, labels[N, 4]); the train loader carries its RNG as `.generator`."""
+    train_set, test_set = load_datasets(cfg)
+    on_device = cfg.data_path == "device" or (cfg.data_path == "auto" and device.type == "cuda")
+    if on_device:
+        train = DeviceLoader(train_set, cfg.batch_size, device, shuffle=True, augment=True, seed=cfg.seed)
+        test = DeviceLoader(test_set, cfg.batch_size, device, shuffle=False, augment=False, seed=cfg.seed)
+        return train, test
+    generator = torch.Generator()
+    generator.manual_seed(cfg.seed)
+    # Workers are re-seeded from `generator` every epoch (no persistent workers) so a resumed run repeats exactly.
+    common = dict(batch_size=cfg.batch_size, num_workers=cfg.workers, pin_memory=device.type == "cuda")
+    train = torch.utils.data.DataLoader(train_set, shuffle=True, generator=generator, **common)
+    test = torch.utils.data.DataLoader(test_set, shuffle=False, **common)
+    return train, test
+
+
+def batches(loader, cfg: Config, device: torch.device):
+    """The loader's batches on `device` (at most --limit-batches of them)."""
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    for step, (images, labels) in enumerate(loader):
+        if cfg.limit_batches and step == cfg.limit_batches:
+            return
+        images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+        yield step, images, labels.to(device, non_blocking=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixed precision and CUDA graphs
 
 
 def autocast(cfg: Config, device: torch.device):
@@ -684,117 +1007,43 @@ class StepGraphs:
         return dict(outputs)
 
 
-def train_step(state: dict, images: torch.Tensor, labels: torch.Tensor, cfg: Config, diagnose: bool) -> dict:
-    """Phase 1 on one batch: an SGD step of theta_1 on L_pri + L_aux, the generated labels taken as given.
-
-    With `diagnose`, also the cosine between the primary and auxiliary gradients on the trunk.
-    Returns the batch's metrics as tensors (no host sync).
-    """
-    model, optimizer = state["model"], state["optimizer"]
-    primary = labels[:, level_index(cfg.primary_level)]
-    with autocast(cfg, images.device):
-        with torch.no_grad():  # phase 1 does not train the generator: no graph for it
-            aux_targets = state["forward_generator"](images, primary)
-        # The diagnostic backpropagates three times through one graph; a torch.compile'd network's backward
-        # may run only once (donated buffers), so diagnostic steps run the eager network: same arithmetic.
-        forward_model = state["model"] if diagnose else state["forward_model"]
-        primary_logits, aux_logits = forward_model(images)
-    primary_loss = focal_loss(primary_logits, F.one_hot(primary, cfg.primary_level).float(), cfg.focal_gamma)
-    aux_loss = focal_loss(aux_logits, aux_targets, cfg.focal_gamma)
-    out = {
-        "loss": primary_loss + aux_loss,
-        "train_primary_loss": primary_loss,
-        "train_primary_acc": (primary_logits.argmax(1) == primary).float().mean(),
-        "train_aux_loss": aux_loss,
-        "aux_assigned": aux_targets.argmax(1),
-    }
-    if diagnose:
-        shared = model.shared_parameters()
-        # Two separate passes, as the reference: total - primary would differ in the conv biases, whose
-        # gradient before BatchNorm is zero up to rounding, and so would their cosine.
-        primary_grads = torch.autograd.grad(primary_loss, shared, retain_graph=True)
-        aux_grads = torch.autograd.grad(aux_loss, shared, retain_graph=True)
-        out["train_cosine"] = gradient_cosine(primary_grads, aux_grads)
-    optimizer.zero_grad(set_to_none=True)
-    out["loss"].backward()
-    optimizer.step()
-    return out
+# ---------------------------------------------------------------------------------------------
+# Meters and evaluation
 
 
-def meta_step(state: dict, images: torch.Tensor, labels: torch.Tensor, cfg: Config) -> dict:
-    """Phase 2 on one batch: an SGD step of theta_2 along meta_gradients; theta_1 stays as it is.
+class Meter:
+    """Sums per-sample metrics on the device; one host sync per epoch."""
 
-    The inner step size is the multi-task optimiser's current learning rate.
-    Returns the primary loss and accuracy before and after the virtual step (tensors).
-    """
-    label_generator = state["label_generator"]
-    primary = labels[:, level_index(cfg.primary_level)]
-    inner_lr = state["optimizer"].param_groups[0]["lr"]
-    stats: dict[str, torch.Tensor] = {}
-    # Always fp32, also with --amp: the meta-gradient is a small difference of large terms, and in
-    # bf16 it is noise (cosine 0.29 to the float64 gradient on a random batch; fp32: 0.986).
-    grads = meta_gradients(
-        state["model"],
-        label_generator,
-        images,
-        primary,
-        inner_lr,
-        cfg.meta_grad,
-        cfg.entropy_weight,
-        cfg.fd_step,
-        cfg.focal_gamma,
-        stats,
-    )
-    for p, g in zip(label_generator.parameters(), grads):
-        p.grad = g
-    state["gen_optimizer"].step()
-    return stats
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, name: str, batch_mean: torch.Tensor, n: int) -> None:
+        self.sums[name] = self.sums.get(name, 0) + batch_mean.detach().float() * n
+        self.counts[name] = self.counts.get(name, 0) + n
+
+    def means(self) -> dict[str, float]:
+        return {name: (total / self.counts[name]).item() for name, total in self.sums.items()}
 
 
-def train_epoch(
-    state: dict, graphs: StepGraphs, train_loader, cfg: Config, device: torch.device, epoch: int
-) -> dict[str, float]:
-    """Phase 1 over the train set (theta_1), then phase 2 over it again (theta_2)."""
-    meter = Meter()
-    guard = FiniteGuard(device)
-    state["model"].train()
-    state["label_generator"].train()
-    num_aux = state["model"].classifier2[-1].out_features
-    aux_used = torch.zeros(num_aux, dtype=torch.bool, device=device)
-    phase1 = {diagnose: functools.partial(train_step, state, cfg=cfg, diagnose=diagnose) for diagnose in (False, True)}
-    for step, images, labels in batches(train_loader, cfg, device):
-        diagnose = step % cfg.cossim_every == 0
-        out = graphs("phase 1 + cosine" if diagnose else "phase 1", phase1[diagnose], images, labels)
-        guard.watch(out.pop("loss"), epoch, "phase-1", step)
-        aux_used |= F.one_hot(out.pop("aux_assigned"), num_aux).bool().any(0)
-        if "train_cosine" in out:
-            meter.add("train_cosine", out.pop("train_cosine"), 1)
-        for name, value in out.items():
-            meter.add(name, value, images.shape[0])
-    guard.check(epoch, "phase-1")
+class FiniteGuard:
+    """Records the first step whose loss is not finite, without a host sync per step."""
 
-    phase2 = functools.partial(meta_step, state, cfg=cfg)
-    for step, images, labels in batches(train_loader, cfg, device):
-        stats = graphs("phase 2", phase2, images, labels)
-        guard.watch(stats["meta_primary_loss_after"], epoch, "phase-2", step)
-        for name, value in stats.items():
-            meter.add(name, value, images.shape[0])
-    guard.check(epoch, "phase-2")
+    CHECK_EVERY = 50
 
-    metrics = meter.means()
-    metrics["aux_classes_used"] = int(aux_used.sum())
-    return metrics
+    def __init__(self, device: torch.device):
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
 
+    def watch(self, loss: torch.Tensor, epoch: int, phase: str, step: int) -> None:
+        bad = (self.first_bad < 0) & ~torch.isfinite(loss.detach())
+        self.first_bad = torch.where(bad, step, self.first_bad)
+        if (step + 1) % self.CHECK_EVERY == 0:
+            self.check(epoch, phase)
 
-def eval_step(state: dict, images: torch.Tensor, labels: torch.Tensor, cfg: Config) -> dict:
-    """Test metrics of one batch, as tensors."""
-    primary = labels[:, level_index(cfg.primary_level)]
-    with autocast(cfg, images.device):
-        primary_logits, _ = state["forward_model"](images)
-    return {
-        "test_primary_loss": focal_loss(primary_logits, F.one_hot(primary, cfg.primary_level).float(), cfg.focal_gamma),
-        "test_primary_acc": (primary_logits.argmax(1) == primary).float().mean(),
-    }
+    def check(self, epoch: int, phase: str) -> None:
+        step = int(self.first_bad)
+        if step >= 0:
+            raise NonFiniteLoss(f"non-finite loss at epoch {epoch}, {phase} step {step + 1}; the run stopped")
 
 
 @torch.inference_mode()
@@ -810,41 +1059,8 @@ def evaluate(state: dict, graphs: StepGraphs, test_loader, cfg: Config, device: 
     return meter.means()
 
 
-def build(cfg: Config, device: torch.device) -> dict:
-    """Networks, optimisers and schedulers. Keys without 'forward_' are saved in the checkpoint."""
-    psi = parse_psi(cfg.psi, cfg.primary_level)
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model = VGG16(psi).to(device, memory_format=memory_format)
-    label_generator = LabelGenerator(psi).to(device, memory_format=memory_format)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
-    gen_optimizer = torch.optim.SGD(label_generator.parameters(), lr=cfg.gen_lr, weight_decay=cfg.gen_weight_decay)
-    return {
-        "model": model,
-        "label_generator": label_generator,
-        "optimizer": optimizer,
-        "gen_optimizer": gen_optimizer,
-        "scheduler": torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma),
-        "gen_scheduler": torch.optim.lr_scheduler.StepLR(gen_optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma),
-        "forward_model": torch.compile(model) if cfg.compile else model,
-        "forward_generator": torch.compile(label_generator) if cfg.compile else label_generator,
-    }
-
-
-def epoch_line(record: dict, epochs: int) -> str:
-    r = record
-    return (
-        f"epoch {r['epoch']:3d}/{epochs} "
-        f"| train pri {r['train_primary_loss']:.4f} {100 * r['train_primary_acc']:5.2f}% "
-        f"aux {r['train_aux_loss']:.4f} | cos {r.get('train_cosine', float('nan')):+.4f} "
-        f"| meta pri {r['meta_primary_loss_before']:.4f} {100 * r['meta_primary_acc_before']:5.2f}% -> "
-        f"{r['meta_primary_loss_after']:.4f} {100 * r['meta_primary_acc_after']:5.2f}% "
-        f"| test pri {r['test_primary_loss']:.4f} {100 * r['test_primary_acc']:5.2f}% "
-        f"| aux used {r['aux_classes_used']} | {r['seconds']:.1f}s"
-    )
-
-
 # ---------------------------------------------------------------------------------------------
-# Run lifecycle: results, checkpoints, resume, signals
+# Results, checkpoints, resume
 
 
 def write_atomic(path: Path, write) -> None:
@@ -907,10 +1123,6 @@ def summary_line(summary: dict) -> str:
     )
 
 
-def flag(name: str, value) -> str:
-    return f"--{name.replace('_', '-')} {value}"
-
-
 def load_checkpoint(path: Path, cfg: Config) -> dict:
     """The checkpoint at `path`, after checking it belongs to this configuration; refuses with one line."""
     if not path.is_file():
@@ -963,6 +1175,10 @@ def prepare_run_dir(run_dir: Path, cfg: Config) -> dict | None:
     return checkpoint
 
 
+# ---------------------------------------------------------------------------------------------
+# Signals
+
+
 class Interrupted(Exception):
     def __init__(self, signum: int):
         self.signum = signum
@@ -995,9 +1211,13 @@ def resume_command(run_name: str) -> str:
     return shlex.join(["python", Path(sys.argv[0]).name, *args, "--resume"])
 
 
-def train(cfg: Config) -> dict:
-    """The whole run: returns the summary."""
-    check_config(cfg)
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def run(cfg: Config) -> dict:
+    """The whole experiment: every epoch, its checkpoint and metrics; returns the summary."""
+    cfg = check_settings(cfg)
     device = resolve_device(cfg.device)
     run_name = cfg.run_name or default_run_name(cfg)
     run_dir = Path(cfg.results_dir) / run_name
@@ -1089,15 +1309,15 @@ def smoke(cfg: Config) -> dict:
             overwrite=False,
             smoke=False,
         )
-        summary = train(smoke_cfg)
+        summary = run(smoke_cfg)
     print("smoke test passed: the install trains and evaluates")
     return summary
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_config(argv)
     try:
-        smoke(cfg) if cfg.smoke else train(cfg)
+        cfg = parse_config(argv)
+        smoke(cfg) if cfg.smoke else run(cfg)
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -104,9 +104,27 @@ def method_spec(name: str) -> Method:
     return Method(name, f"model_vgg_{name}")
 
 
+# Everything this benchmark uses of the model scripts, in one place: the scripts are programs, not a library,
+# so a renamed function there must fail here in one clear line, not deep inside a measurement.
+STEP_NAMES = ("Config", "check_config", "configure_backends", "build", "StepGraphs", "train_step")
+SCRIPT_NAMES = {
+    "model_vgg_single": STEP_NAMES,
+    "model_vgg_human": STEP_NAMES,
+    # meta_step for our MAXL; the reference-style steps use the losses and the cosine diagnostic.
+    "model_vgg_maxl": (*STEP_NAMES, "meta_step", "autocast", "focal_loss", "negative_entropy", "gradient_cosine"),
+}
+
+
 def script(method: Method):
-    """The model script as a module (importing it never trains or writes anything)."""
-    return importlib.import_module(method.script)
+    """The model script as a module (importing it never trains or writes anything), checked for SCRIPT_NAMES."""
+    module = importlib.import_module(method.script)
+    missing = [name for name in SCRIPT_NAMES[method.script] if not hasattr(module, name)]
+    if missing:
+        raise SystemExit(
+            f"error: benchmarks/speed.py uses {', '.join(missing)} from {method.script}.py, which does not define "
+            f"{'it' if len(missing) == 1 else 'them'}; update SCRIPT_NAMES in benchmarks/speed.py and the code using it"
+        )
+    return module
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,9 +235,7 @@ def make_config(method: Method, device: torch.device, args: argparse.Namespace):
             overrides["cossim_every"] = 1  # the reference computes the diagnostic on every step
         elif args.cossim_every is not None:
             overrides["cossim_every"] = args.cossim_every
-    cfg = dataclasses.replace(module.Config(), **overrides)
-    module.check_config(cfg)
-    return cfg
+    return module.check_config(dataclasses.replace(module.Config(), **overrides))
 
 
 def random_batch(batch_size: int, device: torch.device, channels_last: bool, seed: int = 0) -> tuple:

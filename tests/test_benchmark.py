@@ -74,9 +74,32 @@ def test_reference_style_matches_the_script(step, one_thread):
         return
     primary = labels[:, module.level_index(cfg.primary_level)]
     inner_lr = state["optimizer"].param_groups[0]["lr"]
-    expected = module.meta_gradients(
-        state["model"], state["label_generator"], images, primary, inner_lr, "double-backward", cfg.entropy_weight
+    expected, _ = module.meta_gradients(
+        model=state["model"],
+        label_generator=state["label_generator"],
+        images=images,
+        primary=primary,
+        inner_lr=inner_lr,
+        method="double-backward",
+        entropy_weight=cfg.entropy_weight,
     )
     got = speed.reference_meta_gradients(module, state, images, labels, cfg)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-3, atol=1e-7)
+
+
+def test_a_name_missing_from_a_script_is_one_clear_line(monkeypatch, capsys):
+    import model_vgg_maxl
+
+    monkeypatch.delattr(model_vgg_maxl, "meta_step")
+    with pytest.raises(SystemExit) as exit_info:
+        speed.script(speed.method_spec("maxl-second-order"))
+    message = str(exit_info.value.code)
+    assert message.startswith("error: benchmarks/speed.py uses meta_step from model_vgg_maxl.py")
+    assert "SCRIPT_NAMES" in message and "\n" not in message
+
+
+def test_script_names_are_what_the_scripts_define():
+    for module_name, names in speed.SCRIPT_NAMES.items():
+        module = __import__(module_name)
+        assert all(hasattr(module, name) for name in names), module_name

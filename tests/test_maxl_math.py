@@ -104,10 +104,17 @@ class MetaRuns:
         key = (method, inner_lr, entropy_weight, fd_step)
         if key not in self.cache:
             s = self.setup
-            stats: dict = {}
             before = snapshot(True, model=s.model, generator=s.generator)
-            grads = maxl.meta_gradients(
-                s.model, s.generator, s.x, s.y, inner_lr, method, entropy_weight, fd_step, 2.0, stats
+            grads, stats = maxl.meta_gradients(
+                model=s.model,
+                label_generator=s.generator,
+                images=s.x,
+                primary=s.y,
+                inner_lr=inner_lr,
+                method=method,
+                entropy_weight=entropy_weight,
+                focal_gamma=2.0,
+                fd_step=fd_step,
             )
             changes = changed(before, snapshot(False, model=s.model, generator=s.generator))
             del before
@@ -476,24 +483,37 @@ def test_negative_entropy_of_the_batch_mean():
     assert maxl.negative_entropy(F.one_hot(torch.tensor([2, 2, 2]), 7).double()).item() == 0.0
 
 
-def test_gradient_cosine_is_the_mean_of_per_tensor_cosines():
+def test_gradient_cosine_is_the_references_per_output_channel_mean():
+    """The reference's current formula: each gradient as (output channels, -1), the cosine per output channel
+    (row), averaged; then the mean over tensors. Checked by hand on small tensors, 1-D ones included."""
     g = torch.Generator().manual_seed(9)
     shapes = [(8, 3, 3, 3), (8,), (4, 8), (16, 8, 3, 3)]
     a = [torch.randn(s, generator=g, dtype=F64) for s in shapes]
     b = [torch.randn(s, generator=g, dtype=F64) + 0.5 * t for s, t in zip(shapes, a)]
-    per_tensor = [F.cosine_similarity(x, y, dim=0).mean() for x, y in zip(a, b)]
-    expected = torch.stack(per_tensor).mean()
+
+    def by_hand(x, y):
+        x, y = x.reshape(x.shape[0], -1), y.reshape(y.shape[0], -1)
+        rows = [(x[i] @ y[i]) / (x[i].norm() * y[i].norm()) for i in range(x.shape[0])]
+        return sum(rows) / len(rows)
+
+    expected = sum(by_hand(x, y) for x, y in zip(a, b)) / len(a)
     torch.testing.assert_close(maxl.gradient_cosine(a, b), expected, rtol=1e-12, atol=0)
-    # The same by hand: cosine along dim 0 (the output channels) at every other index, then averaged.
-    by_hand = [((x * y).sum(0) / (x.norm(dim=0) * y.norm(dim=0))).mean() for x, y in zip(a, b)]
-    torch.testing.assert_close(maxl.gradient_cosine(a, b), torch.stack(by_hand).mean(), rtol=1e-12, atol=0)
+    # A 1-D tensor (a bias) has one value per output channel: its cosine per channel is the sign of the product.
+    bias_a, bias_b = torch.tensor([1.0, -2.0, 3.0], dtype=F64), torch.tensor([2.0, 5.0, 0.5], dtype=F64)
+    assert maxl.gradient_cosine([bias_a], [bias_b]).item() == pytest.approx((1 - 1 + 1) / 3)
+    # A 2x2 weight by hand: rows (1, 0)·(1, 1)/sqrt(2) and (0, 1)·(0, -1) = -1.
+    w1, w2 = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=F64), torch.tensor([[1.0, 1.0], [0.0, -1.0]], dtype=F64)
+    assert maxl.gradient_cosine([w1], [w2]).item() == pytest.approx((1 / math.sqrt(2) - 1) / 2)
+    # It is not the formula over dim 0 of the raw tensors (the reference's code before "update for pytorch 1.8").
+    old = torch.stack([F.cosine_similarity(x, y, dim=0).mean() for x, y in zip(a, b)]).mean()
+    assert not torch.isclose(maxl.gradient_cosine(a, b), old)
     assert maxl.gradient_cosine(a, a).item() == pytest.approx(1.0)
     assert maxl.gradient_cosine(a, [-t for t in a]).item() == pytest.approx(-1.0)
 
 
 def test_train_step_cosine_and_update_match_a_direct_computation():
     """Phase 1's cosine diagnostic is the reference's (two separate gradients); it does not change the step."""
-    cfg = maxl.Config(device="cpu", primary_level=3, psi="2,3,1", cossim_every=1)
+    cfg = maxl.check_config(maxl.Config(device="cpu", primary_level=3, psi="2,3,1", cossim_every=1))
     torch.manual_seed(0)
     state = maxl.build(cfg, torch.device("cpu"))
     images = torch.randn(6, 3, 32, 32)

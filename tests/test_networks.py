@@ -1,12 +1,11 @@
 """The networks and the focal loss of the three scripts: the reference's state-dict layout, its
-initialisation, logits out of every forward, the focal loss against its formula, the repeated code
-being textually identical across scripts, and functional_call matching the module's forward."""
+initialisation, logits out of every forward, the focal loss against its formula, the shared Config
+fields across scripts, and functional_call matching the module's forward."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 import math
 
 import pytest
@@ -308,59 +307,7 @@ def test_focal_loss_is_the_same_function_in_every_script(focal_inputs):
 
 
 # ---------------------------------------------------------------------------------------------
-# The repeated pieces are textually identical
-
-
-SHARED_NAMES = [
-    "conv_block",
-    "head",
-    "init_weights",
-    "VGGTrunk",
-    "focal_terms",
-    "focal_loss",
-    "Meter",
-    "FiniteGuard",
-    "autocast",
-    "StepGraphs",
-    "evaluate",
-    "resolve_device",
-    "configure_backends",
-    "load_datasets",
-    "make_loaders",
-    "batches",
-    "write_atomic",
-    "write_json",
-    "rng_state",
-    "set_rng_state",
-    "summarize",
-    "summary_line",
-    "flag",
-    "load_checkpoint",
-    "prepare_run_dir",
-    "Interrupted",
-    "raise_interrupted",
-    "signals_deferred",
-    "resume_command",
-    "train",
-    "smoke",
-    "main",
-    "parse_config",
-    "option",
-    "UsageError",
-    "NonFiniteLoss",
-]
-
-
-@pytest.mark.parametrize("name", SHARED_NAMES)
-def test_shared_code_is_textually_identical(name):
-    present = {script: hasattr(module, name) for script, module in SCRIPTS.items()}
-    if not any(present.values()):
-        pytest.fail(f"{name} is in none of the scripts")
-    if not all(present.values()):
-        pytest.skip(f"{name} is not in every script: {present}")
-    sources = {script: inspect.getsource(getattr(module, name)) for script, module in SCRIPTS.items()}
-    assert sources["maxl"] == sources["human"], f"{name}: maxl and human differ"
-    assert sources["human"] == sources["single"], f"{name}: human and single differ"
+# The shared Config fields (the shared code itself: tests/test_shared_code.py)
 
 
 DATA_FIELDS = ["data_root", "download", "data_path", "workers"]
@@ -407,8 +354,9 @@ def test_shared_config_fields_are_identical():
 def test_run_name_help_examples_match_each_scripts_default_run_name():
     """The one help text that differs on purpose: its example is what default_run_name gives there."""
     for module in SCRIPTS.values():
-        example = dict(config_fields(module)["run_name"].metadata)["help"].split("(e.g. ")[1].rstrip(")")
-        assert module.default_run_name(module.Config()) == example
+        (action,) = [a for a in module.command_line()._actions if a.dest == "run_name"]
+        example = action.help.split("(e.g. ")[1].rstrip(")")
+        assert module.default_run_name(module.check_config(module.Config())) == example
 
 
 def test_shared_experiment_defaults_agree():
