@@ -82,6 +82,24 @@ def level_index(num_classes: int) -> int:
     return LEVELS.index(num_classes)
 
 
+def coarser_class(label: int, level: int, coarser_level: int) -> int:
+    """The class at `coarser_level` that contains class `label` of `level` (levels as class counts: 3, 10, 20, 100)."""
+    maps = {100: FINE_TO_COARSE, 20: COARSE_TO_10, 10: TEN_TO_3}
+    while level != coarser_level:
+        label, level = maps[level][label], LEVELS[LEVELS.index(level) - 1]
+    return label
+
+
+def hierarchy_psi(primary_level: int, aux_level: int) -> list[int]:
+    """psi[i] = the number of classes of the finer `aux_level` inside class i of `primary_level`."""
+    if LEVELS.index(aux_level) <= LEVELS.index(primary_level):
+        raise ValueError(f"aux_level {aux_level} is not finer than primary_level {primary_level}")
+    psi = [0] * primary_level
+    for label in range(aux_level):
+        psi[coarser_class(label, aux_level, primary_level)] += 1
+    return psi
+
+
 def hierarchy_labels(fine: np.ndarray, coarse: np.ndarray) -> np.ndarray:
     """(N, 4) int64 labels [3, 10, 20, 100 classes] from fine labels and archive superclasses."""
     coarse = np.asarray(coarse, dtype=np.int64)

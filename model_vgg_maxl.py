@@ -8,6 +8,7 @@ Reproduces the MAXL curve of the paper's Figure 3 (primary 20, auxiliary 100 by 
 
     python model_vgg_maxl.py                                  # the paper's run: 200 epochs, psi = [5] * 20
     python model_vgg_maxl.py --meta-grad finite-difference    # the authors' faster first-order variant
+    python model_vgg_maxl.py --primary-level 10 --aux-level 20     # any pair of the hierarchy, psi from it
     python model_vgg_maxl.py --primary-level 3 --psi 2,3,4 --epochs 50
     python model_vgg_maxl.py --smoke                          # one-minute install check on CPU
 
@@ -47,9 +48,11 @@ from torch.func import functional_call
 
 from create_dataset import (
     CIFAR100,
+    LEVELS,
     TEST_TRANSFORM,
     TRAIN_TRANSFORM,
     DeviceLoader,
+    hierarchy_psi,
     level_index,
     make_synthetic_cifar100,
 )
@@ -69,10 +72,17 @@ def option(default, help: str, **argparse_kwargs):
 class Config:
     # --- the experiment (the paper's settings; edit here or pass the flag) ---
     primary_level: int = option(20, "primary task: number of classes in the hierarchy", choices=(3, 10, 20))
-    psi: str | list[int] = option(
-        "5",
-        "auxiliary classes per primary class: k (k for every class) or a comma list, one per class "
-        "(in this file also a list, e.g. [2, 3, 4])",
+    aux_level: int | None = option(
+        None,
+        "auxiliary task from the hierarchy: psi[i] = the number of classes of this finer level inside "
+        "primary class i (default: 100, unless --psi is given)",
+        type=int,
+        choices=(10, 20, 100),
+    )
+    psi: str | list[int] | None = option(
+        None,
+        "instead of --aux-level, psi itself: k (k auxiliary classes for every primary class) or a comma "
+        "list, one per class (in this file also a list, as the authors wrote it: [5] * 20 or [2, 3, 4])",
         type=str,
     )
     epochs: int = option(200, "training epochs")
@@ -702,9 +712,29 @@ def parse_psi(psi: str | list[int], num_primary: int) -> list[int]:
 
 
 def check_config(cfg: Config) -> Config:
-    """Refuse impossible settings before anything runs; return the config to run, psi as a list."""
+    """Refuse impossible settings before anything runs; return the config to run, psi as a list.
+
+    psi comes from --aux-level (the hierarchy) or is given (--psi); given as text together with
+    --aux-level it is refused. The returned config has both: the level psi equals, or None."""
     require(cfg, at_least_1=("epochs", "batch_size", "lr_step", "cossim_every"), positive=("lr", "gen_lr", "fd_step"))
-    return dataclasses.replace(cfg, psi=parse_psi(cfg.psi, cfg.primary_level))
+    if cfg.aux_level is not None and cfg.aux_level <= cfg.primary_level:
+        raise UsageError(
+            f"--aux-level {cfg.aux_level} must be finer than --primary-level {cfg.primary_level} "
+            f"(choose from {', '.join(str(n) for n in LEVELS if n > cfg.primary_level)})"
+        )
+    if cfg.psi is None:
+        aux_level = cfg.aux_level or 100
+        return dataclasses.replace(cfg, aux_level=aux_level, psi=hierarchy_psi(cfg.primary_level, aux_level))
+    if isinstance(cfg.psi, str) and cfg.aux_level is not None:
+        raise UsageError(
+            f"--psi {cfg.psi} and --aux-level {cfg.aux_level} both set psi; give one of them "
+            f"(--aux-level takes psi from the hierarchy, --psi sets it yourself)"
+        )
+    psi = parse_psi(cfg.psi, cfg.primary_level)
+    levels = [n for n in LEVELS if n > cfg.primary_level and hierarchy_psi(cfg.primary_level, n) == psi]
+    if cfg.aux_level is not None and levels != [cfg.aux_level]:
+        raise UsageError(f"psi {psi} is not the hierarchy's at --aux-level {cfg.aux_level}; set one of them only")
+    return dataclasses.replace(cfg, psi=psi, aux_level=levels[0] if levels else None)
 
 
 def run_name_stem(cfg: Config) -> str:
@@ -716,7 +746,7 @@ def paper_settings(cfg: Config) -> dict:
 
     A fixed record, not Config's defaults: a run whose settings differ gets a hash of them in its name."""
     paper = {
-        "psi": [5] * cfg.primary_level,
+        "psi": hierarchy_psi(cfg.primary_level, cfg.aux_level or 100),
         "batch_size": 100,
         "lr": 0.01,
         "lr_step": 50,

@@ -27,6 +27,7 @@ from create_dataset import (
     TEST_TRANSFORM,
     TRAIN_TRANSFORM,
     hierarchy_labels,
+    hierarchy_psi,
     level_index,
     make_synthetic_cifar100,
 )
@@ -407,3 +408,51 @@ def test_transforms_output_range(data_root):
     image, _ = dataset[0]
     assert image.shape == (3, 32, 32) and image.dtype == torch.float32
     assert float(image.min()) >= -2.5 - 1e-6 and float(image.max()) <= 2.5 + 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# psi from the hierarchy
+
+
+def children_counts(primary_level: int, aux_level: int) -> list[int]:
+    """Counted independently of create_dataset: the official superclass table (names sorted as the archive
+    numbers them) and the reference's 20 -> 10 -> 3 maps; the distinct aux-level classes under each primary one."""
+    fine_names = sorted(name for members in SUPERCLASS_MEMBERS.values() for name in members)
+    coarse_names = sorted(SUPERCLASS_MEMBERS)
+    fine_to_coarse = {
+        fine_names.index(name): coarse_names.index(superclass)
+        for superclass, members in SUPERCLASS_MEMBERS.items()
+        for name in members
+    }
+    to_level = {
+        100: lambda f: f,
+        20: lambda f: fine_to_coarse[f],
+        10: lambda f: REFERENCE_20_TO_10[fine_to_coarse[f]],
+        3: lambda f: REFERENCE_10_TO_3[REFERENCE_20_TO_10[fine_to_coarse[f]]],
+    }
+    children: dict[int, set[int]] = {}
+    for fine in range(100):
+        children.setdefault(to_level[primary_level](fine), set()).add(to_level[aux_level](fine))
+    return [len(children[i]) for i in range(primary_level)]
+
+
+@pytest.mark.parametrize("pair", [(3, 10), (3, 20), (3, 100), (10, 20), (10, 100), (20, 100)])
+def test_hierarchy_psi_counts_the_finer_classes_inside_each_primary_class(pair):
+    primary_level, aux_level = pair
+    psi = hierarchy_psi(primary_level, aux_level)
+    assert psi == children_counts(primary_level, aux_level)
+    assert len(psi) == primary_level and sum(psi) == aux_level
+
+
+def test_hierarchy_psi_of_the_papers_pairs():
+    """The values the reference notes list, as a readable check of the counts above."""
+    assert hierarchy_psi(3, 10) == [5, 1, 4]
+    assert hierarchy_psi(3, 20) == [10, 3, 7]
+    assert hierarchy_psi(10, 20) == [3, 2, 2, 2, 1, 3, 3, 1, 1, 2]
+    assert hierarchy_psi(20, 100) == [5] * 20
+
+
+@pytest.mark.parametrize("pair", [(20, 20), (20, 10), (10, 3)])
+def test_hierarchy_psi_refuses_a_level_not_finer(pair):
+    with pytest.raises(ValueError, match="not finer"):
+        hierarchy_psi(*pair)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 import model_vgg_maxl as maxl
-from create_dataset import FINE_TO_COARSE, hierarchy_labels
+from create_dataset import FINE_TO_COARSE, hierarchy_labels, hierarchy_psi
 
 F64 = torch.float64
 PSI = [2, 3, 1]  # primary_level 3 with unequal blocks
@@ -542,3 +543,46 @@ def test_train_step_cosine_and_update_match_a_direct_computation():
     maxl.train_step(state, images, labels, cfg, diagnose=False)
     for name, value in model.state_dict().items():
         assert torch.equal(value, with_diagnostic[name]), name
+
+
+# ---------------------------------------------------------------------------------------------
+# psi: from the hierarchy (--aux-level) or given (--psi)
+
+
+@pytest.mark.parametrize("pair", [(3, 10), (3, 20), (3, 100), (10, 20), (10, 100), (20, 100)])
+def test_aux_level_sets_psi_from_the_hierarchy(pair):
+    primary_level, aux_level = pair
+    cfg = maxl.check_config(maxl.Config(primary_level=primary_level, aux_level=aux_level))
+    assert cfg.psi == hierarchy_psi(primary_level, aux_level) and cfg.aux_level == aux_level
+    assert maxl.derived_settings(cfg) == {"psi_list": cfg.psi, "aux_classes": aux_level}
+    assert maxl.run_name_stem(cfg) == f"maxl-second-order-pri{primary_level}-aux{aux_level}-seed0"
+    model, generator = maxl.VGG16(cfg.psi), maxl.LabelGenerator(cfg.psi)
+    assert model.classifier2[-1].out_features == generator.classifier[-1].out_features == aux_level
+
+
+def test_the_default_is_the_papers_psi_and_psi_5_is_the_same_run():
+    default = maxl.check_config(maxl.Config())
+    assert default.psi == [5] * 20 and default.aux_level == 100
+    given = maxl.check_config(maxl.Config(psi="5"))
+    assert given == default  # the same settings: the same run name, resumable either way
+    assert maxl.check_config(default) == default  # a checked config passes again unchanged
+
+
+def test_a_psi_outside_the_hierarchy_has_no_aux_level():
+    cfg = maxl.check_config(maxl.Config(primary_level=3, psi="2,3,4"))
+    assert cfg.psi == [2, 3, 4] and cfg.aux_level is None
+    assert maxl.check_config(maxl.Config(primary_level=3, psi=[2, 3, 4])) == cfg  # as written in the file
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"psi": "5", "aux_level": 100}, "--psi 5 and --aux-level 100 both set psi"),
+        ({"aux_level": 20}, "--aux-level 20 must be finer than --primary-level 20 (choose from 100)"),
+        ({"primary_level": 10, "aux_level": 10}, "must be finer than --primary-level 10 (choose from 20, 100)"),
+        ({"psi": [4, 6] * 10, "aux_level": 100}, "is not the hierarchy's at --aux-level 100"),
+    ],
+)
+def test_psi_and_aux_level_refusals(changes, message):
+    with pytest.raises(maxl.UsageError, match=re.escape(message)):
+        maxl.check_config(maxl.Config(**changes))
