@@ -324,7 +324,7 @@ def published_accuracy(cfg: Config) -> dict[str, float]:
 # Command line
 
 # Settings a resumed run may change; every other one must match the checkpoint.
-RESUMABLE_CHANGES = {"epochs", "resume", "overwrite", "data_root", "download", "workers", "cuda_graphs"}
+RESUMABLE_CHANGES = {"epochs", "resume", "overwrite", "data_root", "download", "workers", "cuda_graphs", "results_dir"}
 
 
 class UsageError(Exception):
@@ -775,7 +775,8 @@ def run(cfg: Config) -> dict:
     """The whole experiment: every epoch, its checkpoint and metrics; returns the summary."""
     cfg = check_settings(cfg)
     device = resolve_device(cfg.device)
-    run_name = cfg.run_name or default_run_name(cfg)
+    cfg = dataclasses.replace(cfg, run_name=cfg.run_name or default_run_name(cfg))
+    run_name = cfg.run_name
     run_dir = Path(cfg.results_dir) / run_name
     checkpoint = prepare_run_dir(run_dir, cfg)
     configure_backends(cfg, device)

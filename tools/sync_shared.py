@@ -7,6 +7,7 @@ Each model_vgg_*.py reads alone, so some code is repeated on purpose in every on
 model_vgg_single.py holds the canonical copy: edit the shared parts there, then
 
     python tools/sync_shared.py            # copy them into every other model script; prints what changed
+    python tools/sync_shared.py model_vgg_maxl.py      # only into the scripts named
     python tools/sync_shared.py --check    # change nothing; exit 1 naming each script and definition that differs
 
 The check also names imports the shared code needs but a script lacks (sync cannot place those: add them
@@ -183,12 +184,13 @@ def check(repo: Path = REPO) -> list[str]:
     return problems
 
 
-def sync(repo: Path = REPO) -> list[str]:
-    """Copy every shared part from the canonical script into the others. Returns what changed, one line per script."""
+def sync(repo: Path = REPO, only: list[str] = ()) -> list[str]:
+    """Copy every shared part from the canonical script into the others (or those named in `only`).
+    Returns what changed, one line per script."""
     canonical = pieces(repo / CANONICAL)
     report = []
     for path in sorted(repo.glob(SCRIPTS_GLOB)):
-        if path.name == CANONICAL:
+        if path.name == CANONICAL or (only and path.name not in only):
             continue
         copy = pieces(path)
         lines = path.read_text().splitlines(keepends=True)
@@ -210,8 +212,14 @@ def sync(repo: Path = REPO) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if any shared part differs")
+    parser.add_argument("scripts", nargs="*", help="sync only these model scripts (default: all)")
     parser.add_argument("--repo", type=Path, default=REPO, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    unknown = [name for name in args.scripts if not (args.repo / Path(name).name).is_file()]
+    if unknown:
+        print(f"error: no model script {', '.join(unknown)} in {args.repo}", file=sys.stderr)
+        return 2
+    only = [Path(name).name for name in args.scripts]
     try:
         if args.check:
             problems = check(args.repo)
@@ -222,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             print(f"every model script's shared parts equal {CANONICAL}'s")
             return 0
-        for line in sync(args.repo):
+        for line in sync(args.repo, only):
             print(line)
         problems = check(args.repo)  # what sync cannot do: imports
         for line in problems:
