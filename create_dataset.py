@@ -15,6 +15,7 @@ uint8 tensor on the GPU, augmented there, for fast CUDA runs).
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import json
@@ -138,6 +139,18 @@ class CIFAR100(torchvision.datasets.CIFAR100):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image, _ = super().__getitem__(index)
         return image, self.labels[index]
+
+    def split(self, held_out: np.ndarray, held_out_transform=None) -> tuple[CIFAR100, CIFAR100]:
+        """(the images not in `held_out`, the images in it), as two datasets; the second with its own transform."""
+        mask = np.zeros(len(self.data), dtype=bool)
+        mask[np.asarray(held_out, dtype=np.int64)] = True
+        parts = []
+        for keep, transform in ((~mask, self.transform), (mask, held_out_transform)):
+            part = copy.copy(self)
+            part.data, part.labels, part.transform = self.data[keep], self.labels[torch.from_numpy(keep)], transform
+            part.targets = [t for t, k in zip(self.targets, keep) if k]
+            parts.append(part)
+        return parts[0], parts[1]
 
 
 def make_synthetic_cifar100(root: str | Path, n_train: int = 500, n_test: int = 100, seed: int = 0) -> Path:

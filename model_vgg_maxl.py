@@ -609,7 +609,7 @@ def meta_step(state: dict, images: torch.Tensor, labels: torch.Tensor, cfg: Conf
 
 
 def train_epoch(
-    state: dict, graphs: StepGraphs, train_loader, cfg: Config, device: torch.device, epoch: int
+    state: dict, graphs: StepGraphs, loaders: Loaders, cfg: Config, device: torch.device, epoch: int
 ) -> dict[str, float]:
     """Phase 1 over the train set (theta_1), then phase 2 over it again (theta_2)."""
     meter = Meter()
@@ -619,7 +619,7 @@ def train_epoch(
     num_aux = state["model"].classifier2[-1].out_features
     aux_used = torch.zeros(num_aux, dtype=torch.bool, device=device)
     phase1 = {diagnose: functools.partial(train_step, state, cfg=cfg, diagnose=diagnose) for diagnose in (False, True)}
-    for step, images, labels in batches(train_loader, cfg, device):
+    for step, images, labels in batches(loaders.train, cfg, device):
         diagnose = step % cfg.cossim_every == 0
         out = graphs("phase 1 + cosine" if diagnose else "phase 1", phase1[diagnose], images, labels)
         guard.watch(out.pop("loss"), epoch, "phase-1", step)
@@ -631,7 +631,7 @@ def train_epoch(
     guard.check(epoch, "phase-1")
 
     phase2 = functools.partial(meta_step, state, cfg=cfg)
-    for step, images, labels in batches(train_loader, cfg, device):
+    for step, images, labels in batches(loaders.train, cfg, device):
         stats = graphs("phase 2", phase2, images, labels)
         guard.watch(stats["meta_primary_loss_after"], epoch, "phase-2", step)
         for name, value in stats.items():
@@ -762,6 +762,11 @@ def paper_settings(cfg: Config) -> dict:
     return paper
 
 
+def held_out(train_set: CIFAR100, cfg: Config) -> np.ndarray:
+    """Indices of the training images this method holds out of training as a developing set: none."""
+    return np.zeros(0, dtype=np.int64)
+
+
 def derived_settings(cfg: Config) -> dict:
     """Values computed from the flags, stored beside them in metrics.json."""
     return {"psi_list": cfg.psi, "aux_classes": sum(cfg.psi)}
@@ -787,10 +792,11 @@ def published_accuracy(cfg: Config) -> dict[str, float]:
 #   published_accuracy(cfg) published test accuracy (%) for this configuration, if any
 #   build(cfg, device)      networks, optimisers, schedulers: a dict; "model" is evaluated, keys
 #                           without "forward_" are checkpointed
-#   train_epoch(state, graphs, train_loader, cfg, device, epoch)  one epoch's training metrics
+#   held_out(train_set, cfg)  indices of training images held out as a developing set (Loaders.dev)
+#   train_epoch(state, graphs, loaders, cfg, device, epoch)  one epoch's training metrics
 #   eval_step(state, images, labels, cfg)                         one test batch's metrics
 #   epoch_line(record, epochs)                                    the per-epoch line
-# It provides: UsageError, NonFiniteLoss, require, autocast, batches, StepGraphs, Meter,
+# It provides: UsageError, NonFiniteLoss, require, Loaders, autocast, batches, StepGraphs, Meter,
 # FiniteGuard, evaluate, run, smoke, main.
 # =============================================================================================
 
@@ -940,21 +946,37 @@ def load_datasets(cfg: Config) -> tuple[CIFAR100, CIFAR100]:
     return train_set, test_set
 
 
-def make_loaders(cfg: Config, device: torch.device) -> tuple:
-    """Train and test batches of (images, labels[N, 4]); the train loader carries its RNG as `.generator`."""
+@dataclass
+class Loaders:
+    """A run's batches: train, test, and the developing set the method holds out of training (or None)."""
+
+    train: object
+    test: object
+    dev: object | None = None
+
+
+def make_loaders(cfg: Config, device: torch.device) -> Loaders:
+    """Batches of (images, labels[N, 4]); every shuffled loader carries its RNG as `.generator`."""
     train_set, test_set = load_datasets(cfg)
+    dev_set = None
+    dev_indices = held_out(train_set, cfg)
+    if len(dev_indices):
+        train_set, dev_set = train_set.split(dev_indices, held_out_transform=TEST_TRANSFORM)
     on_device = cfg.data_path == "device" or (cfg.data_path == "auto" and device.type == "cuda")
-    if on_device:
-        train = DeviceLoader(train_set, cfg.batch_size, device, shuffle=True, augment=True, seed=cfg.seed)
-        test = DeviceLoader(test_set, cfg.batch_size, device, shuffle=False, augment=False, seed=cfg.seed)
-        return train, test
-    generator = torch.Generator()
-    generator.manual_seed(cfg.seed)
-    # Workers are re-seeded from `generator` every epoch (no persistent workers) so a resumed run repeats exactly.
-    common = dict(batch_size=cfg.batch_size, num_workers=cfg.workers, pin_memory=device.type == "cuda")
-    train = torch.utils.data.DataLoader(train_set, shuffle=True, generator=generator, **common)
-    test = torch.utils.data.DataLoader(test_set, shuffle=False, **common)
-    return train, test
+
+    def loader(dataset: CIFAR100, shuffle: bool, augment: bool):
+        if on_device:
+            return DeviceLoader(dataset, cfg.batch_size, device, shuffle=shuffle, augment=augment, seed=cfg.seed)
+        generator = torch.Generator()
+        generator.manual_seed(cfg.seed)
+        # Workers are re-seeded from `generator` every epoch (no persistent workers) so a resumed run repeats exactly.
+        common = dict(batch_size=cfg.batch_size, num_workers=cfg.workers, pin_memory=device.type == "cuda")
+        if not shuffle:
+            return torch.utils.data.DataLoader(dataset, shuffle=False, **common)
+        return torch.utils.data.DataLoader(dataset, shuffle=True, generator=generator, **common)
+
+    dev = loader(dev_set, shuffle=True, augment=False) if dev_set is not None else None
+    return Loaders(loader(train_set, shuffle=True, augment=True), loader(test_set, shuffle=False, augment=False), dev)
 
 
 def batches(loader, cfg: Config, device: torch.device):
@@ -1109,23 +1131,27 @@ def write_json(path: Path, obj) -> None:
     write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1) + "\n"))
 
 
-def rng_state(train_loader) -> dict:
+def rng_state(loaders: Loaders) -> dict:
     state = {
         "python": random.getstate(),
         "numpy": [torch.from_numpy(v) if isinstance(v, np.ndarray) else v for v in np.random.get_state()],
         "torch": torch.get_rng_state(),
-        "loader": train_loader.generator.get_state(),
+        "loader": loaders.train.generator.get_state(),
     }
+    if loaders.dev is not None:
+        state["dev_loader"] = loaders.dev.generator.get_state()
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def set_rng_state(state: dict, train_loader) -> None:
+def set_rng_state(state: dict, loaders: Loaders) -> None:
     random.setstate(state["python"])
     np.random.set_state(tuple(v.numpy() if isinstance(v, torch.Tensor) else v for v in state["numpy"]))
     torch.set_rng_state(state["torch"])
-    train_loader.generator.set_state(state["loader"])
+    loaders.train.generator.set_state(state["loader"])
+    if loaders.dev is not None:
+        loaders.dev.generator.set_state(state["dev_loader"])
     if "cuda" in state:
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -1254,7 +1280,7 @@ def run(cfg: Config) -> dict:
     run_dir = Path(cfg.results_dir) / run_name
     checkpoint = prepare_run_dir(run_dir, cfg)
     configure_backends(cfg, device)
-    train_loader, test_loader = make_loaders(cfg, device)
+    loaders = make_loaders(cfg, device)
     state = build(cfg, device)
     saved = [k for k in state if not k.startswith("forward_")]
     history: list[dict] = []
@@ -1262,7 +1288,7 @@ def run(cfg: Config) -> dict:
     if checkpoint is not None:
         for key in saved:
             state[key].load_state_dict(checkpoint[key])
-        set_rng_state(checkpoint["rng"], train_loader)
+        set_rng_state(checkpoint["rng"], loaders)
         history, start_epoch = checkpoint["epochs"], checkpoint["next_epoch"]
         if start_epoch >= cfg.epochs:
             print(f"'{run_dir}' already finished {start_epoch} epochs; pass a larger --epochs to extend it")
@@ -1286,8 +1312,8 @@ def run(cfg: Config) -> dict:
     try:
         for epoch in range(start_epoch, cfg.epochs):
             started = time.perf_counter()
-            metrics = train_epoch(state, graphs, train_loader, cfg, device, epoch + 1)
-            metrics.update(evaluate(state, graphs, test_loader, cfg, device))
+            metrics = train_epoch(state, graphs, loaders, cfg, device, epoch + 1)
+            metrics.update(evaluate(state, graphs, loaders.test, cfg, device))
             for obj in state.values():
                 if isinstance(obj, torch.optim.lr_scheduler.LRScheduler):
                     obj.step()
@@ -1295,7 +1321,7 @@ def run(cfg: Config) -> dict:
                 torch.cuda.synchronize(device)
             history.append({"epoch": epoch + 1, **metrics, "seconds": time.perf_counter() - started})
             checkpoint = {key: state[key].state_dict() for key in saved}
-            checkpoint.update(config=record_config, epochs=history, next_epoch=epoch + 1, rng=rng_state(train_loader))
+            checkpoint.update(config=record_config, epochs=history, next_epoch=epoch + 1, rng=rng_state(loaders))
             with signals_deferred():
                 write_atomic(run_dir / "checkpoint.pt", functools.partial(torch.save, checkpoint))
                 write_json(

@@ -456,3 +456,15 @@ def test_hierarchy_psi_of_the_papers_pairs():
 def test_hierarchy_psi_refuses_a_level_not_finer(pair):
     with pytest.raises(ValueError, match="not finer"):
         hierarchy_psi(*pair)
+
+
+def test_split_holds_out_exactly_the_given_images(data_root):
+    dataset = CIFAR100(data_root, train=True, transform=TRAIN_TRANSFORM)
+    held = np.array([3, 0, 17, 150])
+    rest, dev = dataset.split(held, held_out_transform=TEST_TRANSFORM)
+    assert len(rest) == len(dataset) - 4 and len(dev) == 4
+    assert dev.transform is TEST_TRANSFORM and rest.transform is TRAIN_TRANSFORM
+    keep = np.setdiff1d(np.arange(len(dataset)), held)
+    assert np.array_equal(rest.data, dataset.data[keep]) and np.array_equal(dev.data, dataset.data[np.sort(held)])
+    assert torch.equal(rest.labels, dataset.labels[keep]) and rest.targets == [dataset.targets[i] for i in keep]
+    assert torch.equal(dev[1][1], dataset.labels[3]) and len(dataset) == 200  # the original is unchanged

@@ -10,12 +10,15 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from conftest import REPO
 
 import model_vgg_human as human
 import model_vgg_maxl as maxl
 import model_vgg_single as single
+from create_dataset import CIFAR100, TEST_TRANSFORM
 from tools import sync_shared
 
 SCRIPTS = {"single": single, "human": human, "maxl": maxl}
@@ -146,3 +149,26 @@ def test_a_script_without_the_banner_is_reported(repo_copy, capsys):
     path.write_text(path.read_text().replace(sync_shared.BANNER, "# run machinery"))
     assert sync_shared.main(["--check", "--repo", str(repo_copy)]) == 1
     assert "model_vgg_human.py: no '# RUN MACHINERY.' banner" in capsys.readouterr().out
+
+
+def test_a_held_out_developing_set_is_removed_from_training_and_loaded_apart(data_root, monkeypatch):
+    """The machinery's held_out hook: no held-out image is trained on; the dev loader has them all, unaugmented."""
+    held = np.arange(0, 200, 10)
+    monkeypatch.setattr(single, "held_out", lambda train_set, cfg: held)
+    for data_path in ("loader", "device"):
+        cfg = single.check_config(
+            single.Config(data_root=str(data_root), download=False, device="cpu", workers=0, batch_size=30)
+        )
+        cfg = dataclasses.replace(cfg, data_path=data_path)
+        loaders = single.make_loaders(cfg, torch.device("cpu"))
+        train = torch.cat([images for images, _ in loaders.train])
+        dev_images = torch.cat([images for images, _ in loaders.dev])
+        assert len(train) == 180 and len(dev_images) == 20
+        reference = CIFAR100(data_root, train=True, transform=TEST_TRANSFORM)
+        expected = torch.stack([reference[i][0] for i in held])
+        # The dev batches are shuffled but not augmented: the same images as the test transform gives.
+        order = [int(torch.argmin((expected - image).abs().flatten(1).sum(1))) for image in dev_images]
+        assert sorted(order) == list(range(20))
+        torch.testing.assert_close(dev_images, expected[order])
+    monkeypatch.undo()
+    assert single.make_loaders(cfg, torch.device("cpu")).dev is None
