@@ -9,12 +9,14 @@ the 10- and 3-class levels group the superclasses further, as in the paper's App
     image, labels = train_set[0]      # labels[k], k = 0, 1, 2, 3: the 3-, 10-, 20-, 100-class label
 
 Also here: ``make_synthetic_cifar100`` (a small, learnable dataset in the archive's exact
-on-disk format, for tests and smoke runs) and ``DeviceLoader`` (the whole dataset as one
+on-disk format, for tests and smoke runs; ``python create_dataset.py --synthetic DIR --train N --test M``
+writes one from the command line) and ``DeviceLoader`` (the whole dataset as one
 uint8 tensor on the GPU, augmented there, for fast CUDA runs).
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import functools
 import hashlib
@@ -273,3 +275,36 @@ class DeviceLoader:
             if self.augment:
                 images = augment_on_device(images, self.generator)
             yield normalize(images), self.labels[index]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """python create_dataset.py --synthetic DIR [--train N] [--test M]: a synthetic dataset for trying the scripts."""
+    parser = argparse.ArgumentParser(
+        description="Write a synthetic CIFAR-100 in the real archive's format, to try the scripts without the "
+        "download: python model_vgg_maxl.py --data-root DIR --no-download",
+        allow_abbrev=False,
+    )
+    parser.error = lambda message: parser.exit(2, f"error: {message} (see --help)\n")  # one line, no usage dump
+    parser.add_argument("--synthetic", type=Path, required=True, metavar="DIR", help="folder to write it into")
+    parser.add_argument("--train", type=int, default=50_000, help="training images (CIFAR-100 has 50,000)")
+    parser.add_argument("--test", type=int, default=10_000, help="test images (CIFAR-100 has 10,000)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the images and labels")
+    args = parser.parse_args(argv)
+    for name in ("train", "test"):
+        if getattr(args, name) < 1:
+            parser.exit(2, f"error: --{name} must be at least 1 (got {getattr(args, name)})\n")
+    if not 0 <= args.seed < 2**32:
+        parser.exit(2, f"error: --seed must be between 0 and {2**32 - 1}\n")
+    if (args.synthetic / CIFAR100.base_folder).exists():
+        parser.exit(2, f"error: '{args.synthetic / CIFAR100.base_folder}' exists already; choose another folder\n")
+    try:
+        make_synthetic_cifar100(args.synthetic, n_train=args.train, n_test=args.test, seed=args.seed)
+    except OSError as error:
+        parser.exit(
+            2, f"error: cannot write to '{args.synthetic}' ({error.strerror or error}); choose another folder\n"
+        )
+    print(f"wrote {args.train} train and {args.test} test images to {args.synthetic / CIFAR100.base_folder}")
+
+
+if __name__ == "__main__":
+    main()

@@ -19,9 +19,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import fcntl
 import functools
 import hashlib
+import importlib.util
 import json
+import math
 import os
 import random
 import re
@@ -41,6 +44,7 @@ import torch.nn.functional as F
 
 from create_dataset import (
     CIFAR100,
+    SYNTHETIC_MARKER,
     TEST_TRANSFORM,
     TRAIN_TRANSFORM,
     DeviceLoader,
@@ -77,7 +81,11 @@ class Config:
         "DataLoader; auto: device on CUDA, loader on CPU",
         choices=("auto", "device", "loader"),
     )
-    workers: int = option(4, "DataLoader worker processes (loader data path)")
+    workers: int | None = option(
+        None,
+        "DataLoader worker processes (loader data path); default: the CPUs this process may use, at most 4",
+        type=int,
+    )
     # --- the run ---
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
     seed: int = option(0, "seeds python, numpy and torch")
@@ -88,11 +96,14 @@ class Config:
     cuda_graphs: bool = option(True, "replay each step as a CUDA graph on CUDA (same arithmetic, less launch overhead)")
     results_dir: str = option("results", "runs are written to <results-dir>/<run-name>/")
     run_name: str = option(
-        "", "default: method, levels, seed, and a hash of the settings that differ from the paper's (e.g. {example})"
+        "",
+        "a plain folder name inside --results-dir; default: method, levels, seed, and a hash of the settings "
+        "that differ from the paper's (e.g. {example})",
     )
     resume: bool = option(False, "continue the run in <results-dir>/<run-name> from its checkpoint")
     overwrite: bool = option(False, "start over in a run folder that already holds results")
     limit_batches: int = option(0, "only this many batches per pass (0 = all): smoke tests and benchmarks")
+    tensorboard: bool = option(False, "also write each epoch's numbers as TensorBoard scalars into the run folder")
     smoke: bool = option(False, "one-minute install check on CPU: synthetic data in a temporary folder, no download")
 
 
@@ -312,7 +323,20 @@ def published_accuracy(cfg: Config) -> dict[str, float]:
 # Command line
 
 # Settings a resumed run may change; every other one must match the checkpoint.
-RESUMABLE_CHANGES = {"epochs", "resume", "overwrite", "data_root", "download", "workers", "cuda_graphs", "results_dir"}
+RESUMABLE_CHANGES = {
+    "epochs",
+    "resume",
+    "overwrite",
+    "data_root",
+    "download",
+    "workers",
+    "cuda_graphs",
+    "results_dir",
+    "tensorboard",
+}
+PAPER_EPOCHS = 200  # the paper reports the mean test accuracy of the last 5 of 200 epochs
+MAX_SEED = 2**32 - 1  # numpy's limit, the narrowest of the seeded generators
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a plain folder name, created inside --results-dir
 
 
 class UsageError(Exception):
@@ -333,7 +357,11 @@ class OneLineParser(argparse.ArgumentParser):
 
 def command_line() -> OneLineParser:
     """One flag per Config field, the field's value in this file as its default."""
-    parser = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = OneLineParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,  # a typo of one flag must not silently mean another
+    )
     defaults = Config()
     example = default_run_name(check_config(defaults))
     for f in dataclasses.fields(Config):
@@ -366,7 +394,7 @@ def require(cfg: Config, at_least_1=(), at_least_0=(), positive=()) -> None:
     for names, ok, rule in (
         (at_least_1, lambda v: v >= 1, "must be at least 1"),
         (at_least_0, lambda v: v >= 0, "must be 0 or more"),
-        (positive, lambda v: v > 0, "must be positive"),
+        (positive, lambda v: v > 0 and math.isfinite(v), "must be positive and finite"),
     ):
         for name in names:
             if not ok(getattr(cfg, name)):
@@ -375,10 +403,23 @@ def require(cfg: Config, at_least_1=(), at_least_0=(), positive=()) -> None:
 
 def check_settings(cfg: Config) -> Config:
     """The method's checks (check_config), then the shared data and run settings'."""
+    for f in dataclasses.fields(Config):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"--{f.name.replace('_', '-')} must be a finite number (got {value})")
     cfg = check_config(cfg)
-    require(cfg, at_least_0=("limit_batches", "workers"))
+    require(cfg, at_least_0=("limit_batches",) + (("workers",) if cfg.workers is not None else ()))
+    if not 0 <= cfg.seed <= MAX_SEED:
+        raise UsageError(f"--seed must be between 0 and {MAX_SEED}, the range every seeded generator accepts")
+    if cfg.run_name and not RUN_NAME.fullmatch(cfg.run_name):
+        raise UsageError(
+            f"--run-name {cfg.run_name!r} is not a plain folder name: use letters, digits, '.', '_' and '-', "
+            f"starting with a letter or digit (the run is written to --results-dir/<run-name>)"
+        )
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
         raise UsageError(f"--device {cfg.device!r} is not one of auto, cpu, cuda, cuda:N")
+    if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard")
     return cfg
 
 
@@ -389,15 +430,27 @@ def edited_settings(cfg: Config) -> dict:
 
 
 def default_run_name(cfg: Config) -> str:
-    """run_name_stem(cfg); plus, when settings differ from the paper's, a short hash of them.
-
-    The same edited settings give the same name again (--resume finds the run); the paper's
-    configuration keeps the readable name alone."""
+    """run_name_stem(cfg); a short hash of the settings that differ from the paper's, if any; -limitN for
+    a run of --limit-batches N. The same settings give the same name again (so --resume finds the run)."""
+    name = run_name_stem(cfg)
     edited = edited_settings(cfg)
-    if not edited:
-        return run_name_stem(cfg)
-    digest = hashlib.sha256(json.dumps(edited, sort_keys=True).encode()).hexdigest()[:8]
-    return f"{run_name_stem(cfg)}-{digest}"
+    if edited:
+        name += "-" + hashlib.sha256(json.dumps(edited, sort_keys=True).encode()).hexdigest()[:8]
+    if cfg.limit_batches:
+        name += f"-limit{cfg.limit_batches}"
+    return name
+
+
+def not_comparable(cfg: Config, epochs_completed: int) -> list[str]:
+    """Why this run's accuracy cannot be set beside the published figures (empty: it can)."""
+    reasons = [flag(name, value) for name, value in edited_settings(cfg).items()]
+    if cfg.limit_batches:
+        reasons.append(flag("limit_batches", cfg.limit_batches))
+    if (Path(cfg.data_root) / SYNTHETIC_MARKER).is_file():
+        reasons.append("synthetic data")
+    if epochs_completed != PAPER_EPOCHS:
+        reasons.append(f"{epochs_completed} of the paper's {PAPER_EPOCHS} epochs")
+    return reasons
 
 
 # ---------------------------------------------------------------------------------------------
@@ -463,6 +516,12 @@ class Loaders:
     dev: object | None = None
 
 
+def default_workers() -> int:
+    """The CPUs this process may use, at most 4: more would only make the DataLoader warn."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(4, cpus)
+
+
 def make_loaders(cfg: Config, device: torch.device) -> Loaders:
     """Batches of (images, labels[N, 4]); every shuffled loader carries its RNG as `.generator`."""
     train_set, test_set = load_datasets(cfg)
@@ -478,7 +537,8 @@ def make_loaders(cfg: Config, device: torch.device) -> Loaders:
         generator = torch.Generator()
         generator.manual_seed(cfg.seed)
         # Workers are re-seeded from `generator` every epoch (no persistent workers) so a resumed run repeats exactly.
-        common = dict(batch_size=cfg.batch_size, num_workers=cfg.workers, pin_memory=device.type == "cuda")
+        workers = default_workers() if cfg.workers is None else cfg.workers
+        common = dict(batch_size=cfg.batch_size, num_workers=workers, pin_memory=device.type == "cuda")
         if not shuffle:
             return torch.utils.data.DataLoader(dataset, shuffle=False, **common)
         return torch.utils.data.DataLoader(dataset, shuffle=True, generator=generator, **common)
@@ -624,19 +684,29 @@ def evaluate(state: dict, graphs: StepGraphs, test_loader, cfg: Config, device: 
 
 
 def write_atomic(path: Path, write) -> None:
-    """write(tmp_path), then rename over `path`: a reader never sees a half-written file."""
+    """write(tmp_path), flushed to disk, then renamed over `path`: a reader never sees a half-written file,
+    and a crash or power loss leaves the old file or the new one. A leftover temporary file (a killed
+    process) is removed when the next run opens the folder."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        with open(tmp, "rb+") as written:
+            os.fsync(written.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)  # the rename itself
+    finally:
+        os.close(folder)
 
 
 def write_json(path: Path, obj) -> None:
-    write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1) + "\n"))
+    """Strict JSON: every number is finite (run() checks them), so any JSON parser reads it."""
+    write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1, allow_nan=False) + "\n"))
 
 
 def rng_state(loaders: Loaders) -> dict:
@@ -665,26 +735,42 @@ def set_rng_state(state: dict, loaders: Loaders) -> None:
 
 
 def summarize(history: list[dict], cfg: Config) -> dict:
-    """Final-epoch test accuracy and the mean over the last 5 epochs (the paper's way), in %."""
+    """Final-epoch test accuracy and the mean over the last 5 epochs (the paper's way), in %; the published
+    figures for this configuration, and whether this run is one they can be compared with."""
     accs = [100 * r["test_primary_acc"] for r in history]
+    reasons = not_comparable(cfg, len(history))
     return {
         "epochs_completed": len(history),
         "final_test_primary_acc": accs[-1],
         "last5_mean_test_primary_acc": sum(accs[-5:]) / len(accs[-5:]),
         "published_test_primary_acc": published_accuracy(cfg),
+        "comparable_with_published": not reasons,
+        "not_comparable_because": reasons,
     }
 
 
 def summary_line(summary: dict) -> str:
-    published = (
-        "; ".join(f"{v:.1f}% ({k})" for k, v in summary["published_test_primary_acc"].items())
-        or "none for this configuration"
-    )
+    published = "; ".join(f"{v:.1f}% ({k})" for k, v in summary["published_test_primary_acc"].items())
+    if not published:
+        beside = "published: none for this configuration"
+    elif summary["comparable_with_published"]:
+        beside = f"published: {published}"
+    else:
+        beside = f"not comparable with the published figures ({', '.join(summary['not_comparable_because'])})"
     return (
         f"final test primary accuracy {summary['final_test_primary_acc']:.2f}%, mean of the last "
-        f"{min(5, summary['epochs_completed'])} epochs {summary['last5_mean_test_primary_acc']:.2f}% "
-        f"| published: {published}"
+        f"{min(5, summary['epochs_completed'])} epochs {summary['last5_mean_test_primary_acc']:.2f}% | {beside}"
     )
+
+
+def settings_as_checked(saved: dict) -> dict:
+    """A checkpoint's settings as check_config leaves them (psi parsed, levels resolved), so that the same
+    experiment compares equal however its settings were written (--psi 5 or twenty 5s)."""
+    names = {f.name for f in dataclasses.fields(Config)}
+    try:
+        return asdict(check_config(Config(**{k: v for k, v in saved.items() if k in names})))
+    except (UsageError, TypeError, ValueError):
+        return saved
 
 
 def load_checkpoint(path: Path, cfg: Config) -> dict:
@@ -704,7 +790,7 @@ def load_checkpoint(path: Path, cfg: Config) -> dict:
         ) from None
     if saved.get("method") != METHOD:
         raise UsageError(f"--resume: '{path}' is a {saved.get('method')} run, not {METHOD}; use another --run-name")
-    current = asdict(cfg)
+    current, saved = asdict(cfg), {**saved, **settings_as_checked(saved)}
     differ = [k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k]]
     if differ:
         was = " ".join(flag(k, saved.get(k)) for k in differ)
@@ -716,27 +802,136 @@ def load_checkpoint(path: Path, cfg: Config) -> dict:
     return checkpoint
 
 
-def prepare_run_dir(run_dir: Path, cfg: Config) -> dict | None:
-    """Refuse to lose results; check the folder is writable. Returns the checkpoint to resume from, if any."""
-    existing = [p for p in (run_dir / "metrics.json", run_dir / "checkpoint.pt") if p.exists()]
+def restore(state: dict, loaders: Loaders, checkpoint: dict, path: Path) -> tuple[list[dict], int]:
+    """Load every saved entry of `state` and the RNG states; returns the metrics so far and the next epoch."""
+    saved = [key for key in state if not key.startswith("forward_")]
+    missing = [key for key in (*saved, "rng", "epochs") if key not in checkpoint]
+    if missing:
+        raise UsageError(
+            f"--resume: '{path}' is incomplete (no {', '.join(missing)}); "
+            f"start a new run with another --run-name, or --overwrite to replace it"
+        )
+    try:
+        for key in saved:
+            state[key].load_state_dict(checkpoint[key])
+        set_rng_state(checkpoint["rng"], loaders)
+    except (RuntimeError, KeyError, ValueError, TypeError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UsageError(f"--resume: '{path}' does not fit this run ({reason}); use another --run-name") from None
+    return checkpoint["epochs"], checkpoint["next_epoch"]
+
+
+def check_finite(metrics: dict[str, float], epoch: int) -> None:
+    """Every recorded number must be finite, the test metrics as much as the training losses."""
+    bad = [name for name, value in metrics.items() if not math.isfinite(value)]
+    if bad:
+        raise NonFiniteLoss(f"non-finite {', '.join(bad)} at epoch {epoch}; the run stopped")
+
+
+# ---------------------------------------------------------------------------------------------
+# The run folder: created, locked, cleaned
+
+
+LOCK_FILE = ".lock"
+
+
+def lock_holder(run_dir: Path) -> int | None:
+    """The pid of the live process that holds `run_dir`'s lock, or None."""
+    try:
+        pid = int((Path(run_dir) / LOCK_FILE).read_text().split()[0])
+        os.kill(pid, 0)
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid
+
+
+class RunFolder:
+    """The run's folder, held by this process alone while the run lasts.
+
+    Entering creates the folder (and any missing parents), checks it is writable, takes an exclusive
+    lock on its LOCK_FILE, and removes temporary files a killed run left behind. The lock is a kernel
+    lock (flock): a second process refuses with the first one's pid while it lives, and when the holder
+    dies, however it dies, the kernel releases it, so a stale lock file is simply taken over. Leaving
+    releases the lock and removes the folders entering created if the run wrote nothing into them.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.created: list[Path] = []
+        self.lock_fd: int | None = None
+
+    def __enter__(self) -> Path:
+        missing = [p for p in (self.path, *self.path.parents) if not p.exists()]
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.created = missing
+            with tempfile.TemporaryFile(dir=self.path):
+                pass
+        except OSError as error:
+            self.remove_created()
+            raise UsageError(
+                f"cannot write results to '{self.path}' ({error.strerror or error}); choose another --results-dir"
+            ) from None
+        try:
+            self.lock()
+        except BaseException:
+            self.remove_created()
+            raise
+        for leftover in self.path.glob(".*.tmp"):
+            leftover.unlink()
+        return self.path
+
+    def lock(self) -> None:
+        path = self.path / LOCK_FILE
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                holder = lock_holder(self.path)
+                raise UsageError(
+                    f"'{self.path}' is in use by another run (pid {holder}); wait for it to end, "
+                    f"or choose another --run-name"
+                ) from None
+            # The holder we waited for may have removed the file meanwhile: hold the lock of the file on disk.
+            try:
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.lock_fd = fd
+
+    def __exit__(self, *exc) -> None:
+        if self.lock_fd is not None:
+            (self.path / LOCK_FILE).unlink(missing_ok=True)  # removed while held: see lock()
+            os.close(self.lock_fd)  # releases the flock
+            self.lock_fd = None
+        self.remove_created()
+
+    def remove_created(self) -> None:
+        """Remove the folders this run created, deepest first, if they are still empty."""
+        for folder in self.created:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+
+
+def previous_results(run_dir: Path, cfg: Config) -> dict | None:
+    """Refuse to lose results. Returns the checkpoint to resume from, if any."""
     if cfg.resume:
-        checkpoint = load_checkpoint(run_dir / "checkpoint.pt", cfg)
-    else:
-        checkpoint = None
-        if existing and not cfg.overwrite:
+        return load_checkpoint(run_dir / "checkpoint.pt", cfg)
+    if (run_dir / "metrics.json").exists() or (run_dir / "checkpoint.pt").exists():
+        if not cfg.overwrite:
             raise UsageError(
                 f"'{run_dir}' already holds results; use --resume to continue that run, "
                 f"another --run-name, or --overwrite to replace it"
             )
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=run_dir):
-            pass
-    except OSError as error:
-        raise UsageError(
-            f"cannot write results to '{run_dir}' ({error.strerror or error}); choose another --results-dir"
-        ) from None
-    return checkpoint
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -768,6 +963,17 @@ def signals_deferred():
             raise Interrupted(received[0])
 
 
+@contextlib.contextmanager
+def signals_raise():
+    """SIGINT/SIGTERM raise Interrupted inside the block (the run's cleanup and message run as for Ctrl-C)."""
+    previous = {s: signal.signal(s, raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def resume_command(run_name: str) -> str:
     args = [a for a in sys.argv[1:] if a not in ("--resume", "--overwrite")]
     if "--run-name" not in args and not any(a.startswith("--run-name=") for a in args):
@@ -782,78 +988,81 @@ def resume_command(run_name: str) -> str:
 def run(cfg: Config) -> dict:
     """The whole experiment: every epoch, its checkpoint and metrics; returns the summary."""
     cfg = check_settings(cfg)
-    device = resolve_device(cfg.device)
     cfg = dataclasses.replace(cfg, run_name=cfg.run_name or default_run_name(cfg))
-    run_name = cfg.run_name
-    run_dir = Path(cfg.results_dir) / run_name
-    checkpoint = prepare_run_dir(run_dir, cfg)
-    configure_backends(cfg, device)
-    loaders = make_loaders(cfg, device)
-    state = build(cfg, device)
-    saved = [k for k in state if not k.startswith("forward_")]
+    device = resolve_device(cfg.device)
     history: list[dict] = []
-    start_epoch = 0
-    if checkpoint is not None:
-        for key in saved:
-            state[key].load_state_dict(checkpoint[key])
-        set_rng_state(checkpoint["rng"], loaders)
-        history, start_epoch = checkpoint["epochs"], checkpoint["next_epoch"]
-        if start_epoch >= cfg.epochs:
-            print(f"'{run_dir}' already finished {start_epoch} epochs; pass a larger --epochs to extend it")
-            summary = summarize(history, cfg)
-            print(summary_line(summary))
-            return summary
-        print(f"resuming {run_dir} at epoch {start_epoch + 1}")
-    record_config = {
-        **asdict(cfg),
-        **derived_settings(cfg),
-        "method": METHOD,
-        "run_name": run_name,
-        "resolved_device": str(device),
-        "torch": str(torch.__version__),
-    }
-    print(f"{METHOD}: {run_dir} on {device}, {cfg.epochs} epochs")
-    graphs = StepGraphs(state, device, enabled=cfg.cuda_graphs)
-
-    previous = {s: signal.signal(s, raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
-    epoch = start_epoch
+    epoch = 0
     try:
-        for epoch in range(start_epoch, cfg.epochs):
-            started = time.perf_counter()
-            metrics = train_epoch(state, graphs, loaders, cfg, device, epoch + 1)
-            metrics.update(evaluate(state, graphs, loaders.test, cfg, device))
-            for obj in state.values():
-                if isinstance(obj, torch.optim.lr_scheduler.LRScheduler):
-                    obj.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            history.append({"epoch": epoch + 1, **metrics, "seconds": time.perf_counter() - started})
-            checkpoint = {key: state[key].state_dict() for key in saved}
-            checkpoint.update(config=record_config, epochs=history, next_epoch=epoch + 1, rng=rng_state(loaders))
-            with signals_deferred():
-                write_atomic(run_dir / "checkpoint.pt", functools.partial(torch.save, checkpoint))
-                write_json(
-                    run_dir / "metrics.json",
-                    {"config": record_config, "epochs": history, "summary": summarize(history, cfg)},
-                )
-            print(epoch_line(history[-1], cfg.epochs), flush=True)
+        with signals_raise(), RunFolder(Path(cfg.results_dir) / cfg.run_name) as run_dir:
+            checkpoint = previous_results(run_dir, cfg)
+            configure_backends(cfg, device)
+            loaders = make_loaders(cfg, device)
+            state = build(cfg, device)
+            start_epoch = 0
+            if checkpoint is not None:
+                history, start_epoch = restore(state, loaders, checkpoint, run_dir / "checkpoint.pt")
+                if start_epoch >= cfg.epochs:
+                    print(f"'{run_dir}' already finished {start_epoch} epochs; pass a larger --epochs to extend it")
+                    summary = summarize(history, cfg)
+                    print(summary_line(summary))
+                    return summary
+                print(f"resuming {run_dir} at epoch {start_epoch + 1}")
+            record_config = {
+                **asdict(cfg),
+                **derived_settings(cfg),
+                "method": METHOD,
+                "resolved_device": str(device),
+                "torch": str(torch.__version__),
+            }
+            print(f"{METHOD}: {run_dir} on {device}, {cfg.epochs} epochs")
+            graphs = StepGraphs(state, device, enabled=cfg.cuda_graphs)
+            scalars = tensorboard_writer(run_dir) if cfg.tensorboard else None
+            for epoch in range(start_epoch + 1, cfg.epochs + 1):
+                started = time.perf_counter()
+                metrics = train_epoch(state, graphs, loaders, cfg, device, epoch)
+                metrics.update(evaluate(state, graphs, loaders.test, cfg, device))
+                check_finite(metrics, epoch)
+                for obj in state.values():
+                    if isinstance(obj, torch.optim.lr_scheduler.LRScheduler):
+                        obj.step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                history.append({"epoch": epoch, **metrics, "seconds": time.perf_counter() - started})
+                checkpoint = {key: obj.state_dict() for key, obj in state.items() if not key.startswith("forward_")}
+                checkpoint.update(config=record_config, epochs=history, next_epoch=epoch, rng=rng_state(loaders))
+                with signals_deferred():
+                    write_atomic(run_dir / "checkpoint.pt", functools.partial(torch.save, checkpoint))
+                    write_json(
+                        run_dir / "metrics.json",
+                        {"config": record_config, "epochs": history, "summary": summarize(history, cfg)},
+                    )
+                if scalars is not None:
+                    for name, value in history[-1].items():
+                        scalars.add_scalar(name, value, epoch)
+                    scalars.flush()
+                print(epoch_line(history[-1], cfg.epochs), flush=True)
     except Interrupted as interrupt:
-        done = (
-            f"the checkpoint after epoch {len(history)} is in {run_dir}"
-            if history
-            else "no epoch was completed, nothing was saved"
-        )
-        print(f"\ninterrupted in epoch {epoch + 1}; {done}. Resume with: {resume_command(run_name)}", file=sys.stderr)
+        saved = Path(cfg.results_dir) / cfg.run_name / "checkpoint.pt"
+        if saved.is_file():
+            after = f" after epoch {len(history)}" if history else ""
+            done = f"the checkpoint{after} is in {saved.parent}. Resume with: {resume_command(cfg.run_name)}"
+        else:
+            done = "no epoch was completed and nothing was saved"
+        print(f"\ninterrupted{f' in epoch {epoch}' if epoch else ''}; {done}", file=sys.stderr)
         raise SystemExit(128 + interrupt.signum) from None
     except NonFiniteLoss as error:
         kept = f"the checkpoint after epoch {len(history)} in {run_dir} is kept" if history else "nothing was saved"
         raise UsageError(f"{error}; {kept}. Try a smaller --lr, or --no-amp") from None
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
     summary = summarize(history, cfg)
     print(summary_line(summary))
     return summary
+
+
+def tensorboard_writer(run_dir: Path):
+    """A TensorBoard writer into the run folder (tensorboard is an optional extra; check_settings checked it)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(run_dir))
 
 
 def smoke(cfg: Config) -> dict:

@@ -1,11 +1,14 @@
-"""Shared fixtures: a small synthetic CIFAR-100 in the real on-disk format, and a script runner."""
+"""Shared fixtures: a small synthetic CIFAR-100 in the real on-disk format, and ways to run a model script."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType, SimpleNamespace
 
 import pytest
 
@@ -25,8 +28,8 @@ def data_root(tmp_path_factory) -> Path:
 
 
 def run_script(script: str, *args: str, timeout: float = 240, **popen_kwargs) -> subprocess.CompletedProcess:
-    """Run a model script from the repository root in a fresh interpreter."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore"}
+    """Run a model script from the repository root in a fresh interpreter, as a user does."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run(
         [sys.executable, str(REPO / script), *args],
         cwd=REPO,
@@ -36,3 +39,16 @@ def run_script(script: str, *args: str, timeout: float = 240, **popen_kwargs) ->
         timeout=timeout,
         **popen_kwargs,
     )
+
+
+def run_main(module: ModuleType, *args: str) -> SimpleNamespace:
+    """A script's main() in this process (no interpreter start-up): returncode, stdout and stderr as run_script
+    gives them. An exception other than SystemExit propagates, i.e. fails the test as a traceback would."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            module.main([str(a) for a in args])
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 1
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())

@@ -31,6 +31,7 @@ from create_dataset import (
     level_index,
     make_synthetic_cifar100,
 )
+from create_dataset import main as create_dataset_main
 
 # The reference implementation's maps, copied from the reference notes.
 REFERENCE_20_TO_10 = {
@@ -468,3 +469,16 @@ def test_split_holds_out_exactly_the_given_images(data_root):
     assert np.array_equal(rest.data, dataset.data[keep]) and np.array_equal(dev.data, dataset.data[np.sort(held)])
     assert torch.equal(rest.labels, dataset.labels[keep]) and rest.targets == [dataset.targets[i] for i in keep]
     assert torch.equal(dev[1][1], dataset.labels[3]) and len(dataset) == 200  # the original is unchanged
+
+
+def test_the_command_line_writes_a_synthetic_dataset_the_scripts_accept(tmp_path, capsys):
+    create_dataset_main(["--synthetic", str(tmp_path / "d"), "--train", "30", "--test", "10", "--seed", "3"])
+    assert "wrote 30 train and 10 test images" in capsys.readouterr().out
+    assert len(CIFAR100(tmp_path / "d", train=True)) == 30 and len(CIFAR100(tmp_path / "d", train=False)) == 10
+    with pytest.raises(SystemExit) as exit_info:  # never over an existing dataset
+        create_dataset_main(["--synthetic", str(tmp_path / "d"), "--train", "5"])
+    assert exit_info.value.code == 2 and "exists already" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        create_dataset_main(["--synthetic", str(tmp_path / "e"), "--train", "0"])
+    assert exit_info.value.code == 2 and capsys.readouterr().err == "error: --train must be at least 1 (got 0)\n"
+    assert not (tmp_path / "e").exists()

@@ -13,8 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, REPO, run_script
+from conftest import FAST, REPO, run_main, run_script
 
+import model_vgg_human
+import model_vgg_maxl
+import model_vgg_single
 from create_dataset import make_synthetic_cifar100
 
 SCRIPTS = ["model_vgg_single.py", "model_vgg_human.py", "model_vgg_maxl.py"]
@@ -32,6 +35,18 @@ METHOD_KEYS = {
         "aux_classes_used",
     },
 }
+
+
+MODULES = {
+    "model_vgg_single.py": model_vgg_single,
+    "model_vgg_human.py": model_vgg_human,
+    "model_vgg_maxl.py": model_vgg_maxl,
+}
+
+
+def run(script: str, *flags: str):
+    """The script's main() in this process: what a command-line run does, without the interpreter start-up."""
+    return run_main(MODULES[script], *flags)
 
 
 def args(data_root: Path, results: Path, *extra: str) -> list[str]:
@@ -75,7 +90,7 @@ def without_seconds(history: list[dict]) -> list[dict]:
     ids=["single", "human-10-20", "maxl-second-order", "maxl-finite-difference"],
 )
 def test_one_epoch_writes_results(data_root, tmp_path, script, extra):
-    result = run_script(script, *args(data_root, tmp_path, "--epochs", "1", "--limit-batches", "2", *extra))
+    result = run(script, *args(data_root, tmp_path, "--epochs", "1", "--limit-batches", "2", *extra))
     assert result.returncode == 0, result.stderr
     assert "epoch   1/1" in result.stdout and "final test primary accuracy" in result.stdout
     (run_dir,) = tmp_path.iterdir()
@@ -95,18 +110,22 @@ def test_one_epoch_writes_results(data_root, tmp_path, script, extra):
     assert checkpoint["next_epoch"] == 1 and checkpoint["epochs"] == metrics["epochs"]
 
 
-def test_default_run_names(data_root, tmp_path):
+def test_default_run_names(tmp_path):
+    data_root = make_synthetic_cifar100(tmp_path / "data", n_train=60, n_test=20, seed=0)
     for script, name in [
         ("model_vgg_single.py", "single-pri20-seed3"),
         ("model_vgg_human.py", "human-pri20-aux100-seed3"),
         ("model_vgg_maxl.py", "maxl-second-order-pri20-aux100-seed3"),
     ]:
-        # The paper's batch size: another one is an edited setting, which adds a hash to the name.
-        flags = ("--epochs", "1", "--limit-batches", "1", "--seed", "3", "--batch-size", "100")
-        result = run_script(script, *args(data_root, tmp_path, *flags))
+        # The paper's batch size (another one is an edited setting, which adds a hash to the name), and no
+        # --limit-batches (a debug run says so in its name): 60 images make one batch.
+        flags = ("--epochs", "1", "--seed", "3", "--batch-size", "100")
+        result = run(script, *args(data_root, tmp_path / "results", *flags))
         assert result.returncode == 0, result.stderr
-        assert (tmp_path / name / "metrics.json").is_file()
-    summary = json.loads((tmp_path / "maxl-second-order-pri20-aux100-seed3" / "metrics.json").read_text())["summary"]
+        assert (tmp_path / "results" / name / "metrics.json").is_file()
+    summary = json.loads((tmp_path / "results" / "maxl-second-order-pri20-aux100-seed3" / "metrics.json").read_text())[
+        "summary"
+    ]
     assert summary["published_test_primary_acc"]["WAMAL authors' README"] == 76.6
 
 
@@ -114,13 +133,14 @@ def test_smoke_runs_without_data_or_download(tmp_path):
     result = run_script("model_vgg_maxl.py", "--smoke", "--data-root", str(tmp_path / "nowhere"))
     assert result.returncode == 0, result.stderr
     assert "smoke test passed" in result.stdout
+    assert "Warning" not in result.stderr, result.stderr  # no notes about torch's internals or the DataLoader
     assert not (tmp_path / "nowhere").exists()
 
 
 def test_training_rises_above_chance(tmp_path):
     """A few epochs on learnable synthetic data: test accuracy well above the 5% chance of 20 classes."""
     root = make_synthetic_cifar100(tmp_path / "data", n_train=300, n_test=100, seed=1)
-    result = run_script("model_vgg_single.py", *args(root, tmp_path / "results", "--epochs", "2"))
+    result = run("model_vgg_single.py", *args(root, tmp_path / "results", "--epochs", "2"))
     assert result.returncode == 0, result.stderr
     (run_dir,) = (tmp_path / "results").iterdir()
     history = json.loads((run_dir / "metrics.json").read_text())["epochs"]
@@ -137,11 +157,11 @@ def test_training_rises_above_chance(tmp_path):
 )
 def test_resume_repeats_an_uninterrupted_run_exactly(data_root, tmp_path, script, extra):
     common = [*args(data_root, tmp_path, "--limit-batches", "2", *extra)]
-    straight = run_script(script, *common, "--epochs", "2", "--run-name", "straight")
+    straight = run(script, *common, "--epochs", "2", "--run-name", "straight")
     assert straight.returncode == 0, straight.stderr
-    first = run_script(script, *common, "--epochs", "1", "--run-name", "split")
+    first = run(script, *common, "--epochs", "1", "--run-name", "split")
     assert first.returncode == 0, first.stderr
-    resumed = run_script(script, *common, "--epochs", "2", "--run-name", "split", "--resume")
+    resumed = run(script, *common, "--epochs", "2", "--run-name", "split", "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stdout
     expected = json.loads((tmp_path / "straight" / "metrics.json").read_text())["epochs"]
@@ -152,9 +172,9 @@ def test_resume_repeats_an_uninterrupted_run_exactly(data_root, tmp_path, script
 
 def test_resume_of_a_finished_run_says_so(data_root, tmp_path):
     common = args(data_root, tmp_path, "--limit-batches", "1", "--epochs", "1", "--run-name", "done")
-    assert run_script("model_vgg_single.py", *common).returncode == 0
+    assert run("model_vgg_single.py", *common).returncode == 0
     before = snapshot(tmp_path)
-    result = run_script("model_vgg_single.py", *common, "--resume")
+    result = run("model_vgg_single.py", *common, "--resume")
     assert result.returncode == 0 and "already finished 1 epochs" in result.stdout
     assert snapshot(tmp_path) == before
 
@@ -163,7 +183,7 @@ def test_resume_of_a_finished_run_says_so(data_root, tmp_path):
 def finished_run(tmp_path_factory, data_root):
     """A one-epoch MAXL run folder, copied afresh for each test that damages it."""
     results = tmp_path_factory.mktemp("finished")
-    result = run_script(
+    result = run(
         "model_vgg_maxl.py", *args(data_root, results, "--epochs", "1", "--limit-batches", "1", "--run-name", "r")
     )
     assert result.returncode == 0, result.stderr
@@ -178,13 +198,13 @@ def results(finished_run, tmp_path) -> Path:
 
 def test_existing_results_are_not_overwritten(data_root, results):
     before = snapshot(results)
-    result = run_script("model_vgg_maxl.py", *args(data_root, results, "--epochs", "1", "--run-name", "r"))
+    result = run("model_vgg_maxl.py", *args(data_root, results, "--epochs", "1", "--run-name", "r"))
     assert_refused(result, "already holds results", "--resume", "--overwrite")
     assert snapshot(results) == before
 
 
 def test_overwrite_starts_over(data_root, results):
-    result = run_script(
+    result = run(
         "model_vgg_maxl.py",
         *args(data_root, results, "--epochs", "1", "--limit-batches", "1", "--run-name", "r", "--overwrite"),
     )
@@ -193,15 +213,13 @@ def test_overwrite_starts_over(data_root, results):
 
 
 def test_resume_without_checkpoint_is_refused(data_root, tmp_path):
-    result = run_script(
-        "model_vgg_maxl.py", *args(data_root, tmp_path, "--epochs", "2", "--run-name", "none", "--resume")
-    )
+    result = run("model_vgg_maxl.py", *args(data_root, tmp_path, "--epochs", "2", "--run-name", "none", "--resume"))
     assert_refused(result, "no checkpoint at", "checkpoint.pt")
 
 
 def test_resume_with_other_settings_is_refused(data_root, results):
     before = snapshot(results)
-    result = run_script(
+    result = run(
         "model_vgg_maxl.py",
         *args(data_root, results, "--epochs", "2", "--limit-batches", "1", "--run-name", "r", "--resume", "--psi", "3"),
     )
@@ -211,7 +229,7 @@ def test_resume_with_other_settings_is_refused(data_root, results):
 
 def test_resume_with_other_method_is_refused(data_root, results):
     before = snapshot(results)
-    result = run_script(
+    result = run(
         "model_vgg_human.py",
         *args(data_root, results, "--epochs", "2", "--limit-batches", "1", "--run-name", "r", "--resume"),
     )
@@ -223,7 +241,7 @@ def test_resume_from_truncated_checkpoint_is_refused(data_root, results):
     checkpoint = results / "r" / "checkpoint.pt"
     checkpoint.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
     before = snapshot(results)
-    result = run_script(
+    result = run(
         "model_vgg_maxl.py",
         *args(data_root, results, "--epochs", "2", "--limit-batches", "1", "--run-name", "r", "--resume"),
     )
@@ -256,7 +274,7 @@ def test_interrupt_keeps_last_checkpoint_and_says_how_to_resume(data_root, tmp_p
     saved = torch.load(checkpoint, weights_only=True)
     assert saved["next_epoch"] == len(saved["epochs"]) == len(metrics["epochs"]) >= 1
     done = len(metrics["epochs"])
-    resumed = run_script(
+    resumed = run(
         "model_vgg_single.py",
         *args(data_root, tmp_path, "--epochs", str(done + 1), "--limit-batches", "1", "--run-name", "long", "--resume"),
     )
@@ -309,7 +327,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(data_root, 
     ],
 )
 def test_impossible_settings_are_refused(data_root, tmp_path, script, extra, phrases):
-    result = run_script(script, *args(data_root, tmp_path / "results", *extra))
+    result = run(script, *args(data_root, tmp_path / "results", *extra))
     assert_refused(result, *phrases)
     assert not (tmp_path / "results").exists()
 
@@ -317,18 +335,18 @@ def test_impossible_settings_are_refused(data_root, tmp_path, script, extra, phr
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 @pytest.mark.parametrize("device", ["cuda", "cuda:1"])
 def test_cuda_without_cuda_is_refused(data_root, tmp_path, device):
-    result = run_script("model_vgg_maxl.py", *args(data_root, tmp_path / "results"), "--device", device)
+    result = run("model_vgg_maxl.py", *args(data_root, tmp_path / "results"), "--device", device)
     assert_refused(result, f"--device {device}: CUDA is not available")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_unknown_cuda_device_is_refused(data_root, tmp_path):
-    result = run_script("model_vgg_maxl.py", *args(data_root, tmp_path / "results"), "--device", "cuda:99")
+    result = run("model_vgg_maxl.py", *args(data_root, tmp_path / "results"), "--device", "cuda:99")
     assert_refused(result, "cuda:99", "CUDA device(s)")
 
 
 def test_missing_dataset_with_no_download(tmp_path):
-    result = run_script("model_vgg_single.py", *args(tmp_path / "empty", tmp_path / "results"))
+    result = run("model_vgg_single.py", *args(tmp_path / "empty", tmp_path / "results"))
     assert_refused(
         result, "not found or corrupted", str(tmp_path / "empty" / "cifar-100-python"), "without --no-download"
     )
@@ -342,7 +360,7 @@ def test_corrupt_dataset_file(data_root, tmp_path):
     damaged[1000] ^= 0xFF
     train_file.write_bytes(bytes(damaged))
     before = snapshot(root)
-    result = run_script("model_vgg_human.py", *args(root, tmp_path / "results"))
+    result = run("model_vgg_human.py", *args(root, tmp_path / "results"))
     assert_refused(result, "not found or corrupted")
     assert snapshot(root) == before
 
@@ -363,6 +381,6 @@ def test_failed_download_is_one_line(tmp_path, monkeypatch, capsys):
 def test_unwritable_results_dir_is_refused_before_training(data_root, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    result = run_script("model_vgg_maxl.py", *args(data_root, blocker / "results"))
+    result = run("model_vgg_maxl.py", *args(data_root, blocker / "results"))
     assert_refused(result, "cannot write results to", "--results-dir")
     assert blocker.read_text() == "not a folder"
