@@ -482,3 +482,23 @@ def test_the_command_line_writes_a_synthetic_dataset_the_scripts_accept(tmp_path
         create_dataset_main(["--synthetic", str(tmp_path / "e"), "--train", "0"])
     assert exit_info.value.code == 2 and capsys.readouterr().err == "error: --train must be at least 1 (got 0)\n"
     assert not (tmp_path / "e").exists()
+
+
+def test_md5_of_an_unchanged_file_is_checked_once_per_process(data_root, tmp_path, monkeypatch):
+    import create_dataset
+
+    root = tmp_path / "data"
+    shutil.copytree(data_root, root)
+    checked = []
+    real = create_dataset.check_integrity
+    monkeypatch.setattr(create_dataset, "check_integrity", lambda path, md5: checked.append(path) or real(path, md5))
+    CIFAR100(root, train=True, download=True)  # torchvision: download() checks, then __init__ checks again
+    CIFAR100(root, train=False)
+    assert sorted(Path(p).name for p in checked) == ["test", "train"]
+    # A changed file is checked again, and a damaged one refused.
+    train_file = root / "cifar-100-python" / "train"
+    damaged = bytearray(train_file.read_bytes())
+    damaged[2000] ^= 0xFF
+    train_file.write_bytes(bytes(damaged))
+    with pytest.raises(RuntimeError, match="not found or corrupted"):
+        CIFAR100(root, train=False)
