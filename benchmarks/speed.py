@@ -1,10 +1,13 @@
-"""Speed benchmark of the training iteration of Single, Human and MAXL (VGG-16 on CIFAR-100-shaped batches).
+"""Speed benchmark of the training iteration of every method (VGG-16 on CIFAR-100-shaped batches).
 
 One iteration is what one batch costs in a real epoch of the scripts:
   single, human   one `train_step` (forward, backward, SGD step).
-  maxl-*          one phase-1 `train_step` (theta_1; the gradient-cosine diagnostic on every
+  maxl-*, wamal-* one phase-1 `train_step` (theta_1; the gradient-cosine diagnostic on every
                   --cossim-every-th iteration, as in training) plus one phase-2 `meta_step` (theta_2).
                   An epoch runs both passes over the train set, so this pair is one batch's share.
+  maoal           one `train_step` (lambda-weighted gradients) plus 1/--meta-every of a `meta_step`
+                  (lambda's implicit hypergradient on a developing batch), which runs every 20th batch:
+                  both are timed every iteration, the second counted at its share (phase_weights).
 The networks, optimisers and step functions are the scripts' own (`build`, `train_step`,
 `meta_step`), configured from each script's `Config` with only the speed flags changed. The
 batch is random: uint8 pixels normalised as the loaders do, consistent 4-level hierarchy labels.
@@ -73,8 +76,18 @@ if str(REPO) not in sys.path:
 
 from create_dataset import FINE_TO_COARSE, hierarchy_labels, level_index, normalize  # noqa: E402
 
-METHODS = ("single", "human", "maxl-second-order", "maxl-finite-difference", "maxl-double-backward")
-DEFAULT_METHODS = METHODS[:4]
+METHODS = (
+    "single",
+    "human",
+    "maxl-second-order",
+    "maxl-finite-difference",
+    "wamal-second-order",
+    "maoal",
+    "maxl-double-backward",
+    "wamal-finite-difference",
+    "wamal-double-backward",
+)
+DEFAULT_METHODS = METHODS[:6]
 REFERENCE_STYLE = "maxl-second-order (reference-style)"
 TARGET_RATIO = 0.6  # the issue's CPU target: our MAXL iteration at most 0.6x the reference-style one
 TRAIN_IMAGES = 50_000  # CIFAR-100 train set
@@ -88,19 +101,26 @@ CONTENTION_THRESHOLD = 0.05  # other processes' share of the CPU above which CPU
 class Method:
     name: str  # the row's label
     script: str  # module name of the model script
-    meta_grad: str | None = None  # MAXL only: Config.meta_grad
+    meta_grad: str | None = None  # MAXL and WAMAL: Config.meta_grad
     reference_style: bool = False  # MAXL only: the reference's wasted passes re-enabled
 
     @property
     def is_maxl(self) -> bool:
-        return self.script == "model_vgg_maxl"
+        """MAXL or WAMAL: phase 1 (train_step with the periodic cosine diagnostic) and phase 2 (meta_step)."""
+        return self.script in ("model_vgg_maxl", "model_vgg_wamal")
+
+    @property
+    def is_maoal(self) -> bool:
+        """MAOAL: train_step every batch, and meta_step (lambda's hypergradient) every --meta-every batches."""
+        return self.script == "model_vgg_maoal"
 
 
 def method_spec(name: str) -> Method:
     if name == REFERENCE_STYLE:
         return Method(name, "model_vgg_maxl", "double-backward", reference_style=True)
-    if name.startswith("maxl-"):
-        return Method(name, "model_vgg_maxl", name.removeprefix("maxl-"))
+    for method in ("maxl", "wamal"):
+        if name.startswith(f"{method}-"):
+            return Method(name, f"model_vgg_{method}", name.removeprefix(f"{method}-"))
     return Method(name, f"model_vgg_{name}")
 
 
@@ -112,6 +132,8 @@ SCRIPT_NAMES = {
     "model_vgg_human": STEP_NAMES,
     # meta_step for our MAXL; the reference-style steps use the losses and the cosine diagnostic.
     "model_vgg_maxl": (*STEP_NAMES, "meta_step", "autocast", "focal_loss", "negative_entropy", "gradient_cosine"),
+    "model_vgg_wamal": (*STEP_NAMES, "meta_step"),
+    "model_vgg_maoal": (*STEP_NAMES, "meta_step"),
 }
 
 
@@ -260,10 +282,16 @@ def iteration_phases(
     a CUDA graph once warmed up, or eager), under the same names. The reference-style steps are eager.
     """
     module = script(method)
-    if not method.is_maxl:
+    train = functools.partial(module.train_step, state, cfg=cfg)
+    if method.is_maoal:
+        dev_images, dev_labels = random_batch(len(images), images.device, cfg.channels_last, seed=1)
         return [
-            ("train", lambda k: graphs("train", functools.partial(module.train_step, state, cfg=cfg), images, labels))
+            ("phase 1", lambda k: graphs("train", train, images, labels)),
+            # Eager, as in the script's epoch; timed every iteration, counted once every --meta-every (phase_weights).
+            ("phase 2", lambda k: module.meta_step(state, images, labels, dev_images, dev_labels, cfg)),
         ]
+    if not method.is_maxl:
+        return [("train", lambda k: graphs("train", train, images, labels))]
     if method.reference_style:
         return [
             ("phase 1", lambda k: reference_train_step(module, state, images, labels, cfg)),
@@ -279,6 +307,13 @@ def iteration_phases(
         ("phase 1", phase1),
         ("phase 2", lambda k: graphs("phase 2", functools.partial(module.meta_step, state, cfg=cfg), images, labels)),
     ]
+
+
+def phase_weights(method: Method, cfg) -> list[float]:
+    """How much of each phase one training iteration costs: MAOAL's meta step runs once every --meta-every."""
+    if method.is_maoal:
+        return [1.0, 1.0 / cfg.meta_every]
+    return [1.0, 1.0] if method.is_maxl else [1.0]
 
 
 def is_diagnostic(k: int, cfg) -> bool:
@@ -339,7 +374,8 @@ def count_flops(method: Method, phases, cfg, state: dict) -> float:
             with_cosine = flops(lambda: phase1(0))
             plain = flops(lambda: phase1(1))
             return plain + (with_cosine - plain) / every + flops(lambda: phase2(0))
-        return sum(flops(lambda run=run: run(0)) for _, run in phases)
+        weights = phase_weights(method, cfg)
+        return sum(w * flops(lambda run=run: run(0)) for w, (_, run) in zip(weights, phases))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -525,7 +561,8 @@ def warmup_iters(device: torch.device, args: argparse.Namespace) -> tuple[int, i
 
 def summarize(method: Method, device, cfg, phase_names, times, first, flops, peak_bytes, warmup, iters) -> dict:
     """The table row: times are seconds per phase of timed iterations first, first + 1, ..."""
-    totals = [sum(t) for t in times]
+    weights = phase_weights(method, cfg)
+    totals = [sum(w * seconds for w, seconds in zip(weights, t)) for t in times]
     every = periodic_diagnostic(method, cfg)
     epoch_mean = statistics.median(totals)
     if every > 1:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import re
 
+import conftest  # noqa: F401  (puts the repository root on sys.path)
 import pytest
 import torch
-from conftest import run_script  # also puts the repository root on sys.path
 
 from benchmarks import speed
 
@@ -24,27 +24,42 @@ def one_thread(monkeypatch):
     torch.set_num_threads(threads)
 
 
-def test_benchmark_runs_and_prints_the_table(tmp_path, one_thread):
+def test_benchmark_runs_and_prints_the_table(tmp_path, one_thread, capsys):
     out_json = tmp_path / "speed.json"
-    result = run_script(
-        "benchmarks/speed.py",
-        *("--methods", "single", "maxl-second-order", "--batch-size", "4", "--warmup", "0", "--iters", "1"),
-        *("--device", "cpu", "--reference-style", "--json", str(out_json)),
-        timeout=120,
+    speed.main(
+        [
+            *("--methods", "single", "maxl-second-order", "--batch-size", "4", "--warmup", "0", "--iters", "1"),
+            *("--device", "cpu", "--reference-style", "--json", str(out_json)),
+        ]
     )
-    assert result.returncode == 0, result.stderr
-    lines = {line.split("  ")[0].strip(): line for line in result.stdout.splitlines() if line.startswith(ROWS)}
-    assert set(ROWS) <= set(lines), result.stdout
+    stdout = capsys.readouterr().out
+    lines = {line.split("  ")[0].strip(): line for line in stdout.splitlines() if line.startswith(ROWS)}
+    assert set(ROWS) <= set(lines), stdout
     for name in ROWS:
         numbers = [float(v) for v in re.findall(r"(?<![\w(-])\d+(?:\.\d+)?", lines[name].removeprefix(name))]
         assert len(numbers) >= 8 and all(v > 0 for v in numbers), lines[name]
-    assert "maxl-second-order / reference-style on cpu: time" in result.stdout
+    assert "maxl-second-order / reference-style on cpu: time" in stdout
     rows = {row["method"]: row for row in json.loads(out_json.read_text())["devices"][0]["rows"]}
     for name in ROWS:
         for key in ("ms_median", "ms_min", "images_per_s", "hours_200_epochs", "tflop_per_iter"):
             assert rows[name][key] > 0, (name, key)
     # The reference's way does strictly more work than ours.
     assert rows[speed.REFERENCE_STYLE]["tflop_per_iter"] > rows["maxl-second-order"]["tflop_per_iter"]
+
+
+def test_the_successors_are_measured(tmp_path, one_thread, capsys):
+    """WAMAL's two phases; MAOAL's train step plus its meta step at a 1/--meta-every share."""
+    out_json = tmp_path / "speed.json"
+    flags = ("--batch-size", "2", "--warmup", "0", "--iters", "1", "--device", "cpu", "--json", str(out_json))
+    speed.main(["--methods", "wamal-second-order", "maoal", *flags])
+    rows = {row["method"]: row for row in json.loads(out_json.read_text())["devices"][0]["rows"]}
+    assert set(rows) == {"wamal-second-order", "maoal"}
+    for row in rows.values():
+        assert set(row["phase_ms_median"]) == {"phase 1", "phase 2"} and row["tflop_per_iter"] > 0
+    maoal = rows["maoal"]
+    phase1, phase2 = maoal["phase_ms_median"]["phase 1"], maoal["phase_ms_median"]["phase 2"]
+    assert maoal["ms_median"] == pytest.approx(phase1 + phase2 / 20, rel=1e-6)  # the meta step every 20 batches
+    assert "maoal" in capsys.readouterr().out
 
 
 def small_maxl_state(batch_size: int = 4):

@@ -1,0 +1,1761 @@
+"""WAMAL: Weight-Aware Meta Auxiliary Learning on CIFAR-100 with VGG-16 (MAXL with meta-learned per-sample weights).
+
+MAXL (Liu, Davison, Johns, NeurIPS 2019), extended as WAMAL does: a multi-task VGG-16 (theta_1) learns the
+primary task (default: the 20 CIFAR-100 superclasses) together with an auxiliary task whose labels a second
+VGG-16, the label generator (theta_2), produces; psi[i] auxiliary classes belong to primary class i (mask
+softmax). The generator's second head gives every image a weight w in (0, 1), and its auxiliary loss is
+multiplied by m = 2^(R (2w - 1)) (R = --weight-range). Labels and weights are meta-learned together: one SGD
+step of theta_1 on them should lower the primary loss. WAMAL reports 80.2% (paper) and 81.5% (authors' README)
+on primary 20, auxiliary 100, the default here.
+
+    python model_vgg_wamal.py                                  # the paper's run: 200 epochs, psi = [5] * 20, R = 15
+    python model_vgg_wamal.py --weighting batch                # the authors' code's arithmetic: mean(m) * mean(loss)
+    python model_vgg_wamal.py --meta-grad finite-difference    # MAXL's faster first-order variant
+    python model_vgg_wamal.py --primary-level 10 --aux-level 20     # any pair of the hierarchy, psi from it
+    python model_vgg_wamal.py --smoke                          # one-minute install check on CPU
+
+To change the experiment, edit `Config` below (or pass the flag: every field is one); psi may be
+written as the authors did, e.g. `[5] * 20` or `[2, 3, 4]`. The run machinery at the bottom of
+the file is the same in every model script.
+Prints one line per epoch (train, gradient cosine, meta step, test, the weights' multipliers, generator
+usage) and writes results/<run-name>/metrics.json and checkpoint.pt after every epoch; --resume continues.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import fcntl
+import functools
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import random
+import re
+import shlex
+import signal
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from urllib.error import URLError
+
+import numpy as np
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from create_dataset import (
+    CIFAR100,
+    LEVELS,
+    SYNTHETIC_MARKER,
+    TEST_TRANSFORM,
+    TRAIN_TRANSFORM,
+    DeviceLoader,
+    hierarchy_psi,
+    level_index,
+    make_synthetic_cifar100,
+)
+
+METHOD = "wamal"
+META_GRADIENT_METHODS = ("second-order", "finite-difference", "double-backward")
+WEIGHTINGS = ("sample", "batch")
+MAX_AUX_CLASSES = 10_000  # 100 times the paper's; the auxiliary heads grow with it (about 8 kB a class)
+
+# Forward-mode AD through BatchNorm (the meta-gradient) makes torch import its JVP decompositions, which call
+# the deprecated torch.jit.script: a note on torch's own internals, of no use to whoever runs this script.
+warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning, module="torch")
+
+
+def option(default, help: str, **argparse_kwargs):
+    """A Config field that becomes a command-line flag with this help text (a list default is copied per Config)."""
+    if isinstance(default, list):
+        return field(default_factory=default.copy, metadata={"help": help, **argparse_kwargs})
+    return field(default=default, metadata={"help": help, **argparse_kwargs})
+
+
+@dataclass
+class Config:
+    # --- the experiment (the paper's settings; edit here or pass the flag) ---
+    primary_level: int = option(20, "primary task: number of classes in the hierarchy", choices=(3, 10, 20))
+    aux_level: int | None = option(
+        None,
+        "auxiliary task from the hierarchy: psi[i] = the number of classes of this finer level inside "
+        "primary class i (default: 100, unless --psi is given)",
+        type=int,
+        choices=(10, 20, 100),
+    )
+    psi: str | list[int] | None = option(
+        None,
+        "instead of --aux-level, psi itself: k (k auxiliary classes for every primary class) or a comma "
+        "list, one per class (in this file also a list, as the authors wrote it: [5] * 20 or [2, 3, 4])",
+        type=str,
+    )
+    epochs: int = option(200, "training epochs")
+    batch_size: int = option(100, "images per batch, train and test")
+    lr: float = option(0.01, "multi-task network (theta_1): SGD learning rate, no momentum, no weight decay")
+    lr_step: int = option(
+        50, "both learning rates (and the inner step) are multiplied by --lr-gamma every this many epochs"
+    )
+    lr_gamma: float = option(0.5, "StepLR factor")
+    focal_gamma: float = option(2.0, "focal loss exponent (paper: 2)")
+    gen_lr: float = option(1e-3, "label generator (theta_2): SGD learning rate")
+    gen_weight_decay: float = option(5e-4, "label generator: SGD weight decay")
+    entropy_weight: float = option(0.2, "weight of the negative entropy of the batch-mean generated labels")
+    meta_grad: str = option(
+        "second-order",
+        "theta_2 gradient: exact second-order (forward-mode JVP), the authors' "
+        "finite-difference approximation, or the exact one by double backward (slower)",
+        choices=META_GRADIENT_METHODS,
+    )
+    fd_step: float = option(0.01, "finite-difference step: eps = fd_step / ||d|| (reference: 0.01)")
+    cossim_every: int = option(
+        10, "compute the primary/auxiliary gradient cosine every N steps (1 = every step, as the reference)"
+    )
+    weight_range: float = option(
+        15.0, "R: an image's auxiliary loss is multiplied by m = 2^(R (2w - 1)), w in (0, 1), so m in (2^-R, 2^R)"
+    )
+    weighting: str = option(
+        "sample",
+        "sample: each image's auxiliary loss times its own m (the paper); batch: mean(m) * mean(loss), what the "
+        "authors' code computes (its (B,) * (B, 1) product broadcasts to B x B)",
+        choices=WEIGHTINGS,
+    )
+    # --- data and run: the same fields in every model script (tools/sync_shared.py keeps them so) ---
+    data_root: str = option("dataset", "folder that holds (or receives) cifar-100-python/")
+    download: bool = option(True, "download CIFAR-100 when it is missing")
+    data_path: str = option(
+        "auto",
+        "device: whole dataset on the device, augmented there; loader: torchvision "
+        "DataLoader; auto: device on CUDA, loader on CPU",
+        choices=("auto", "device", "loader"),
+    )
+    workers: int | None = option(
+        None,
+        "DataLoader worker processes (loader data path); default: the CPUs this process may use, at most 4",
+        type=int,
+    )
+    # --- the run ---
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    seed: int = option(0, "seeds python, numpy and torch")
+    deterministic: bool = option(False, "deterministic algorithms and cuDNN settings (slower on CUDA)")
+    amp: bool = option(False, "bf16 autocast on CUDA (changes the numerics; off reproduces the paper in fp32)")
+    compile: bool = option(False, "torch.compile the networks' plain forward passes (phase 1, evaluation)")
+    channels_last: bool = option(True, "channels_last memory format (faster convolutions on CUDA and on CPU)")
+    cuda_graphs: bool = option(True, "replay each step as a CUDA graph on CUDA (same arithmetic, less launch overhead)")
+    results_dir: str = option("results", "runs are written to <results-dir>/<run-name>/")
+    run_name: str = option(
+        "",
+        "a plain folder name inside --results-dir; default: method, levels, seed, and a hash of the settings "
+        "that differ from the paper's (e.g. {example})",
+    )
+    resume: bool = option(False, "continue the run in <results-dir>/<run-name> from its checkpoint")
+    overwrite: bool = option(False, "start over in a run folder that already holds results")
+    limit_batches: int = option(0, "only this many batches per pass (0 = all): smoke tests and benchmarks")
+    tensorboard: bool = option(False, "also write each epoch's numbers as TensorBoard scalars into the run folder")
+    smoke: bool = option(False, "one-minute install check on CPU: synthetic data in a temporary folder, no download")
+
+
+# ---------------------------------------------------------------------------------------------
+# Networks
+
+
+def conv_block(in_channels: int, out_channels: int, num_convs: int) -> nn.Sequential:
+    """num_convs x (3x3 conv, BatchNorm, ReLU), then 2x2 max-pool; conv i at index 3 * i."""
+    layers = []
+    for i in range(num_convs):
+        layers += [
+            nn.Conv2d(in_channels if i == 0 else out_channels, out_channels, kernel_size=3, padding=1),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+        ]
+    return nn.Sequential(*layers, nn.MaxPool2d(kernel_size=2, stride=2))
+
+
+def head(num_classes: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(512, 512), nn.ReLU(inplace=True), nn.Linear(512, num_classes))
+
+
+def init_weights(module: nn.Module, weight_init) -> None:
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            weight_init(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class VGGTrunk(nn.Module):
+    """VGG-16's 13 conv layers in five blocks (64, 128, 256, 512, 512 channels): 32x32 -> 512 features."""
+
+    def __init__(self):
+        super().__init__()
+        self.block1 = conv_block(3, 64, 2)
+        self.block2 = conv_block(64, 128, 2)
+        self.block3 = conv_block(128, 256, 3)
+        self.block4 = conv_block(256, 512, 3)
+        self.block5 = conv_block(512, 512, 3)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        for block in (self.block1, self.block2, self.block3, self.block4, self.block5):
+            x = block(x)
+        return x.flatten(1)
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """The trunk's parameters (those every head shares)."""
+        return [p for name, p in self.named_parameters() if name.startswith("block")]
+
+
+class VGG16(VGGTrunk):
+    """The multi-task network theta_1: primary head `classifier1`, auxiliary head `classifier2`. Returns logits."""
+
+    def __init__(self, psi: list[int]):
+        super().__init__()
+        self.classifier1 = head(len(psi))
+        self.classifier2 = head(sum(psi))
+        init_weights(self, nn.init.xavier_uniform_)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.features(x)
+        return self.classifier1(features), self.classifier2(features)
+
+
+MASK_FLOOR = 1e-8  # the reference's weight for auxiliary classes outside the sample's block
+
+
+def block_log_mask(psi: list[int]) -> torch.Tensor:
+    """(len(psi), sum(psi)) log-mask: 0 on block i (primary class i's auxiliary classes), log(1e-8) elsewhere."""
+    mask = torch.full((len(psi), sum(psi)), MASK_FLOOR)
+    start = 0
+    for i, size in enumerate(psi):
+        mask[i, start : start + size] = 1.0
+        start += size
+    return mask.log()
+
+
+def mask_softmax(logits: torch.Tensor, log_mask: torch.Tensor) -> torch.Tensor:
+    """exp(x) * mask / sum(exp(x) * mask), computed as softmax(x + log mask): no overflow."""
+    return torch.softmax(at_least_float32(logits) + log_mask, dim=1)
+
+
+def weight_head() -> nn.Sequential:
+    """The generator's second head: one weight in (0, 1) per image."""
+    return nn.Sequential(nn.Linear(512, 512), nn.ReLU(inplace=True), nn.Linear(512, 1), nn.Sigmoid())
+
+
+class LabelGenerator(VGGTrunk):
+    """The label-generation network theta_2: its own VGG-16, head `classifier` with sum(psi) outputs, and
+    `weight_head`, one weight per image (the WAMAL authors' names)."""
+
+    def __init__(self, psi: list[int]):
+        super().__init__()
+        self.classifier = head(sum(psi))
+        # Not persistent: the state dict keeps the reference's keys.
+        self.register_buffer("log_mask", block_log_mask(psi), persistent=False)
+        init_weights(self, nn.init.xavier_normal_)
+        # Made last, so the trunk and the label head draw the same random numbers as MAXL's generator (with the
+        # same seed the two methods start from the same networks). PyTorch's default init, as in the authors'
+        # WAMAL script: xavier_normal would start the multipliers between about 2^-6 and 2^10 instead of near 1.
+        self.weight_head = weight_head()
+
+    def forward(self, x: torch.Tensor, y_primary: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Auxiliary label distribution (N, sum(psi)), confined to the block of each sample's primary class,
+        and each sample's weight w (N,)."""
+        features = self.features(x)
+        labels = mask_softmax(self.classifier(features), self.log_mask[y_primary])
+        return labels, self.weight_head(features).squeeze(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses
+
+
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 (autocast) -> float32 for losses; float32 and float64 unchanged."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def focal_terms(logits: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
+    """Per-sample, per-class focal terms -(1 - p)^gamma log p, with p = softmax(logits), in float32 or wider."""
+    log_p = F.log_softmax(at_least_float32(logits), dim=1)
+    return -(1 - log_p.exp()).pow(gamma) * log_p
+
+
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
+    """Focal loss against a target distribution (one-hot or soft), averaged over the batch."""
+    return (target * focal_terms(logits, gamma)).sum(1).mean()
+
+
+def negative_entropy(label_probs: torch.Tensor) -> torch.Tensor:
+    """sum_k q_k log q_k of the batch-mean distribution q: low when the batch uses many classes."""
+    q = label_probs.mean(0)
+    return torch.xlogy(q, q).sum()
+
+
+def per_sample_focal(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
+    """Each sample's focal loss against its target distribution (N,): focal_loss before the batch mean."""
+    return (target * focal_terms(logits, gamma)).sum(1)
+
+
+def aux_multipliers(weights: torch.Tensor, weight_range: float) -> torch.Tensor:
+    """m = 2^(R (2w - 1)): 1 at w = 0.5, between 2^-R and 2^R; in float32 or wider."""
+    return torch.exp2(weight_range * (2 * at_least_float32(weights) - 1))
+
+
+def weighted_aux_loss(per_sample: torch.Tensor, multipliers: torch.Tensor, weighting: str) -> torch.Tensor:
+    """The auxiliary loss with the images' multipliers. sample: mean_i m_i l_i, each image's own (the paper);
+    batch: mean(m) * mean(l), what the authors' code computes (its (B,) loss times (B, 1) weights broadcasts
+    to B x B, whose mean is that product): one scale for the whole batch."""
+    if weighting == "batch":
+        return multipliers.mean() * per_sample.mean()
+    return (multipliers * per_sample).mean()
+
+
+def label_coefficients(multipliers: torch.Tensor, weighting: str) -> torch.Tensor:
+    """c (N,) with weighted_aux_loss = mean_i c_i l_i: m_i (sample), or mean(m) for every image (batch)."""
+    if weighting == "batch":
+        return multipliers.mean().expand_as(multipliers)
+    return multipliers
+
+
+def near_bounds(multipliers: torch.Tensor, weight_range: float) -> torch.Tensor:
+    """Which multipliers lie within a factor 2 of 2^-R or 2^R (a collapse of the weights shows there)."""
+    return multipliers.log2().abs() >= weight_range - 1
+
+
+def gradient_cosine(primary_grads: list[torch.Tensor], auxiliary_grads: list[torch.Tensor]) -> torch.Tensor:
+    """The reference's diagnostic (its code since "update for pytorch 1.8"): each gradient reshaped to
+    (output channels, -1), the cosine of the two gradients per output channel, averaged; then the mean over tensors."""
+    cosines = [
+        F.cosine_similarity(g1.reshape(len(g1), -1), g2.reshape(len(g2), -1), dim=1).mean()
+        for g1, g2 in zip(primary_grads, auxiliary_grads)
+    ]
+    return torch.stack(cosines).mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# The meta-gradient
+#
+# The generator minimises J(theta_2) = L_pri(theta_1^+) + entropy_weight * negative_entropy(labels),
+# theta_1^+ = theta_1 - inner_lr * grad_theta_1 (L_pri + L_aux(labels(theta_2), weights(theta_2))). L_aux is
+# linear in the products p_ik = c_i t_ik of the labels t and the coefficients c (label_coefficients: the
+# multipliers m, or their batch mean), so the chain rule through theta_1^+ collapses to a gradient w.r.t. p,
+#     dJ/dp_ik = -inner_lr / N * D_d focal_aux_ik(theta_1),   d = grad L_pri(theta_1^+),
+# MAXL's dJ/dt (there c = 1): the directional derivative along d of the auxiliary head's per-class focal
+# terms, followed by one backward through the generator's two heads. The methods differ only in how they
+# get it (second_order's docstring has the derivation).
+
+
+def generated_labels_and_weights(
+    label_generator: LabelGenerator, images: torch.Tensor, primary: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The generator's labels and weights, differentiable w.r.t. theta_2; batch statistics, its running
+    statistics untouched."""
+    buffers = {name: b.clone() for name, b in label_generator.named_buffers()}
+    return functional_call(label_generator, (dict(label_generator.named_parameters()), buffers), (images, primary))
+
+
+@dataclass
+class InnerStep:
+    """The virtual step of theta_1 on one batch, the generated labels and weights taken as constants."""
+
+    theta1: dict[str, torch.Tensor]  # the multi-task network's parameters, detached
+    buffers: dict[str, torch.Tensor]  # throw-away copies of its BatchNorm statistics
+    primary_logits: torch.Tensor  # at theta_1
+    aux_logits: torch.Tensor  # at theta_1
+    primary_plus: torch.Tensor  # primary logits at theta_1^+
+    direction: dict[str, torch.Tensor]  # d = grad L_pri(theta_1^+)
+    layer_inputs: dict[nn.Module, torch.Tensor]  # inputs of the `record`ed layers at theta_1
+
+
+def inner_step(
+    model: VGG16,
+    images: torch.Tensor,
+    primary_target: torch.Tensor,
+    labels: torch.Tensor,
+    multipliers: torch.Tensor,
+    weighting: str,
+    inner_lr: float,
+    focal_gamma: float,
+    record: tuple[nn.Module, ...] = (),
+) -> InnerStep:
+    """theta_1^+ = theta_1 - inner_lr * grad(L_pri + L_aux), and d = grad L_pri(theta_1^+). No graph is kept."""
+    theta1 = {name: p.detach() for name, p in model.named_parameters()}
+    # Running statistics go to throw-away copies: the meta step must not change the networks it involves.
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    with torch.enable_grad():
+        leaves = {name: p.detach().requires_grad_() for name, p in theta1.items()}
+        with recorded_inputs(record) as layer_inputs:
+            primary_logits, aux_logits = functional_call(model, (leaves, buffers), (images,))
+        train_loss = focal_loss(primary_logits, primary_target, focal_gamma) + weighted_aux_loss(
+            per_sample_focal(aux_logits, labels.detach(), focal_gamma), multipliers.detach(), weighting
+        )
+        grads = torch.autograd.grad(train_loss, list(leaves.values()))
+        theta1_plus = {name: (p - inner_lr * g).requires_grad_() for (name, p), g in zip(theta1.items(), grads)}
+        primary_plus = functional_call(model, (theta1_plus, buffers), (images,))[0]
+        d = torch.autograd.grad(
+            focal_loss(primary_plus, primary_target, focal_gamma),
+            list(theta1_plus.values()),
+            allow_unused=True,
+            materialize_grads=True,
+        )
+    return InnerStep(theta1, buffers, primary_logits, aux_logits, primary_plus, dict(zip(theta1, d)), layer_inputs)
+
+
+def generator_gradients(
+    label_generator: LabelGenerator,
+    labels: torch.Tensor,
+    multipliers: torch.Tensor,
+    weighting: str,
+    product_grad: torch.Tensor,
+    entropy_weight: float,
+) -> list[torch.Tensor]:
+    """grad_theta_2 of J, given dJ/dp for the products p = c t (`product_grad`, constant): one backward
+    through the generator, both heads."""
+    products = label_coefficients(multipliers, weighting)[:, None] * labels
+    surrogate = (products * product_grad).sum() + entropy_weight * negative_entropy(labels)
+    return list(torch.autograd.grad(surrogate, list(label_generator.parameters())))
+
+
+def auxiliary_path(model: VGG16) -> list[tuple[str, nn.Module]]:
+    """(name, layer) from the images to the auxiliary logits, in the order VGG16.forward applies them."""
+    return [
+        (name, layer)
+        for name, layer in model.named_modules()
+        if name.startswith(("block", "classifier2.")) and not list(layer.children())
+    ]
+
+
+@contextlib.contextmanager
+def recorded_inputs(layers: list[nn.Module]):
+    """Yields a dict that receives, for each of `layers`, the input of its forward call (detached) inside the block."""
+    inputs: dict[nn.Module, torch.Tensor] = {}
+
+    def record(layer: nn.Module, args: tuple) -> None:
+        inputs[layer] = args[0].detach()
+
+    handles = [layer.register_forward_pre_hook(record) for layer in layers]
+    try:
+        yield inputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def path_tangent(
+    path: list[tuple[str, nn.Module]],
+    inputs: dict[nn.Module, torch.Tensor],
+    params: dict[str, torch.Tensor],
+    direction: dict[str, torch.Tensor],
+    buffers: dict[str, torch.Tensor],
+) -> torch.Tensor:
+    """Forward-mode derivative of the path's output along `direction` (one tangent per parameter).
+
+    The same as a JVP through the path with tangent-free images, minus its primal forward pass: every
+    layer's input is the one `recorded_inputs` kept from a forward pass at `params`. Conv2d and Linear
+    are bilinear in (input, parameters), so their tangent is layer(tangent; W, 0) + layer(input; dW, db),
+    two of the JVP's three convolutions. The other layers (BatchNorm with batch statistics, ReLU,
+    max-pool) are cheap and go through forward-mode AD; an in-place ReLU rewrites its recorded input,
+    which already holds its output, with the same values. Between layers the tangent takes the shape of
+    the next layer's input (the trunk's flatten).
+    """
+    tangent = None
+    for name, layer in path:
+        layer_input = inputs[layer]
+        if tangent is not None:
+            tangent = tangent.reshape(layer_input.shape)
+        own = {key: params[f"{name}.{key}"] for key, _ in layer.named_parameters()}
+        along = {key: direction[f"{name}.{key}"] for key in own}
+        if isinstance(layer, (nn.Conv2d, nn.Linear)):
+            out = functional_call(layer, along, (layer_input,))
+            if tangent is not None:
+                out = out + functional_call(layer, {**own, "bias": torch.zeros_like(own["bias"])}, (tangent,))
+            tangent = out
+        else:
+            own_buffers = {key: buffers[f"{name}.{key}"] for key, _ in layer.named_buffers()}
+            if tangent is None:
+                tangent = torch.zeros_like(layer_input)
+            with fwAD.dual_level():
+                dual = {key: fwAD.make_dual(p, along[key]) for key, p in own.items()}
+                out = functional_call(layer, (dual, own_buffers), (fwAD.make_dual(layer_input, tangent),))
+                tangent = fwAD.unpack_dual(out).tangent
+    return tangent
+
+
+# Every method takes the same keywords and returns grad_theta_2 J (one tensor per generator parameter, both heads)
+# and the primary logits at theta_1 and at theta_1^+.
+
+
+def second_order(
+    *,
+    model: VGG16,
+    label_generator: LabelGenerator,
+    images: torch.Tensor,
+    primary: torch.Tensor,
+    inner_lr: float,
+    entropy_weight: float,
+    focal_gamma: float,
+    fd_step: float,
+    weight_range: float,
+    weighting: str,
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Exact: the directional derivative by forward-mode AD (path_tangent), reusing the forward pass at theta_1.
+
+    The derivation. With f_ik(theta_1) = -(1 - q_ik)^gamma log q_ik the auxiliary head's focal terms (q its
+    softmax) and c_i = m_i (sample) or mean(m) (batch), the inner loss is
+        L(theta_1) = L_pri + 1/N sum_ik p_ik f_ik,   p_ik = c_i t_ik,
+    so grad_theta_1 L depends on theta_2 through the products p only, and linearly:
+        d theta_1^+ / d p_ik = -inner_lr / N * grad f_ik(theta_1).
+    With d = grad L_pri(theta_1^+), the chain rule gives
+        dJ/dp_ik = d . d theta_1^+ / d p_ik = -inner_lr / N * D_d f_ik(theta_1),
+    one directional derivative of the per-sample, per-class focal terms, as in MAXL (c = 1 there). The rest
+    of the chain, p = c(m(w(theta_2))) t(theta_2), is one backward of sum_ik p_ik dJ/dp_ik (dJ/dp held
+    constant) plus the entropy term: it gives dJ/dt_ik = c_i dJ/dp_ik and, for the weights,
+        sample: dJ/dm_i = sum_k t_ik dJ/dp_ik   (each image's own),
+        batch:  dJ/dm_i = 1/N sum_jk t_jk dJ/dp_jk   (the same for every image),
+    and dJ/dw_i = dJ/dm_i * 2 R ln(2) m_i. The weights get their gradient through theta_1^+ only.
+
+    `fd_step` is unused (the signature is every method's)."""
+    labels, weights = generated_labels_and_weights(label_generator, images, primary)
+    multipliers = aux_multipliers(weights, weight_range)
+    path = auxiliary_path(model)
+    primary_target = F.one_hot(primary, model.classifier1[-1].out_features).float()
+    step = inner_step(
+        model,
+        images,
+        primary_target,
+        labels,
+        multipliers,
+        weighting,
+        inner_lr,
+        focal_gamma,
+        tuple(layer for _, layer in path),
+    )
+    with torch.no_grad():
+        aux_tangent = path_tangent(path, step.layer_inputs, step.theta1, step.direction, step.buffers)
+        with fwAD.dual_level():
+            aux_dual = fwAD.make_dual(step.aux_logits.detach(), aux_tangent)
+            slope = fwAD.unpack_dual(focal_terms(aux_dual, focal_gamma)).tangent
+        product_grad = -inner_lr / images.shape[0] * slope
+    return (
+        generator_gradients(label_generator, labels, multipliers, weighting, product_grad, entropy_weight),
+        step.primary_logits,
+        step.primary_plus,
+    )
+
+
+def finite_difference(
+    *,
+    model: VGG16,
+    label_generator: LabelGenerator,
+    images: torch.Tensor,
+    primary: torch.Tensor,
+    inner_lr: float,
+    entropy_weight: float,
+    focal_gamma: float,
+    fd_step: float,
+    weight_range: float,
+    weighting: str,
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """The authors' first-order variant (DARTS): the directional derivative as a central difference,
+    eps = fd_step / ||d||, from two forward passes at theta_1 +- eps * d."""
+    labels, weights = generated_labels_and_weights(label_generator, images, primary)
+    multipliers = aux_multipliers(weights, weight_range)
+    primary_target = F.one_hot(primary, model.classifier1[-1].out_features).float()
+    step = inner_step(model, images, primary_target, labels, multipliers, weighting, inner_lr, focal_gamma)
+    with torch.no_grad():
+        d = step.direction
+        eps = fd_step / torch.sqrt(sum(v.pow(2).sum() for v in d.values()))
+
+        def aux_focal_terms(sign: int) -> torch.Tensor:
+            shifted = {name: p + sign * eps * d[name] for name, p in step.theta1.items()}
+            return focal_terms(functional_call(model, (shifted, step.buffers), (images,))[1], focal_gamma)
+
+        slope = (aux_focal_terms(+1) - aux_focal_terms(-1)) / (2 * eps)
+        product_grad = -inner_lr / images.shape[0] * slope
+    return (
+        generator_gradients(label_generator, labels, multipliers, weighting, product_grad, entropy_weight),
+        step.primary_logits,
+        step.primary_plus,
+    )
+
+
+def double_backward(
+    *,
+    model: VGG16,
+    label_generator: LabelGenerator,
+    images: torch.Tensor,
+    primary: torch.Tensor,
+    inner_lr: float,
+    entropy_weight: float,
+    focal_gamma: float,
+    fd_step: float,
+    weight_range: float,
+    weighting: str,
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Exact, the reference's way: backpropagate J through the inner gradient (create_graph=True). Slowest;
+    kept as the test oracle. `fd_step` is unused (the signature is every method's)."""
+    labels, weights = generated_labels_and_weights(label_generator, images, primary)
+    multipliers = aux_multipliers(weights, weight_range)
+    primary_target = F.one_hot(primary, model.classifier1[-1].out_features).float()
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    params = dict(model.named_parameters())
+    primary_logits, aux_logits = functional_call(model, (params, buffers), (images,))
+    train_loss = focal_loss(primary_logits, primary_target, focal_gamma) + weighted_aux_loss(
+        per_sample_focal(aux_logits, labels, focal_gamma), multipliers, weighting
+    )
+    grads = torch.autograd.grad(train_loss, list(params.values()), create_graph=True)
+    theta1_plus = {name: p - inner_lr * g for (name, p), g in zip(params.items(), grads)}
+    primary_plus = functional_call(model, (theta1_plus, buffers), (images,))[0]
+    objective = focal_loss(primary_plus, primary_target, focal_gamma) + entropy_weight * negative_entropy(labels)
+    grads = list(torch.autograd.grad(objective, list(label_generator.parameters())))
+    return grads, primary_logits.detach(), primary_plus.detach()
+
+
+def meta_gradients(
+    *,
+    model: VGG16,
+    label_generator: LabelGenerator,
+    images: torch.Tensor,
+    primary: torch.Tensor,
+    inner_lr: float,
+    method: str = "second-order",
+    entropy_weight: float = 0.2,
+    focal_gamma: float = 2.0,
+    fd_step: float = 0.01,
+    weight_range: float = 15.0,
+    weighting: str = "sample",
+) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """grad_theta_2 J for every label-generator parameter (trunk, label head, weight head), by `method`; and
+    the virtual step's statistics: the primary loss and accuracy at theta_1 and at theta_1^+ (tensors).
+
+    BatchNorm uses batch statistics, as in training. Parameters, buffers and .grad of both networks are
+    left as they were."""
+    methods = {"second-order": second_order, "finite-difference": finite_difference, "double-backward": double_backward}
+    if method not in methods:
+        raise ValueError(f"unknown meta-gradient method {method!r}; one of {META_GRADIENT_METHODS}")
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"unknown weighting {weighting!r}; one of {WEIGHTINGS}")
+    grads, primary_logits, primary_plus = methods[method](
+        model=model,
+        label_generator=label_generator,
+        images=images,
+        primary=primary,
+        inner_lr=inner_lr,
+        entropy_weight=entropy_weight,
+        focal_gamma=focal_gamma,
+        fd_step=fd_step,
+        weight_range=weight_range,
+        weighting=weighting,
+    )
+    primary_target = F.one_hot(primary, model.classifier1[-1].out_features).float()
+    with torch.no_grad():
+        stats = {
+            "meta_primary_loss_before": focal_loss(primary_logits, primary_target, focal_gamma),
+            "meta_primary_acc_before": (primary_logits.argmax(1) == primary).float().mean(),
+            "meta_primary_loss_after": focal_loss(primary_plus, primary_target, focal_gamma),
+            "meta_primary_acc_after": (primary_plus.argmax(1) == primary).float().mean(),
+        }
+    return grads, stats
+
+
+# ---------------------------------------------------------------------------------------------
+# Training and evaluation steps
+
+
+def train_step(state: dict, images: torch.Tensor, labels: torch.Tensor, cfg: Config, diagnose: bool) -> dict:
+    """Phase 1 on one batch: an SGD step of theta_1 on L_pri + L_aux, the generated labels and weights taken
+    as given (L_aux weighted by the multipliers m, see weighted_aux_loss).
+
+    With `diagnose`, also the cosine between the primary and the (weighted) auxiliary gradients on the trunk.
+    Returns the batch's metrics as tensors (no host sync).
+    """
+    model, optimizer = state["model"], state["optimizer"]
+    primary = labels[:, level_index(cfg.primary_level)]
+    with autocast(cfg, images.device):
+        with torch.no_grad():  # phase 1 does not train the generator: no graph for it
+            aux_targets, aux_weights = state["forward_generator"](images, primary)
+        # The diagnostic backpropagates three times through one graph; a torch.compile'd network's backward
+        # may run only once (donated buffers), so diagnostic steps run the eager network: same arithmetic.
+        forward_model = state["model"] if diagnose else state["forward_model"]
+        primary_logits, aux_logits = forward_model(images)
+    primary_loss = focal_loss(primary_logits, F.one_hot(primary, cfg.primary_level).float(), cfg.focal_gamma)
+    aux_per_sample = per_sample_focal(aux_logits, aux_targets, cfg.focal_gamma)
+    multipliers = aux_multipliers(aux_weights, cfg.weight_range)
+    aux_loss = weighted_aux_loss(aux_per_sample, multipliers, cfg.weighting)
+    out = {
+        "loss": primary_loss + aux_loss,
+        "train_primary_loss": primary_loss,
+        "train_primary_acc": (primary_logits.argmax(1) == primary).float().mean(),
+        "train_aux_loss": aux_per_sample.mean(),  # unweighted, as MAXL's
+        "train_weighted_aux_loss": aux_loss,
+        "aux_assigned": aux_targets.argmax(1),
+        "aux_multipliers": multipliers,
+    }
+    if diagnose:
+        shared = model.shared_parameters()
+        # Two separate passes, as the reference: total - primary would differ in the conv biases, whose
+        # gradient before BatchNorm is zero up to rounding, and so would their cosine.
+        primary_grads = torch.autograd.grad(primary_loss, shared, retain_graph=True)
+        aux_grads = torch.autograd.grad(aux_loss, shared, retain_graph=True)
+        out["train_cosine"] = gradient_cosine(primary_grads, aux_grads)
+    optimizer.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    optimizer.step()
+    return out
+
+
+def meta_step(state: dict, images: torch.Tensor, labels: torch.Tensor, cfg: Config) -> dict:
+    """Phase 2 on one batch: an SGD step of theta_2 along meta_gradients; theta_1 stays as it is.
+
+    The inner step size is the multi-task optimiser's current learning rate.
+    Returns the primary loss and accuracy before and after the virtual step (tensors).
+    """
+    label_generator = state["label_generator"]
+    primary = labels[:, level_index(cfg.primary_level)]
+    inner_lr = state["optimizer"].param_groups[0]["lr"]
+    # Always fp32, also with --amp: the meta-gradient is a small difference of large terms, and in
+    # bf16 it is noise (cosine 0.29 to the float64 gradient on a random batch; fp32: 0.986).
+    grads, stats = meta_gradients(
+        model=state["model"],
+        label_generator=label_generator,
+        images=images,
+        primary=primary,
+        inner_lr=inner_lr,
+        method=cfg.meta_grad,
+        entropy_weight=cfg.entropy_weight,
+        focal_gamma=cfg.focal_gamma,
+        fd_step=cfg.fd_step,
+        weight_range=cfg.weight_range,
+        weighting=cfg.weighting,
+    )
+    for p, g in zip(label_generator.parameters(), grads):
+        p.grad = g
+    state["gen_optimizer"].step()
+    return stats
+
+
+def train_epoch(
+    state: dict, graphs: StepGraphs, loaders: Loaders, cfg: Config, device: torch.device, epoch: int
+) -> dict[str, float]:
+    """Phase 1 over the train set (theta_1), then phase 2 over it again (theta_2). The multipliers' statistics
+    are over phase 1's images."""
+    meter = Meter()
+    guard = FiniteGuard(device)
+    state["model"].train()
+    state["label_generator"].train()
+    num_aux = state["model"].classifier2[-1].out_features
+    aux_used = torch.zeros(num_aux, dtype=torch.bool, device=device)
+    multiplier_min = torch.full((), float("inf"), device=device)
+    multiplier_max = torch.full((), -float("inf"), device=device)
+    phase1 = {diagnose: functools.partial(train_step, state, cfg=cfg, diagnose=diagnose) for diagnose in (False, True)}
+    for step, images, labels in batches(loaders.train, cfg, device):
+        diagnose = step % cfg.cossim_every == 0
+        out = graphs("phase 1 + cosine" if diagnose else "phase 1", phase1[diagnose], images, labels)
+        guard.watch(out.pop("loss"), epoch, "phase-1", step)
+        aux_used |= F.one_hot(out.pop("aux_assigned"), num_aux).bool().any(0)
+        multipliers = out.pop("aux_multipliers")
+        multiplier_min = torch.minimum(multiplier_min, multipliers.min())
+        multiplier_max = torch.maximum(multiplier_max, multipliers.max())
+        meter.add("aux_multiplier_mean", multipliers.mean(), images.shape[0])
+        meter.add(
+            "aux_multiplier_near_bounds", near_bounds(multipliers, cfg.weight_range).float().mean(), images.shape[0]
+        )
+        if "train_cosine" in out:
+            meter.add("train_cosine", out.pop("train_cosine"), 1)
+        for name, value in out.items():
+            meter.add(name, value, images.shape[0])
+    guard.check(epoch, "phase-1")
+
+    phase2 = functools.partial(meta_step, state, cfg=cfg)
+    for step, images, labels in batches(loaders.train, cfg, device):
+        stats = graphs("phase 2", phase2, images, labels)
+        guard.watch(stats["meta_primary_loss_after"], epoch, "phase-2", step)
+        for name, value in stats.items():
+            meter.add(name, value, images.shape[0])
+    guard.check(epoch, "phase-2")
+
+    metrics = meter.means()
+    metrics["aux_classes_used"] = int(aux_used.sum())
+    metrics["aux_multiplier_min"] = multiplier_min.item()
+    metrics["aux_multiplier_max"] = multiplier_max.item()
+    return metrics
+
+
+def eval_step(state: dict, images: torch.Tensor, labels: torch.Tensor, cfg: Config) -> dict:
+    """Test metrics of one batch, as tensors."""
+    primary = labels[:, level_index(cfg.primary_level)]
+    with autocast(cfg, images.device):
+        primary_logits, _ = state["forward_model"](images)
+    return {
+        "test_primary_loss": focal_loss(primary_logits, F.one_hot(primary, cfg.primary_level).float(), cfg.focal_gamma),
+        "test_primary_acc": (primary_logits.argmax(1) == primary).float().mean(),
+    }
+
+
+def build(cfg: Config, device: torch.device) -> dict:
+    """Networks, optimisers and schedulers. Keys without 'forward_' are saved in the checkpoint."""
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = VGG16(cfg.psi).to(device, memory_format=memory_format)
+    label_generator = LabelGenerator(cfg.psi).to(device, memory_format=memory_format)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+    gen_optimizer = torch.optim.SGD(label_generator.parameters(), lr=cfg.gen_lr, weight_decay=cfg.gen_weight_decay)
+    return {
+        "model": model,
+        "label_generator": label_generator,
+        "optimizer": optimizer,
+        "gen_optimizer": gen_optimizer,
+        "scheduler": torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma),
+        "gen_scheduler": torch.optim.lr_scheduler.StepLR(gen_optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma),
+        "forward_model": torch.compile(model) if cfg.compile else model,
+        "forward_generator": torch.compile(label_generator) if cfg.compile else label_generator,
+    }
+
+
+def epoch_line(record: dict, epochs: int) -> str:
+    r = record
+    return (
+        f"epoch {r['epoch']:3d}/{epochs} "
+        f"| train pri {r['train_primary_loss']:.4f} {100 * r['train_primary_acc']:5.2f}% "
+        f"aux {r['train_aux_loss']:.4f} weighted {r['train_weighted_aux_loss']:.4f} "
+        f"| cos {r.get('train_cosine', float('nan')):+.4f} "
+        f"| meta pri {r['meta_primary_loss_before']:.4f} {100 * r['meta_primary_acc_before']:5.2f}% -> "
+        f"{r['meta_primary_loss_after']:.4f} {100 * r['meta_primary_acc_after']:5.2f}% "
+        f"| test pri {r['test_primary_loss']:.4f} {100 * r['test_primary_acc']:5.2f}% "
+        f"| m {r['aux_multiplier_mean']:.3g} [{r['aux_multiplier_min']:.3g}, {r['aux_multiplier_max']:.3g}] "
+        f"near bounds {100 * r['aux_multiplier_near_bounds']:.1f}% "
+        f"| aux used {r['aux_classes_used']} | {r['seconds']:.1f}s"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# What the run machinery asks of this method
+
+
+def parse_psi(psi: str | list[int], num_primary: int) -> list[int]:
+    """'5' or [5] -> [5] * num_primary; '2,3,4' or [2, 3, 4] -> [2, 3, 4]. Refuses a wrong length or an entry < 1."""
+    text = psi if isinstance(psi, str) else ",".join(str(v) for v in psi)
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise UsageError(
+            f"--psi {text!r} is not an integer or a comma list of integers (e.g. --psi 5 or --psi 2,3,4)"
+        ) from None
+    if len(values) == 1:
+        values = values * num_primary
+    if len(values) != num_primary:
+        raise UsageError(
+            f"--psi has {len(values)} entries but the primary task has {num_primary} classes; "
+            f"give one entry per primary class or a single integer"
+        )
+    if min(values) < 1:
+        raise UsageError(f"--psi {text}: every primary class needs at least 1 auxiliary class")
+    return values
+
+
+def check_aux_classes(psi: list[int]) -> list[int]:
+    """Refuse a psi whose auxiliary heads would not fit in memory, before anything is allocated."""
+    if sum(psi) > MAX_AUX_CLASSES:
+        head_bytes = sum(psi) * 513 * 4 * 2 * 2  # Linear(512, K) in both networks: float32 weights and gradients
+        raise UsageError(
+            f"psi gives {sum(psi)} auxiliary classes, whose two heads alone would take {head_bytes / 2**30:.1f} GiB; "
+            f"at most {MAX_AUX_CLASSES} are allowed"
+        )
+    return psi
+
+
+MAX_WEIGHT_RANGE = 128  # 2^128 is float32's (and bf16's) overflow
+
+
+def check_config(cfg: Config) -> Config:
+    """Refuse impossible settings before anything runs; return the config to run, psi as a list.
+
+    psi comes from --aux-level (the hierarchy) or is given (--psi); given as text together with
+    --aux-level it is refused. The returned config has both: the level psi equals, or None."""
+    require(cfg, at_least_1=("epochs", "batch_size", "lr_step", "cossim_every"), positive=("lr", "gen_lr", "fd_step"))
+    if not 0 < cfg.weight_range < MAX_WEIGHT_RANGE:  # also refuses nan and inf
+        raise UsageError(
+            f"--weight-range must be positive and below {MAX_WEIGHT_RANGE} (got {cfg.weight_range}): the "
+            f"multipliers lie between 2^-R and 2^R, and 2^{MAX_WEIGHT_RANGE} overflows float32"
+        )
+    if cfg.weighting not in WEIGHTINGS:  # argparse checks the flag, not a default edited in this file
+        raise UsageError(f"--weighting {cfg.weighting!r} is not one of {', '.join(WEIGHTINGS)}")
+    if cfg.aux_level is not None and cfg.aux_level <= cfg.primary_level:
+        raise UsageError(
+            f"--aux-level {cfg.aux_level} must be finer than --primary-level {cfg.primary_level} "
+            f"(choose from {', '.join(str(n) for n in LEVELS if n > cfg.primary_level)})"
+        )
+    if cfg.psi is None:
+        aux_level = cfg.aux_level or 100
+        return dataclasses.replace(cfg, aux_level=aux_level, psi=hierarchy_psi(cfg.primary_level, aux_level))
+    if isinstance(cfg.psi, str) and cfg.aux_level is not None:
+        raise UsageError(
+            f"--psi {cfg.psi} and --aux-level {cfg.aux_level} both set psi; give one of them "
+            f"(--aux-level takes psi from the hierarchy, --psi sets it yourself)"
+        )
+    psi = check_aux_classes(parse_psi(cfg.psi, cfg.primary_level))
+    levels = [n for n in LEVELS if n > cfg.primary_level and hierarchy_psi(cfg.primary_level, n) == psi]
+    if cfg.aux_level is not None and levels != [cfg.aux_level]:
+        raise UsageError(f"psi {psi} is not the hierarchy's at --aux-level {cfg.aux_level}; set one of them only")
+    return dataclasses.replace(cfg, psi=psi, aux_level=levels[0] if levels else None)
+
+
+def run_name_stem(cfg: Config) -> str:
+    return f"{METHOD}-{cfg.meta_grad}-pri{cfg.primary_level}-aux{sum(cfg.psi)}-seed{cfg.seed}"
+
+
+def paper_settings(cfg: Config) -> dict:
+    """The paper's values of the settings that change the result and are not in run_name_stem.
+
+    A fixed record, not Config's defaults: a run whose settings differ gets a hash of them in its name."""
+    paper = {
+        "psi": hierarchy_psi(cfg.primary_level, cfg.aux_level or 100),
+        "batch_size": 100,
+        "lr": 0.01,
+        "lr_step": 50,
+        "lr_gamma": 0.5,
+        "focal_gamma": 2.0,
+        "gen_lr": 1e-3,
+        "gen_weight_decay": 5e-4,
+        "entropy_weight": 0.2,
+        "cossim_every": 10,
+        "weight_range": 15.0,
+        "weighting": "sample",
+    }
+    if cfg.meta_grad == "finite-difference":
+        paper["fd_step"] = 0.01
+    return paper
+
+
+def held_out(train_set: CIFAR100, cfg: Config) -> np.ndarray:
+    """Indices of the training images this method holds out of training as a developing set: none."""
+    return np.zeros(0, dtype=np.int64)
+
+
+def derived_settings(cfg: Config) -> dict:
+    """Values computed from the flags, stored beside them in metrics.json."""
+    return {
+        "psi_list": cfg.psi,
+        "aux_classes": sum(cfg.psi),
+        "aux_multiplier_bounds": [2.0**-cfg.weight_range, 2.0**cfg.weight_range],
+    }
+
+
+def published_accuracy(cfg: Config) -> dict[str, float]:
+    """Published test accuracy (%) for this configuration, where one exists."""
+    if cfg.primary_level == 20 and cfg.psi == [5] * 20:
+        return {"WAMAL paper's abstract": 80.2, "WAMAL authors' README": 81.5}
+    return {}
+
+
+# =============================================================================================
+# RUN MACHINERY. Identical in every model script: edit it in model_vgg_single.py (the canonical
+# copy), then run `python tools/sync_shared.py` to copy it into the others (`--check` compares only).
+# The code above defines what the machinery needs from the method:
+#   METHOD                  the method's name: run names, checkpoints, metrics.json
+#   Config                  the settings; its data and run fields are shared (synced) too
+#   check_config(cfg)       refuses impossible settings (UsageError); returns cfg with psi etc. parsed
+#   run_name_stem(cfg)      the readable part of the default run name (method, levels, seed)
+#   paper_settings(cfg)     the paper's values of the other settings that change the result
+#   derived_settings(cfg)   values computed from the settings, stored beside them in metrics.json
+#   published_accuracy(cfg) published test accuracy (%) for this configuration, if any
+#   build(cfg, device)      networks, optimisers, schedulers: a dict; "model" is evaluated, keys
+#                           without "forward_" are checkpointed
+#   held_out(train_set, cfg)  indices of training images held out as a developing set (Loaders.dev)
+#   train_epoch(state, graphs, loaders, cfg, device, epoch)  one epoch's training metrics
+#   eval_step(state, images, labels, cfg)                         one test batch's metrics
+#   epoch_line(record, epochs)                                    the per-epoch line
+# It provides: UsageError, NonFiniteLoss, require, Loaders, autocast, batches, StepGraphs, Meter,
+# FiniteGuard, evaluate, run, smoke, main.
+# =============================================================================================
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+# Settings a resumed run may change; every other one must match the checkpoint.
+RESUMABLE_CHANGES = {
+    "epochs",
+    "resume",
+    "overwrite",
+    "data_root",
+    "download",
+    "workers",
+    "cuda_graphs",
+    "results_dir",
+    "tensorboard",
+}
+PAPER_EPOCHS = 200  # the paper reports the mean test accuracy of the last 5 of 200 epochs
+MAX_SEED = 2**32 - 1  # numpy's limit, the narrowest of the seeded generators
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a plain folder name, created inside --results-dir
+
+
+class UsageError(Exception):
+    """Bad input or a refused action: shown as one line, exit code 2."""
+
+
+class NonFiniteLoss(Exception):
+    """A loss became NaN or infinite: the run stops, the last good checkpoint stays."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag gets one line (not the whole usage) and exit code 2."""
+
+    def error(self, message: str):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def command_line() -> OneLineParser:
+    """One flag per Config field, the field's value in this file as its default."""
+    parser = OneLineParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,  # a typo of one flag must not silently mean another
+    )
+    defaults = Config()
+    example = default_run_name(check_config(defaults))
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        kwargs = {
+            **f.metadata,
+            "default": getattr(defaults, f.name),
+            "help": f.metadata["help"].format(example=example),
+        }
+        if f.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        else:
+            parser.add_argument(flag, **{"type": {"int": int, "float": float, "str": str}.get(f.type), **kwargs})
+    return parser
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    return Config(**vars(command_line().parse_args(argv)))
+
+
+def flag(name: str, value) -> str:
+    """A setting as its command-line flag; a list (psi) as the command line writes it: 5 or 2,3,4."""
+    if isinstance(value, list):
+        value = value[0] if len(set(value)) == 1 else ",".join(str(v) for v in value)
+    return f"--{name.replace('_', '-')} {value}"
+
+
+def require(cfg: Config, at_least_1=(), at_least_0=(), positive=()) -> None:
+    """Refuse, with one line naming the flag, a setting outside its range."""
+    for names, ok, rule in (
+        (at_least_1, lambda v: v >= 1, "must be at least 1"),
+        (at_least_0, lambda v: v >= 0, "must be 0 or more"),
+        (positive, lambda v: v > 0 and math.isfinite(v), "must be positive and finite"),
+    ):
+        for name in names:
+            if not ok(getattr(cfg, name)):
+                raise UsageError(f"--{name.replace('_', '-')} {rule} (got {getattr(cfg, name)})")
+
+
+def check_settings(cfg: Config) -> Config:
+    """The method's checks (check_config), then the shared data and run settings'."""
+    for f in dataclasses.fields(Config):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"--{f.name.replace('_', '-')} must be a finite number (got {value})")
+    cfg = check_config(cfg)
+    require(cfg, at_least_0=("limit_batches",) + (("workers",) if cfg.workers is not None else ()))
+    if not 0 <= cfg.seed <= MAX_SEED:
+        raise UsageError(f"--seed must be between 0 and {MAX_SEED}, the range every seeded generator accepts")
+    if cfg.run_name and not RUN_NAME.fullmatch(cfg.run_name):
+        raise UsageError(
+            f"--run-name {cfg.run_name!r} is not a plain folder name: use letters, digits, '.', '_' and '-', "
+            f"starting with a letter or digit (the run is written to --results-dir/<run-name>)"
+        )
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
+        raise UsageError(f"--device {cfg.device!r} is not one of auto, cpu, cuda, cuda:N")
+    if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard")
+    return cfg
+
+
+def edited_settings(cfg: Config) -> dict:
+    """The settings that change the result and differ from the paper's (fixed) values, by name."""
+    paper = {**paper_settings(cfg), "amp": False}
+    return {name: getattr(cfg, name) for name in sorted(paper) if getattr(cfg, name) != paper[name]}
+
+
+def default_run_name(cfg: Config) -> str:
+    """run_name_stem(cfg); a short hash of the settings that differ from the paper's, if any; -limitN for
+    a run of --limit-batches N. The same settings give the same name again (so --resume finds the run)."""
+    name = run_name_stem(cfg)
+    edited = edited_settings(cfg)
+    if edited:
+        name += "-" + hashlib.sha256(json.dumps(edited, sort_keys=True).encode()).hexdigest()[:8]
+    if cfg.limit_batches:
+        name += f"-limit{cfg.limit_batches}"
+    return name
+
+
+def not_comparable(cfg: Config, epochs_completed: int) -> list[str]:
+    """Why this run's accuracy cannot be set beside the published figures (empty: it can)."""
+    reasons = [flag(name, value) for name, value in edited_settings(cfg).items()]
+    if cfg.limit_batches:
+        reasons.append(flag("limit_batches", cfg.limit_batches))
+    if (Path(cfg.data_root) / SYNTHETIC_MARKER).is_file():
+        reasons.append("synthetic data")
+    if epochs_completed != PAPER_EPOCHS:
+        reasons.append(f"{epochs_completed} of the paper's {PAPER_EPOCHS} epochs")
+    return reasons
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices, seeds, data
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError(
+                f"--device {name}: CUDA is not available on this machine (torch {torch.__version__}); use --device cpu"
+            )
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise UsageError(
+                f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0"
+            )
+    return torch.device(name)
+
+
+def configure_backends(cfg: Config, device: torch.device) -> None:
+    """Seeds, and the speed/determinism trade-off of cuDNN and cuBLAS."""
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = cfg.deterministic
+    torch.backends.cudnn.benchmark = device.type == "cuda" and not cfg.deterministic
+
+
+def load_datasets(cfg: Config) -> tuple[CIFAR100, CIFAR100]:
+    folder = Path(cfg.data_root) / CIFAR100.base_folder
+    try:
+        train_set = CIFAR100(cfg.data_root, train=True, transform=TRAIN_TRANSFORM, download=cfg.download)
+        test_set = CIFAR100(cfg.data_root, train=False, transform=TEST_TRANSFORM)
+    except (URLError, OSError) as error:
+        raise UsageError(
+            f"could not download CIFAR-100 into '{cfg.data_root}' ({error}); download cifar-100-python.tar.gz "
+            f"yourself and extract it there, or point --data-root at a folder that holds cifar-100-python/"
+        ) from None
+    except RuntimeError:
+        hint = (
+            "run without --no-download to fetch it (161 MB)"
+            if not cfg.download
+            else "delete that folder to download it again"
+        )
+        raise UsageError(
+            f"CIFAR-100 not found or corrupted in '{folder}'; {hint}, or point --data-root elsewhere"
+        ) from None
+    return train_set, test_set
+
+
+@dataclass
+class Loaders:
+    """A run's batches: train, test, and the developing set the method holds out of training (or None)."""
+
+    train: object
+    test: object
+    dev: object | None = None
+
+
+def default_workers() -> int:
+    """The CPUs this process may use, at most 4: more would only make the DataLoader warn."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(4, cpus)
+
+
+def make_loaders(cfg: Config, device: torch.device) -> Loaders:
+    """Batches of (images, labels[N, 4]); every shuffled loader carries its RNG as `.generator`."""
+    train_set, test_set = load_datasets(cfg)
+    dev_set = None
+    dev_indices = held_out(train_set, cfg)
+    if len(dev_indices):
+        train_set, dev_set = train_set.split(dev_indices, held_out_transform=TEST_TRANSFORM)
+    on_device = cfg.data_path == "device" or (cfg.data_path == "auto" and device.type == "cuda")
+
+    def loader(dataset: CIFAR100, shuffle: bool, augment: bool):
+        if on_device:
+            return DeviceLoader(dataset, cfg.batch_size, device, shuffle=shuffle, augment=augment, seed=cfg.seed)
+        generator = torch.Generator()
+        generator.manual_seed(cfg.seed)
+        # Workers are re-seeded from `generator` every epoch (no persistent workers) so a resumed run repeats exactly.
+        workers = default_workers() if cfg.workers is None else cfg.workers
+        common = dict(batch_size=cfg.batch_size, num_workers=workers, pin_memory=device.type == "cuda")
+        if not shuffle:
+            return torch.utils.data.DataLoader(dataset, shuffle=False, **common)
+        return torch.utils.data.DataLoader(dataset, shuffle=True, generator=generator, **common)
+
+    dev = loader(dev_set, shuffle=True, augment=False) if dev_set is not None else None
+    return Loaders(loader(train_set, shuffle=True, augment=True), loader(test_set, shuffle=False, augment=False), dev)
+
+
+def batches(loader, cfg: Config, device: torch.device):
+    """The loader's batches on `device` (at most --limit-batches of them)."""
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    for step, (images, labels) in enumerate(loader):
+        if cfg.limit_batches and step == cfg.limit_batches:
+            return
+        images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+        yield step, images, labels.to(device, non_blocking=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixed precision and CUDA graphs
+
+
+def autocast(cfg: Config, device: torch.device):
+    """bf16 autocast on CUDA with --amp; a no-op otherwise."""
+    if cfg.amp and device.type == "cuda":
+        # No weight-cast cache: CUDA graph capture needs every cast inside the captured step.
+        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
+    return contextlib.nullcontext()
+
+
+class StepGraphs:
+    """Replays each step function as a CUDA graph: one launch per batch instead of hundreds of kernels.
+
+    At batch size 100 the GPU finishes VGG-16's kernels faster than Python can launch them; a graph
+    removes that overhead without changing the arithmetic. A step (a function of a batch's images and
+    labels that returns tensors) runs eagerly for its first WARMUP calls at each input shape (cuDNN
+    autotuning, lazy initialisation), is then captured once and replayed with the batch copied into
+    the graph's own input tensors. The learning rates a step reads are baked into its capture, so every
+    graph is dropped when an optimiser in `state` changes its learning rate. Parameters must be updated
+    in place (torch.optim and load_state_dict do). The returned tensors are overwritten by the next
+    replay of the same step.
+    Disabled (every call eager) off CUDA and with --no-cuda-graphs.
+    """
+
+    WARMUP = 3
+
+    def __init__(self, state: dict, device: torch.device, enabled: bool = True):
+        self.enabled = enabled and device.type == "cuda"
+        self.device = device
+        self.optimizers = [obj for obj in state.values() if isinstance(obj, torch.optim.Optimizer)]
+        self.learning_rates: list[float] = []
+        self.graphs: dict[tuple, tuple] = {}
+        self.calls: dict[tuple, int] = {}
+        self.side_stream = torch.cuda.Stream(device) if self.enabled else None
+
+    def __call__(self, name: str, step, images: torch.Tensor, labels: torch.Tensor) -> dict:
+        if not self.enabled:
+            return step(images, labels)
+        learning_rates = [group["lr"] for optimizer in self.optimizers for group in optimizer.param_groups]
+        if learning_rates != self.learning_rates:
+            self.graphs.clear()
+            self.calls.clear()
+            self.learning_rates = learning_rates
+        key = (name, tuple(images.shape), tuple(labels.shape))
+        if key not in self.graphs:
+            self.calls[key] = self.calls.get(key, 0) + 1
+            if self.calls[key] <= self.WARMUP:
+                # Warm-up on a side stream, as torch.cuda.graph requires of the work it will capture.
+                main_stream = torch.cuda.current_stream(self.device)
+                self.side_stream.wait_stream(main_stream)
+                with torch.cuda.stream(self.side_stream):
+                    out = step(images, labels)
+                main_stream.wait_stream(self.side_stream)
+                return out
+            static_images, static_labels = images.clone(), labels.clone()
+            graph = torch.cuda.CUDAGraph()
+            # Records the kernels, runs nothing. "thread_local": the DataLoader's pin-memory thread may
+            # allocate pinned memory meanwhile, which the default mode would count as breaking the capture.
+            with torch.cuda.device(self.device), torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                outputs = step(static_images, static_labels)
+            self.graphs[key] = (graph, static_images, static_labels, outputs)
+        graph, static_images, static_labels, outputs = self.graphs[key]
+        static_images.copy_(images)
+        static_labels.copy_(labels)
+        graph.replay()
+        return dict(outputs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Meters and evaluation
+
+
+class Meter:
+    """Sums per-sample metrics on the device; one host sync per epoch."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, name: str, batch_mean: torch.Tensor, n: int) -> None:
+        self.sums[name] = self.sums.get(name, 0) + batch_mean.detach().float() * n
+        self.counts[name] = self.counts.get(name, 0) + n
+
+    def means(self) -> dict[str, float]:
+        return {name: (total / self.counts[name]).item() for name, total in self.sums.items()}
+
+
+class FiniteGuard:
+    """Records the first step whose loss is not finite, without a host sync per step."""
+
+    CHECK_EVERY = 50
+
+    def __init__(self, device: torch.device):
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+
+    def watch(self, loss: torch.Tensor, epoch: int, phase: str, step: int) -> None:
+        bad = (self.first_bad < 0) & ~torch.isfinite(loss.detach())
+        self.first_bad = torch.where(bad, step, self.first_bad)
+        if (step + 1) % self.CHECK_EVERY == 0:
+            self.check(epoch, phase)
+
+    def check(self, epoch: int, phase: str) -> None:
+        step = int(self.first_bad)
+        if step >= 0:
+            raise NonFiniteLoss(f"non-finite loss at epoch {epoch}, {phase} step {step + 1}; the run stopped")
+
+
+@torch.inference_mode()
+def evaluate(state: dict, graphs: StepGraphs, test_loader, cfg: Config, device: torch.device) -> dict[str, float]:
+    meter = Meter()
+    state["model"].eval()
+    step = functools.partial(eval_step, state, cfg=cfg)
+    for _, images, labels in batches(test_loader, cfg, device):
+        out = graphs("evaluate", step, images, labels)
+        for name, value in out.items():
+            meter.add(name, value, images.shape[0])
+    state["model"].train()
+    return meter.means()
+
+
+# ---------------------------------------------------------------------------------------------
+# Results, checkpoints, resume
+
+
+def write_atomic(path: Path, write) -> None:
+    """write(tmp_path), flushed to disk, then renamed over `path`: a reader never sees a half-written file,
+    and a crash or power loss leaves the old file or the new one. A leftover temporary file (a killed
+    process) is removed when the next run opens the folder."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as written:
+            os.fsync(written.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)  # the rename itself
+    finally:
+        os.close(folder)
+
+
+def write_json(path: Path, obj) -> None:
+    """Strict JSON: every number is finite (run() checks them), so any JSON parser reads it."""
+    write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1, allow_nan=False) + "\n"))
+
+
+def rng_state(loaders: Loaders) -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": [torch.from_numpy(v) if isinstance(v, np.ndarray) else v for v in np.random.get_state()],
+        "torch": torch.get_rng_state(),
+        "loader": loaders.train.generator.get_state(),
+    }
+    if loaders.dev is not None:
+        state["dev_loader"] = loaders.dev.generator.get_state()
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict, loaders: Loaders) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(tuple(v.numpy() if isinstance(v, torch.Tensor) else v for v in state["numpy"]))
+    torch.set_rng_state(state["torch"])
+    loaders.train.generator.set_state(state["loader"])
+    if loaders.dev is not None:
+        loaders.dev.generator.set_state(state["dev_loader"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def summarize(history: list[dict], cfg: Config) -> dict:
+    """Final-epoch test accuracy and the mean over the last 5 epochs (the paper's way), in %; the published
+    figures for this configuration, and whether this run is one they can be compared with."""
+    accs = [100 * r["test_primary_acc"] for r in history]
+    reasons = not_comparable(cfg, len(history))
+    return {
+        "epochs_completed": len(history),
+        "final_test_primary_acc": accs[-1],
+        "last5_mean_test_primary_acc": sum(accs[-5:]) / len(accs[-5:]),
+        "published_test_primary_acc": published_accuracy(cfg),
+        "comparable_with_published": not reasons,
+        "not_comparable_because": reasons,
+    }
+
+
+def summary_line(summary: dict) -> str:
+    published = "; ".join(f"{v:.1f}% ({k})" for k, v in summary["published_test_primary_acc"].items())
+    if not published:
+        beside = "published: none for this configuration"
+    elif summary["comparable_with_published"]:
+        beside = f"published: {published}"
+    else:
+        beside = f"not comparable with the published figures ({', '.join(summary['not_comparable_because'])})"
+    return (
+        f"final test primary accuracy {summary['final_test_primary_acc']:.2f}%, mean of the last "
+        f"{min(5, summary['epochs_completed'])} epochs {summary['last5_mean_test_primary_acc']:.2f}% | {beside}"
+    )
+
+
+def settings_as_checked(saved: dict) -> dict:
+    """A checkpoint's settings as check_config leaves them (psi parsed, levels resolved), so that the same
+    experiment compares equal however its settings were written (--psi 5 or twenty 5s)."""
+    names = {f.name for f in dataclasses.fields(Config)}
+    try:
+        return asdict(check_config(Config(**{k: v for k, v in saved.items() if k in names})))
+    except (UsageError, TypeError, ValueError):
+        return saved
+
+
+def load_checkpoint(path: Path, cfg: Config) -> dict:
+    """The checkpoint at `path`, after checking it belongs to this configuration; refuses with one line."""
+    if not path.is_file():
+        raise UsageError(
+            f"--resume: no checkpoint at '{path}'; start without --resume, or check --results-dir and --run-name"
+        )
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        saved = checkpoint["config"]
+        checkpoint["next_epoch"]
+    except Exception as error:
+        raise UsageError(
+            f"--resume: '{path}' is unreadable (truncated or corrupt: {type(error).__name__}); "
+            f"start a new run with another --run-name, or --overwrite to replace it"
+        ) from None
+    if saved.get("method") != METHOD:
+        raise UsageError(f"--resume: '{path}' is a {saved.get('method')} run, not {METHOD}; use another --run-name")
+    current, saved = asdict(cfg), {**saved, **settings_as_checked(saved)}
+    differ = [k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k]]
+    if differ:
+        was = " ".join(flag(k, saved.get(k)) for k in differ)
+        now = " ".join(flag(k, current[k]) for k in differ)
+        raise UsageError(
+            f"--resume: '{path}' was written with {was} but this run has {now}; "
+            f"resume with the checkpoint's settings, or use another --run-name"
+        )
+    return checkpoint
+
+
+def restore(state: dict, loaders: Loaders, checkpoint: dict, path: Path) -> tuple[list[dict], int]:
+    """Load every saved entry of `state` and the RNG states; returns the metrics so far and the next epoch."""
+    saved = [key for key in state if not key.startswith("forward_")]
+    missing = [key for key in (*saved, "rng", "epochs") if key not in checkpoint]
+    if missing:
+        raise UsageError(
+            f"--resume: '{path}' is incomplete (no {', '.join(missing)}); "
+            f"start a new run with another --run-name, or --overwrite to replace it"
+        )
+    try:
+        for key in saved:
+            state[key].load_state_dict(checkpoint[key])
+        set_rng_state(checkpoint["rng"], loaders)
+    except (RuntimeError, KeyError, ValueError, TypeError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UsageError(f"--resume: '{path}' does not fit this run ({reason}); use another --run-name") from None
+    return checkpoint["epochs"], checkpoint["next_epoch"]
+
+
+def check_finite(metrics: dict[str, float], epoch: int) -> None:
+    """Every recorded number must be finite, the test metrics as much as the training losses."""
+    bad = [name for name, value in metrics.items() if not math.isfinite(value)]
+    if bad:
+        raise NonFiniteLoss(f"non-finite {', '.join(bad)} at epoch {epoch}; the run stopped")
+
+
+# ---------------------------------------------------------------------------------------------
+# The run folder: created, locked, cleaned
+
+
+LOCK_FILE = ".lock"
+
+
+def lock_holder(run_dir: Path) -> int | None:
+    """The pid of the live process that holds `run_dir`'s lock, or None."""
+    try:
+        pid = int((Path(run_dir) / LOCK_FILE).read_text().split()[0])
+        os.kill(pid, 0)
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid
+
+
+class RunFolder:
+    """The run's folder, held by this process alone while the run lasts.
+
+    Entering creates the folder (and any missing parents), checks it is writable, takes an exclusive
+    lock on its LOCK_FILE, and removes temporary files a killed run left behind. The lock is a kernel
+    lock (flock): a second process refuses with the first one's pid while it lives, and when the holder
+    dies, however it dies, the kernel releases it, so a stale lock file is simply taken over. Leaving
+    releases the lock and removes the folders entering created if the run wrote nothing into them.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.created: list[Path] = []
+        self.lock_fd: int | None = None
+
+    def __enter__(self) -> Path:
+        missing = [p for p in (self.path, *self.path.parents) if not p.exists()]
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.created = missing
+            with tempfile.TemporaryFile(dir=self.path):
+                pass
+        except OSError as error:
+            self.remove_created()
+            raise UsageError(
+                f"cannot write results to '{self.path}' ({error.strerror or error}); choose another --results-dir"
+            ) from None
+        try:
+            self.lock()
+        except BaseException:
+            self.remove_created()
+            raise
+        for leftover in self.path.glob(".*.tmp"):
+            leftover.unlink()
+        return self.path
+
+    def lock(self) -> None:
+        path = self.path / LOCK_FILE
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                holder = lock_holder(self.path)
+                raise UsageError(
+                    f"'{self.path}' is in use by another run (pid {holder}); wait for it to end, "
+                    f"or choose another --run-name"
+                ) from None
+            # The holder we waited for may have removed the file meanwhile: hold the lock of the file on disk.
+            try:
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.lock_fd = fd
+
+    def __exit__(self, *exc) -> None:
+        if self.lock_fd is not None:
+            (self.path / LOCK_FILE).unlink(missing_ok=True)  # removed while held: see lock()
+            os.close(self.lock_fd)  # releases the flock
+            self.lock_fd = None
+        self.remove_created()
+
+    def remove_created(self) -> None:
+        """Remove the folders this run created, deepest first, if they are still empty."""
+        for folder in self.created:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+
+
+def previous_results(run_dir: Path, cfg: Config) -> dict | None:
+    """Refuse to lose results. Returns the checkpoint to resume from, if any."""
+    if cfg.resume:
+        return load_checkpoint(run_dir / "checkpoint.pt", cfg)
+    if (run_dir / "metrics.json").exists() or (run_dir / "checkpoint.pt").exists():
+        if not cfg.overwrite:
+            raise UsageError(
+                f"'{run_dir}' already holds results; use --resume to continue that run, "
+                f"another --run-name, or --overwrite to replace it"
+            )
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Signals
+
+
+class Interrupted(Exception):
+    def __init__(self, signum: int):
+        self.signum = signum
+
+
+def raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Hold SIGINT/SIGTERM while files are written; deliver them afterwards."""
+    received = []
+    previous = {
+        s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if received:
+            raise Interrupted(received[0])
+
+
+@contextlib.contextmanager
+def signals_raise():
+    """SIGINT/SIGTERM raise Interrupted inside the block (the run's cleanup and message run as for Ctrl-C)."""
+    previous = {s: signal.signal(s, raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def resume_command(run_name: str) -> str:
+    args = [a for a in sys.argv[1:] if a not in ("--resume", "--overwrite")]
+    if "--run-name" not in args and not any(a.startswith("--run-name=") for a in args):
+        args += ["--run-name", run_name]
+    return shlex.join(["python", Path(sys.argv[0]).name, *args, "--resume"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def run(cfg: Config) -> dict:
+    """The whole experiment: every epoch, its checkpoint and metrics; returns the summary."""
+    cfg = check_settings(cfg)
+    cfg = dataclasses.replace(cfg, run_name=cfg.run_name or default_run_name(cfg))
+    device = resolve_device(cfg.device)
+    history: list[dict] = []
+    epoch = 0
+    try:
+        with signals_raise(), RunFolder(Path(cfg.results_dir) / cfg.run_name) as run_dir:
+            checkpoint = previous_results(run_dir, cfg)
+            configure_backends(cfg, device)
+            loaders = make_loaders(cfg, device)
+            state = build(cfg, device)
+            start_epoch = 0
+            if checkpoint is not None:
+                history, start_epoch = restore(state, loaders, checkpoint, run_dir / "checkpoint.pt")
+                if start_epoch >= cfg.epochs:
+                    print(f"'{run_dir}' already finished {start_epoch} epochs; pass a larger --epochs to extend it")
+                    summary = summarize(history, cfg)
+                    print(summary_line(summary))
+                    return summary
+                print(f"resuming {run_dir} at epoch {start_epoch + 1}")
+            record_config = {
+                **asdict(cfg),
+                **derived_settings(cfg),
+                "method": METHOD,
+                "resolved_device": str(device),
+                "torch": str(torch.__version__),
+            }
+            print(f"{METHOD}: {run_dir} on {device}, {cfg.epochs} epochs")
+            graphs = StepGraphs(state, device, enabled=cfg.cuda_graphs)
+            scalars = tensorboard_writer(run_dir) if cfg.tensorboard else None
+            for epoch in range(start_epoch + 1, cfg.epochs + 1):
+                started = time.perf_counter()
+                metrics = train_epoch(state, graphs, loaders, cfg, device, epoch)
+                metrics.update(evaluate(state, graphs, loaders.test, cfg, device))
+                check_finite(metrics, epoch)
+                for obj in state.values():
+                    if isinstance(obj, torch.optim.lr_scheduler.LRScheduler):
+                        obj.step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                history.append({"epoch": epoch, **metrics, "seconds": time.perf_counter() - started})
+                checkpoint = {key: obj.state_dict() for key, obj in state.items() if not key.startswith("forward_")}
+                checkpoint.update(config=record_config, epochs=history, next_epoch=epoch, rng=rng_state(loaders))
+                with signals_deferred():
+                    write_atomic(run_dir / "checkpoint.pt", functools.partial(torch.save, checkpoint))
+                    write_json(
+                        run_dir / "metrics.json",
+                        {"config": record_config, "epochs": history, "summary": summarize(history, cfg)},
+                    )
+                if scalars is not None:
+                    for name, value in history[-1].items():
+                        scalars.add_scalar(name, value, epoch)
+                    scalars.flush()
+                print(epoch_line(history[-1], cfg.epochs), flush=True)
+    except Interrupted as interrupt:
+        saved = Path(cfg.results_dir) / cfg.run_name / "checkpoint.pt"
+        if saved.is_file():
+            after = f" after epoch {len(history)}" if history else ""
+            done = f"the checkpoint{after} is in {saved.parent}. Resume with: {resume_command(cfg.run_name)}"
+        else:
+            done = "no epoch was completed and nothing was saved"
+        print(f"\ninterrupted{f' in epoch {epoch}' if epoch else ''}; {done}", file=sys.stderr)
+        raise SystemExit(128 + interrupt.signum) from None
+    except NonFiniteLoss as error:
+        kept = f"the checkpoint after epoch {len(history)} in {run_dir} is kept" if history else "nothing was saved"
+        raise UsageError(f"{error}; {kept}. Try a smaller --lr, or --no-amp") from None
+    summary = summarize(history, cfg)
+    print(summary_line(summary))
+    return summary
+
+
+def tensorboard_writer(run_dir: Path):
+    """A TensorBoard writer into the run folder (tensorboard is an optional extra; check_settings checked it)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(run_dir))
+
+
+def smoke(cfg: Config) -> dict:
+    """Train 4 batches on CPU on synthetic data in a temporary folder; nothing is left behind. 1,000 training
+    images (50 a class) leave room for a method's held-out developing set at its default size."""
+    with tempfile.TemporaryDirectory(prefix=f"{METHOD}-smoke-") as tmp:
+        make_synthetic_cifar100(Path(tmp) / "data", n_train=1000, n_test=100, seed=cfg.seed)
+        smoke_cfg = dataclasses.replace(
+            cfg,
+            data_root=str(Path(tmp) / "data"),
+            download=False,
+            results_dir=str(Path(tmp) / "results"),
+            device="cpu",
+            epochs=1,
+            batch_size=50,
+            limit_batches=4,
+            workers=0,
+            run_name="smoke",
+            resume=False,
+            overwrite=False,
+            smoke=False,
+        )
+        summary = run(smoke_cfg)
+    print("smoke test passed: the install trains and evaluates")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cfg = parse_config(argv)
+        smoke(cfg) if cfg.smoke else run(cfg)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
