@@ -22,7 +22,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import test_shared_code
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -456,10 +455,6 @@ def test_published_accuracy_and_derived_settings():
     assert wamal.published_accuracy(cfg) == {"WAMAL paper's abstract": 80.2, "WAMAL authors' README": 81.5}
     assert wamal.published_accuracy(wamal.check_config(wamal.Config(primary_level=10, aux_level=100))) == {}
     assert wamal.derived_settings(cfg)["aux_multiplier_bounds"] == [2.0**-15, 2.0**15]
-
-
-def test_the_layout_is_every_model_scripts():
-    test_shared_code.test_method_first_then_one_banner_then_the_machinery("wamal")
 
 
 # ---------------------------------------------------------------------------------------------
