@@ -12,6 +12,11 @@ from types import ModuleType, SimpleNamespace
 
 import pytest
 
+# Each test process (pytest-xdist worker) gets its share of the cores, and so do the scripts it starts:
+# more OpenMP threads than cores spin against each other and slow everything down.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // WORKERS)))
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 

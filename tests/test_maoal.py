@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import FAST, REPO, run_main, run_script
+from conftest import FAST, REPO, run_main
 from torch.func import functional_call
 
 import model_vgg_human as human
@@ -522,8 +522,8 @@ def history(results, name) -> list[dict]:
 
 def test_one_maoal_epoch_from_the_command_line(data_root, tmp_path):
     """Results, the epoch line, lambda and its optimiser in the checkpoint; lambda moved by the meta step."""
-    result = run_script(
-        "model_vgg_maoal.py",
+    result = run_main(
+        maoal,
         *flags(data_root, tmp_path, "--epochs", "1", "--limit-batches", "1", "--batch-size", "2", "--dev-size", "20"),
         *("--meta-every", "1", "--neumann-terms", "1", "--run-name", "cli"),
     )

@@ -324,6 +324,7 @@ RUN_FIELDS = [
     "resume",
     "overwrite",
     "limit_batches",
+    "tensorboard",
     "smoke",
 ]
 

@@ -260,7 +260,7 @@ def test_a_default_maxl_run_prints_no_warnings(data_root, tmp_path):
     """Default --workers (the CPUs this process may use, at most 4) and the forward-mode meta-gradient."""
     flags = ["--data-root", data_root, "--results-dir", tmp_path, "--no-download", "--device", "cpu"]
     result = subprocess.run(
-        [sys.executable, str(REPO / "model_vgg_maxl.py"), *map(str, flags), "--batch-size", "20", "--epochs", "1"]
+        [sys.executable, str(REPO / "model_vgg_maxl.py"), *map(str, flags), "--batch-size", "4", "--epochs", "1"]
         + ["--limit-batches", "1"],
         cwd=REPO,
         capture_output=True,

@@ -25,7 +25,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import FAST, REPO, run_main, run_script
+from conftest import FAST, REPO, run_main
 from test_run_names import EDITS, RUN_ONLY
 from torch.func import functional_call
 
@@ -466,11 +466,10 @@ def flags(data_root, results, *extra: str) -> list[str]:
 
 
 def test_a_run_end_to_end_and_resumed(data_root, tmp_path):
-    """One epoch as a user runs it (a fresh interpreter), then --resume for a second one in this process: the
-    same metrics as two epochs straight. With the authors' weighting, which the unit tests above reach only
-    through meta_gradients."""
+    """One epoch as a user runs it, then --resume for a second one: the same metrics as two epochs straight.
+    With the authors' weighting, which the unit tests above reach only through meta_gradients."""
     common = flags(data_root, tmp_path, "--limit-batches", "1", "--batch-size", "2", "--weighting", "batch")
-    first = run_script("model_vgg_wamal.py", *common, "--epochs", "1", "--run-name", "split")
+    first = run_main(wamal, *common, "--epochs", "1", "--run-name", "split")
     assert first.returncode == 0, first.stderr
     assert first.stderr == ""
     (line,) = [line for line in first.stdout.splitlines() if line.startswith("epoch")]
