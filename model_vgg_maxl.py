@@ -1523,6 +1523,7 @@ def run(cfg: Config) -> dict:
                 "resolved_device": str(device),
                 "torch": str(torch.__version__),
             }
+            epoch = start_epoch + 1
             print(f"{METHOD}: {run_dir} on {device}, {cfg.epochs} epochs")
             graphs = StepGraphs(state, device, enabled=cfg.cuda_graphs)
             scalars = tensorboard_writer(run_dir) if cfg.tensorboard else None
@@ -1575,8 +1576,8 @@ def tensorboard_writer(run_dir: Path):
 
 
 def smoke(cfg: Config) -> dict:
-    """Train 4 batches on CPU on synthetic data in a temporary folder; nothing is left behind. 1,000 training
-    images (50 a class) leave room for a method's held-out developing set at its default size."""
+    """Train 4 small batches on CPU on synthetic data in a temporary folder; nothing is left behind. 1,000
+    training images (50 a class) leave room for a method's held-out developing set at its default size."""
     with tempfile.TemporaryDirectory(prefix=f"{METHOD}-smoke-") as tmp:
         make_synthetic_cifar100(Path(tmp) / "data", n_train=1000, n_test=100, seed=cfg.seed)
         smoke_cfg = dataclasses.replace(
@@ -1586,7 +1587,7 @@ def smoke(cfg: Config) -> dict:
             results_dir=str(Path(tmp) / "results"),
             device="cpu",
             epochs=1,
-            batch_size=50,
+            batch_size=20,
             limit_batches=4,
             workers=0,
             run_name="smoke",

@@ -1014,6 +1014,7 @@ def run(cfg: Config) -> dict:
                 "resolved_device": str(device),
                 "torch": str(torch.__version__),
             }
+            epoch = start_epoch + 1
             print(f"{METHOD}: {run_dir} on {device}, {cfg.epochs} epochs")
             graphs = StepGraphs(state, device, enabled=cfg.cuda_graphs)
             scalars = tensorboard_writer(run_dir) if cfg.tensorboard else None

@@ -14,8 +14,9 @@ import pytest
 
 # Each test process (pytest-xdist worker) gets its share of the cores, and so do the scripts it starts:
 # more OpenMP threads than cores spin against each other and slow everything down.
-WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // WORKERS)))
+if "PYTEST_XDIST_WORKER" in os.environ:  # a worker (the controlling process runs no test and sets nothing)
+    workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
