@@ -1576,7 +1576,7 @@ def tensorboard_writer(run_dir: Path):
 
 
 def smoke(cfg: Config) -> dict:
-    """Train 4 small batches on CPU on synthetic data in a temporary folder; nothing is left behind. 1,000
+    """Train 2 small batches on CPU on synthetic data in a temporary folder; nothing is left behind. 1,000
     training images (50 a class) leave room for a method's held-out developing set at its default size."""
     with tempfile.TemporaryDirectory(prefix=f"{METHOD}-smoke-") as tmp:
         make_synthetic_cifar100(Path(tmp) / "data", n_train=1000, n_test=100, seed=cfg.seed)
@@ -1588,7 +1588,7 @@ def smoke(cfg: Config) -> dict:
             device="cpu",
             epochs=1,
             batch_size=20,
-            limit_batches=4,
+            limit_batches=2,
             workers=0,
             run_name="smoke",
             resume=False,

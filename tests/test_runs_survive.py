@@ -168,7 +168,10 @@ def test_a_non_finite_setting_is_refused(data_root, tmp_path, value):
 
 
 def test_metrics_json_is_strict_json(data_root, tmp_path):
-    assert run_main(maxl, *args(data_root, tmp_path, "--epochs", 1, "--limit-batches", 1)).returncode == 0
+    assert (
+        run_main(maxl, *args(data_root, tmp_path, "--epochs", 1, "--limit-batches", 1, "--batch-size", 4)).returncode
+        == 0
+    )
     (run_dir,) = tmp_path.iterdir()
     metrics = strict_json(run_dir / "metrics.json")
     assert all(math.isfinite(v) for record in metrics["epochs"] for v in record.values())
@@ -191,7 +194,7 @@ def test_temporary_files_of_a_killed_run_are_removed_at_the_next_start(data_root
 
 
 def test_the_same_psi_written_differently_resumes(data_root, tmp_path):
-    common = args(data_root, tmp_path, "--limit-batches", 1, "--run-name", "r", "--primary-level", 3)
+    common = args(data_root, tmp_path, "--limit-batches", 1, "--run-name", "r", "--primary-level", 3, "--batch-size", 4)
     assert run_main(maxl, *common, "--epochs", 1, "--psi", " 5 ").returncode == 0
     resumed = run_main(maxl, *common, "--epochs", 2, "--resume", "--psi", "5,5,5")
     assert resumed.returncode == 0, resumed.stderr
@@ -288,7 +291,7 @@ def test_an_abbreviated_flag_is_refused(data_root, tmp_path):
 
 
 def test_a_limited_run_on_synthetic_data_says_so_and_prints_no_published_figure(data_root, tmp_path):
-    result = run_main(maxl, *args(data_root, tmp_path, "--epochs", 1, "--limit-batches", 1))
+    result = run_main(maxl, *args(data_root, tmp_path, "--epochs", 1, "--limit-batches", 1, "--batch-size", 4))
     assert result.returncode == 0, result.stderr
     (run_dir,) = tmp_path.iterdir()
     assert run_dir.name.startswith("maxl-second-order-pri20-aux100-seed0-") and run_dir.name.endswith("-limit1")
@@ -296,7 +299,7 @@ def test_a_limited_run_on_synthetic_data_says_so_and_prints_no_published_figure(
     assert "76.6" not in last and "published:" not in last
     assert (
         "not comparable with the published figures "
-        "(--batch-size 20, --limit-batches 1, synthetic data, 1 of the paper's 200 epochs)" in last
+        "(--batch-size 4, --limit-batches 1, synthetic data, 1 of the paper's 200 epochs)" in last
     )
     summary = strict_json(run_dir / "metrics.json")["summary"]
     assert summary["comparable_with_published"] is False

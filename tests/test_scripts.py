@@ -138,7 +138,7 @@ def test_smoke_runs_without_data_or_download(tmp_path):
 
 def test_training_rises_above_chance(tmp_path):
     """A few epochs on learnable synthetic data: test accuracy well above the 5% chance of 20 classes."""
-    root = make_synthetic_cifar100(tmp_path / "data", n_train=300, n_test=100, seed=1)
+    root = make_synthetic_cifar100(tmp_path / "data", n_train=200, n_test=100, seed=1)
     result = run("model_vgg_single.py", *args(root, tmp_path / "results", "--epochs", "2"))
     assert result.returncode == 0, result.stderr
     (run_dir,) = (tmp_path / "results").iterdir()
@@ -155,7 +155,7 @@ def test_training_rises_above_chance(tmp_path):
     ids=["maxl-loader", "human-device-loader"],
 )
 def test_resume_repeats_an_uninterrupted_run_exactly(data_root, tmp_path, script, extra):
-    common = [*args(data_root, tmp_path, "--limit-batches", "1", *extra)]
+    common = [*args(data_root, tmp_path, "--limit-batches", "1", "--batch-size", "4", *extra)]
     straight = run(script, *common, "--epochs", "2", "--run-name", "straight")
     assert straight.returncode == 0, straight.stderr
     first = run(script, *common, "--epochs", "1", "--run-name", "split")

@@ -1,0 +1,168 @@
+"""The fixed cost of a MAXL run, launch to the first finished iteration plus the end: ours and the reference's way.
+
+Each measurement is a fresh process on the CPU, one epoch of N batches of 100 on a synthetic CIFAR-100 of the
+real size (50,000 + 10,000 images in the archive's format, written once into --data-root if it holds none):
+  ours         python model_vgg_maxl.py --limit-batches N ...   (metrics and a 120 MB checkpoint written and
+               fsync'd; --workers 0, as the reference, and with the default workers)
+  reference    a process shaped as the authors' script: the same imports, datasets and networks, then N
+               phase-1 batches, N phase-2 batches and N test batches done their way (benchmarks/speed.py's
+               reference_train_step and reference_meta_step), a print; nothing saved.
+With N = 3 and N = 10: per iteration = (T10 - T3) / 7 and fixed cost = T3 - 3 x per iteration, from the median of
+--repeats runs each. Then our fixed cost piece by piece, measured in one process.
+
+    python benchmarks/startup.py --data-root /tmp/cifar-full            # about 10 minutes on a 2-core CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+ITERATIONS = (3, 10)
+
+
+def ours(data_root: Path, n: int, workers: str | None) -> list[str]:
+    with_workers = [] if workers is None else ["--workers", workers]
+    results = tempfile.mkdtemp(prefix="startup-")
+    return [
+        *(sys.executable, str(REPO / "model_vgg_maxl.py"), "--data-root", str(data_root), "--no-download"),
+        *("--device", "cpu", "--epochs", "1", "--limit-batches", str(n), "--results-dir", results),
+        *with_workers,
+    ]
+
+
+def reference(data_root: Path, n: int) -> list[str]:
+    return [sys.executable, __file__, "--reference-process", str(n), "--data-root", str(data_root)]
+
+
+def wall_seconds(command: list[str]) -> float:
+    started = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True, cwd=REPO)
+    return time.perf_counter() - started
+
+
+def reference_process(n: int, data_root: Path) -> None:
+    """The reference's way, as one process: imports, data, networks, N batches of each phase, N test batches."""
+    import torch
+
+    import model_vgg_maxl as module
+    from benchmarks import speed
+    from create_dataset import CIFAR100, TEST_TRANSFORM, TRAIN_TRANSFORM, level_index
+
+    cfg = module.check_config(module.Config(device="cpu", download=False, channels_last=False))
+    train_set = CIFAR100(data_root, train=True, transform=TRAIN_TRANSFORM)
+    test_set = CIFAR100(data_root, train=False, transform=TEST_TRANSFORM)
+    train_loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True)
+    test_loader = torch.utils.data.DataLoader(test_set, batch_size=cfg.batch_size, shuffle=True)
+    state = module.build(cfg, torch.device("cpu"))
+    for step, (images, labels) in enumerate(train_loader):
+        if step == n:
+            break
+        speed.reference_train_step(module, state, images, labels, cfg)
+    for step, (images, labels) in enumerate(train_loader):
+        if step == n:
+            break
+        speed.reference_meta_step(module, state, images, labels, cfg)
+    correct = 0
+    with torch.no_grad():
+        for step, (images, labels) in enumerate(test_loader):
+            if step == n:
+                break
+            correct += (state["model"](images)[0].argmax(1) == labels[:, level_index(cfg.primary_level)]).sum()
+    print(f"test accuracy {int(correct) / (n * cfg.batch_size):.4f}")
+
+
+def pieces(data_root: Path) -> dict[str, float]:
+    """Our fixed cost piece by piece (seconds), in this process except the import."""
+    import_seconds = float(
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import time; t = time.perf_counter(); import model_vgg_maxl; print(time.perf_counter() - t)",
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+        ).stdout
+    )
+    import functools
+
+    import torch
+
+    import model_vgg_maxl as module
+
+    out = {"import the script (torch, torchvision)": import_seconds}
+    cfg = module.check_settings(module.Config(data_root=str(data_root), download=False, device="cpu", workers=0))
+    device = torch.device("cpu")
+    started = time.perf_counter()
+    loaders = module.make_loaders(cfg, device)
+    out["load the datasets (md5 once, both pickles)"] = time.perf_counter() - started
+    started = time.perf_counter()
+    state = module.build(cfg, device)
+    out["build both networks and optimisers"] = time.perf_counter() - started
+    (_, images, labels), *_ = zip(range(1), module.batches(loaders.train, cfg, device))
+    times = {}
+    for name, step in (
+        ("phase 1", functools.partial(module.train_step, state, cfg=cfg, diagnose=False)),
+        ("phase 2", functools.partial(module.meta_step, state, cfg=cfg)),
+    ):
+        seconds = []
+        for _ in range(2):
+            started = time.perf_counter()
+            step(images, labels)
+            seconds.append(time.perf_counter() - started)
+        times[name] = seconds
+        out[f"first {name} step's extra time (over the second)"] = seconds[0] - seconds[1]
+    checkpoint = {key: obj.state_dict() for key, obj in state.items() if not key.startswith("forward_")}
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        module.write_atomic(Path(tmp) / "checkpoint.pt", functools.partial(torch.save, checkpoint))
+        out["write the checkpoint (torch.save, fsync, rename)"] = time.perf_counter() - started
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser.add_argument(
+        "--data-root", type=Path, required=True, help="a full-size synthetic CIFAR-100 (made if absent)"
+    )
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each command; the median is used")
+    parser.add_argument("--reference-process", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.reference_process is not None:
+        reference_process(args.reference_process, args.data_root)
+        return
+    from create_dataset import CIFAR100, make_synthetic_cifar100
+
+    if not (args.data_root / CIFAR100.base_folder).exists():
+        print(f"writing a synthetic CIFAR-100 of the real size into {args.data_root}", flush=True)
+        make_synthetic_cifar100(args.data_root, n_train=50_000, n_test=10_000)
+    commands = {
+        "ours, --workers 0": lambda n: ours(args.data_root, n, "0"),
+        "ours, default workers": lambda n: ours(args.data_root, n, None),
+        "reference's way": lambda n: reference(args.data_root, n),
+    }
+    print("| process | T(3 batches) s | T(10 batches) s | s per batch | fixed cost s |")
+    print("|---|---:|---:|---:|---:|")
+    for name, command in commands.items():
+        totals = {n: statistics.median(wall_seconds(command(n)) for _ in range(args.repeats)) for n in ITERATIONS}
+        per_batch = (totals[10] - totals[3]) / 7
+        print(f"| {name} | {totals[3]:.1f} | {totals[10]:.1f} | {per_batch:.2f} | {totals[3] - 3 * per_batch:.1f} |")
+    print("\n| our fixed cost, piece by piece | s |\n|---|---:|")
+    for name, seconds in pieces(args.data_root).items():
+        print(f"| {name} | {seconds:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
