@@ -1,21 +1,27 @@
-"""The fixed cost of a MAXL run, launch to the first finished iteration plus the end: ours and the reference's way.
+"""The fixed cost of a MAXL run, launch to the first iteration plus the end: ours and the reference's way.
 
 Each measurement is a fresh process on the CPU, one epoch of N batches of 100 on a synthetic CIFAR-100 of the
 real size (50,000 + 10,000 images in the archive's format, written once into --data-root if it holds none):
   ours         python model_vgg_maxl.py --limit-batches N ...   (metrics and a 120 MB checkpoint written and
-               fsync'd; --workers 0, as the reference, and with the default workers)
+               fsync'd); with --workers 0, as the reference, and with the default workers
   reference    a process shaped as the authors' script: the same imports, datasets and networks, then N
                phase-1 batches, N phase-2 batches and N test batches done their way (benchmarks/speed.py's
                reference_train_step and reference_meta_step), a print; nothing saved.
-With N = 3 and N = 10: per iteration = (T10 - T3) / 7 and fixed cost = T3 - 3 x per iteration, from the median of
---repeats runs each. Then our fixed cost piece by piece, measured in one process.
+The fixed cost, two ways, each from the median of --repeats runs:
+  intercept       with N = 3 and N = 10 batches: per batch = (T10 - T3) / 7, fixed = T3 - 3 x per batch, so it
+                  holds everything that does not grow with N: launch to the first finished batch, and the end;
+  wall - epoch    at N = 3, the process's wall time minus its epoch's (ours: the epoch's "seconds" in
+                  metrics.json, which stops before the checkpoint is written; the reference: its own loop,
+                  timed in the process), so the first batches' warm-up counts as epoch time.
+Then our fixed cost piece by piece, measured in one process.
 
-    python benchmarks/startup.py --data-root /tmp/cifar-full            # about 10 minutes on a 2-core CPU
+    python benchmarks/startup.py --data-root /tmp/cifar-full            # about 25 minutes on a 2-core CPU
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import subprocess
 import sys
@@ -27,27 +33,31 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-ITERATIONS = (3, 10)
+BATCHES = (3, 10)
 
 
-def ours(data_root: Path, n: int, workers: str | None) -> list[str]:
+def ours(data_root: Path, batches: int, workers: str | None, repo: Path = REPO) -> tuple[float, float]:
+    """(wall seconds, epoch seconds) of one run of our script (in `repo`: another checkout, e.g. an older commit)."""
     with_workers = [] if workers is None else ["--workers", workers]
-    results = tempfile.mkdtemp(prefix="startup-")
-    return [
-        *(sys.executable, str(REPO / "model_vgg_maxl.py"), "--data-root", str(data_root), "--no-download"),
-        *("--device", "cpu", "--epochs", "1", "--limit-batches", str(n), "--results-dir", results),
-        *with_workers,
-    ]
+    with tempfile.TemporaryDirectory(prefix="startup-") as results:
+        command = [
+            *(sys.executable, str(repo / "model_vgg_maxl.py"), "--data-root", str(data_root), "--no-download"),
+            *("--device", "cpu", "--epochs", "1", "--limit-batches", str(batches), "--results-dir", results),
+            *with_workers,
+        ]
+        started = time.perf_counter()
+        subprocess.run(command, check=True, capture_output=True, cwd=repo)
+        wall = time.perf_counter() - started
+        (metrics,) = Path(results).glob("*/metrics.json")
+        return wall, json.loads(metrics.read_text())["epochs"][0]["seconds"]
 
 
-def reference(data_root: Path, n: int) -> list[str]:
-    return [sys.executable, __file__, "--reference-process", str(n), "--data-root", str(data_root)]
-
-
-def wall_seconds(command: list[str]) -> float:
+def reference(data_root: Path, batches: int) -> tuple[float, float]:
+    """(wall seconds, loop seconds) of one reference-style process."""
+    command = [sys.executable, __file__, "--reference-process", str(batches), "--data-root", str(data_root)]
     started = time.perf_counter()
-    subprocess.run(command, check=True, capture_output=True, cwd=REPO)
-    return time.perf_counter() - started
+    out = subprocess.run(command, check=True, capture_output=True, text=True, cwd=REPO).stdout
+    return time.perf_counter() - started, float(out.split("loop seconds ")[1])
 
 
 def reference_process(n: int, data_root: Path) -> None:
@@ -64,6 +74,7 @@ def reference_process(n: int, data_root: Path) -> None:
     train_loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True)
     test_loader = torch.utils.data.DataLoader(test_set, batch_size=cfg.batch_size, shuffle=True)
     state = module.build(cfg, torch.device("cpu"))
+    started = time.perf_counter()
     for step, (images, labels) in enumerate(train_loader):
         if step == n:
             break
@@ -78,7 +89,7 @@ def reference_process(n: int, data_root: Path) -> None:
             if step == n:
                 break
             correct += (state["model"](images)[0].argmax(1) == labels[:, level_index(cfg.primary_level)]).sum()
-    print(f"test accuracy {int(correct) / (n * cfg.batch_size):.4f}")
+    print(f"test accuracy {int(correct) / (n * cfg.batch_size):.4f}; loop seconds {time.perf_counter() - started}")
 
 
 def pieces(data_root: Path) -> dict[str, float]:
@@ -107,11 +118,11 @@ def pieces(data_root: Path) -> dict[str, float]:
     device = torch.device("cpu")
     started = time.perf_counter()
     loaders = module.make_loaders(cfg, device)
-    out["load the datasets (md5 once, both pickles)"] = time.perf_counter() - started
+    out["load the datasets (md5 once, one read of each file)"] = time.perf_counter() - started
     started = time.perf_counter()
     state = module.build(cfg, device)
     out["build both networks and optimisers"] = time.perf_counter() - started
-    (_, images, labels), *_ = zip(range(1), module.batches(loaders.train, cfg, device))
+    _, images, labels = next(module.batches(loaders.train, cfg, device))
     times = {}
     for name, step in (
         ("phase 1", functools.partial(module.train_step, state, cfg=cfg, diagnose=False)),
@@ -138,6 +149,9 @@ def main(argv: list[str] | None = None) -> None:
         "--data-root", type=Path, required=True, help="a full-size synthetic CIFAR-100 (made if absent)"
     )
     parser.add_argument("--repeats", type=int, default=2, help="runs of each command; the median is used")
+    parser.add_argument(
+        "--ours-repo", type=Path, default=None, help="also time model_vgg_maxl.py of this checkout (an older commit)"
+    )
     parser.add_argument("--reference-process", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.reference_process is not None:
@@ -148,17 +162,36 @@ def main(argv: list[str] | None = None) -> None:
     if not (args.data_root / CIFAR100.base_folder).exists():
         print(f"writing a synthetic CIFAR-100 of the real size into {args.data_root}", flush=True)
         make_synthetic_cifar100(args.data_root, n_train=50_000, n_test=10_000)
-    commands = {
+    measurements = {
+        **(
+            {
+                f"{args.ours_repo}, --workers 0": lambda n: ours(args.data_root, n, "0", args.ours_repo),
+                f"{args.ours_repo}, default workers": lambda n: ours(args.data_root, n, None, args.ours_repo),
+            }
+            if args.ours_repo
+            else {}
+        ),
         "ours, --workers 0": lambda n: ours(args.data_root, n, "0"),
         "ours, default workers": lambda n: ours(args.data_root, n, None),
         "reference's way": lambda n: reference(args.data_root, n),
     }
-    print("| process | T(3 batches) s | T(10 batches) s | s per batch | fixed cost s |")
-    print("|---|---:|---:|---:|---:|")
-    for name, command in commands.items():
-        totals = {n: statistics.median(wall_seconds(command(n)) for _ in range(args.repeats)) for n in ITERATIONS}
-        per_batch = (totals[10] - totals[3]) / 7
-        print(f"| {name} | {totals[3]:.1f} | {totals[10]:.1f} | {per_batch:.2f} | {totals[3] - 3 * per_batch:.1f} |")
+    few, many = BATCHES
+    print(
+        f"| process | T({few}) s | T({many}) s | s per batch | fixed cost s, intercept "
+        f"| epoch s at {few} | fixed cost s, wall - epoch |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, measure in measurements.items():
+        runs = {n: [measure(n) for _ in range(args.repeats)] for n in BATCHES}
+        wall = {n: statistics.median(r[0] for r in runs[n]) for n in BATCHES}
+        per_batch = (wall[many] - wall[few]) / (many - few)
+        epoch = statistics.median(r[1] for r in runs[few])
+        minus_epoch = statistics.median(r[0] - r[1] for r in runs[few])
+        print(
+            f"| {name} | {wall[few]:.1f} | {wall[many]:.1f} | {per_batch:.2f} | {wall[few] - few * per_batch:.1f} "
+            f"| {epoch:.1f} | {minus_epoch:.1f} |",
+            flush=True,
+        )
     print("\n| our fixed cost, piece by piece | s |\n|---|---:|")
     for name, seconds in pieces(args.data_root).items():
         print(f"| {name} | {seconds:.2f} |")
