@@ -1,7 +1,8 @@
 """The fixed cost of a MAXL run, launch to the first iteration plus the end: ours and the reference's way.
 
-Each measurement is a fresh process on the CPU, one epoch of N batches of 100 on a synthetic CIFAR-100 of the
-real size (50,000 + 10,000 images in the archive's format, written once into --data-root if it holds none):
+Each measurement is a fresh process on the CPU, one epoch of N batches of 100 (--batch-size) on a synthetic
+CIFAR-100 of the real size (50,000 + 10,000 images in the archive's format, written once into --data-root if it
+holds none):
   ours         python model_vgg_maxl.py --limit-batches N ...   (metrics and a 120 MB checkpoint written and
                fsync'd); with --workers 0, as the reference, and with the default workers
   reference    a process shaped as the authors' script: the same imports, datasets and networks, then N
@@ -36,13 +37,16 @@ if str(REPO) not in sys.path:
 BATCHES = (3, 10)
 
 
-def ours(data_root: Path, batches: int, workers: str | None, repo: Path = REPO) -> tuple[float, float]:
+def ours(
+    data_root: Path, batches: int, workers: str | None, repo: Path = REPO, batch_size: int = 100
+) -> tuple[float, float]:
     """(wall seconds, epoch seconds) of one run of our script (in `repo`: another checkout, e.g. an older commit)."""
     with_workers = [] if workers is None else ["--workers", workers]
     with tempfile.TemporaryDirectory(prefix="startup-") as results:
         command = [
             *(sys.executable, str(repo / "model_vgg_maxl.py"), "--data-root", str(data_root), "--no-download"),
             *("--device", "cpu", "--epochs", "1", "--limit-batches", str(batches), "--results-dir", results),
+            *("--batch-size", str(batch_size)),
             *with_workers,
         ]
         started = time.perf_counter()
@@ -52,15 +56,16 @@ def ours(data_root: Path, batches: int, workers: str | None, repo: Path = REPO) 
         return wall, json.loads(metrics.read_text())["epochs"][0]["seconds"]
 
 
-def reference(data_root: Path, batches: int) -> tuple[float, float]:
+def reference(data_root: Path, batches: int, batch_size: int = 100) -> tuple[float, float]:
     """(wall seconds, loop seconds) of one reference-style process."""
     command = [sys.executable, __file__, "--reference-process", str(batches), "--data-root", str(data_root)]
+    command += ["--batch-size", str(batch_size)]
     started = time.perf_counter()
     out = subprocess.run(command, check=True, capture_output=True, text=True, cwd=REPO).stdout
     return time.perf_counter() - started, float(out.split("loop seconds ")[1])
 
 
-def reference_process(n: int, data_root: Path) -> None:
+def reference_process(n: int, data_root: Path, batch_size: int = 100) -> None:
     """The reference's way, as one process: imports, data, networks, N batches of each phase, N test batches."""
     import torch
 
@@ -68,7 +73,7 @@ def reference_process(n: int, data_root: Path) -> None:
     from benchmarks import speed
     from create_dataset import CIFAR100, TEST_TRANSFORM, TRAIN_TRANSFORM, level_index
 
-    cfg = module.check_config(module.Config(device="cpu", download=False, channels_last=False))
+    cfg = module.check_config(module.Config(device="cpu", download=False, channels_last=False, batch_size=batch_size))
     train_set = CIFAR100(data_root, train=True, transform=TRAIN_TRANSFORM)
     test_set = CIFAR100(data_root, train=False, transform=TEST_TRANSFORM)
     train_loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True)
@@ -92,7 +97,7 @@ def reference_process(n: int, data_root: Path) -> None:
     print(f"test accuracy {int(correct) / (n * cfg.batch_size):.4f}; loop seconds {time.perf_counter() - started}")
 
 
-def pieces(data_root: Path) -> dict[str, float]:
+def pieces(data_root: Path, batch_size: int = 100) -> dict[str, float]:
     """Our fixed cost piece by piece (seconds), in this process except the import."""
     import_seconds = float(
         subprocess.run(
@@ -114,7 +119,9 @@ def pieces(data_root: Path) -> dict[str, float]:
     import model_vgg_maxl as module
 
     out = {"import the script (torch, torchvision)": import_seconds}
-    cfg = module.check_settings(module.Config(data_root=str(data_root), download=False, device="cpu", workers=0))
+    cfg = module.check_settings(
+        module.Config(data_root=str(data_root), download=False, device="cpu", workers=0, batch_size=batch_size)
+    )
     device = torch.device("cpu")
     started = time.perf_counter()
     loaders = module.make_loaders(cfg, device)
@@ -152,10 +159,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--ours-repo", type=Path, default=None, help="also time model_vgg_maxl.py of this checkout (an older commit)"
     )
+    parser.add_argument("--batch-size", type=int, default=100, help="images per batch (the paper's: 100)")
     parser.add_argument("--reference-process", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.reference_process is not None:
-        reference_process(args.reference_process, args.data_root)
+        reference_process(args.reference_process, args.data_root, args.batch_size)
         return
     from create_dataset import CIFAR100, make_synthetic_cifar100
 
@@ -165,15 +173,19 @@ def main(argv: list[str] | None = None) -> None:
     measurements = {
         **(
             {
-                f"{args.ours_repo}, --workers 0": lambda n: ours(args.data_root, n, "0", args.ours_repo),
-                f"{args.ours_repo}, default workers": lambda n: ours(args.data_root, n, None, args.ours_repo),
+                f"{args.ours_repo}, --workers 0": lambda n: ours(
+                    args.data_root, n, "0", args.ours_repo, args.batch_size
+                ),
+                f"{args.ours_repo}, default workers": lambda n: ours(
+                    args.data_root, n, None, args.ours_repo, args.batch_size
+                ),
             }
             if args.ours_repo
             else {}
         ),
-        "ours, --workers 0": lambda n: ours(args.data_root, n, "0"),
-        "ours, default workers": lambda n: ours(args.data_root, n, None),
-        "reference's way": lambda n: reference(args.data_root, n),
+        "ours, --workers 0": lambda n: ours(args.data_root, n, "0", batch_size=args.batch_size),
+        "ours, default workers": lambda n: ours(args.data_root, n, None, batch_size=args.batch_size),
+        "reference's way": lambda n: reference(args.data_root, n, args.batch_size),
     }
     few, many = BATCHES
     print(
@@ -193,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
             flush=True,
         )
     print("\n| our fixed cost, piece by piece | s |\n|---|---:|")
-    for name, seconds in pieces(args.data_root).items():
+    for name, seconds in pieces(args.data_root, args.batch_size).items():
         print(f"| {name} | {seconds:.2f} |")
 
 

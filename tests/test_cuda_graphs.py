@@ -47,6 +47,12 @@ RUNS = {
     },
     # The DataLoader path: its pin-memory thread allocates pinned memory while a step is being captured.
     "maxl-dataloader": ("model_vgg_maxl.py", ["--cossim-every", "3", "--data-path", "loader", "--workers", "2"]),
+    "wamal": ("model_vgg_wamal.py", ["--cossim-every", "3"]),
+    # lambda changes between replays of the graphed step (every 3 steps): the graph must read it, not copy it.
+    **{
+        f"maoal-{mode}": ("model_vgg_maoal.py", ["--mode", mode, "--dev-size", "20", "--meta-every", "3"])
+        for mode in ("maoal", "gcs")
+    },
 }
 
 
@@ -62,7 +68,7 @@ def test_graphed_run_matches_eager_run(script, flags, data_root, tmp_path):
         for key, value in e.items():
             if key != "seconds":
                 assert g[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (e["epoch"], key)
-    for key in ("model", "label_generator"):
+    for key in ("model", "label_generator", "module_weights"):
         if key in eager_state:
             for name, value in eager_state[key].items():
                 torch.testing.assert_close(graphed_state[key][name], value, rtol=1e-4, atol=1e-6, msg=name)
