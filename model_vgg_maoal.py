@@ -18,9 +18,13 @@ machinery at the bottom of the file is the same in every model script.
 Prints one line per epoch (train and test loss and accuracy, primary and auxiliary; lambda per block; in
 maoal mode the developing batches' primary loss and accuracy and the hypergradient's norm) and writes
 results/<run-name>/metrics.json and checkpoint.pt after every epoch; --resume continues.
-Cost: a maoal or gcs step backpropagates twice (each loss's gradient apart), about 1.6x a Human step; every
---meta-every steps the hypergradient (J = 3) costs about 12 Human steps: an epoch about 2.2x Human's
-(measured on CPU at batch 10; not yet on a GPU).
+Cost: a maoal or gcs step backpropagates twice (each loss's gradient apart), about 1.7x a Human step; every
+--meta-every steps the hypergradient (J = 3) costs about 22 Human steps: an epoch about 2.8x Human's
+(measured on CPU at batch 100, benchmarks/README.md; not yet on a GPU).
+The authors' Neumann step, alpha = 1, is kept, but on VGG-16 the series diverges: the largest eigenvalue of
+dg/dW is of the order of 10^3 (on synthetic data at initialisation, batch 50, the hypergradient's norm grew
+from 6e3 at J = 1 to 7e9 at J = 3 and overflowed at J = 6), so the clip to norm 10 sets the step's size and the
+series' last term its direction. --neumann-alpha 1e-4 converges there (norms 0.003, 0.006, 0.010 at J = 1, 3, 6).
 """
 
 from __future__ import annotations
@@ -468,6 +472,12 @@ def train_epoch(
             dev_images, dev_labels = next(dev)
             # Eager, not a CUDA graph: it needs two batches, and runs once every --meta-every steps.
             stats = meta_step(state, images, labels, dev_images, dev_labels, cfg)
+            if not torch.isfinite(stats["hypergrad_norm"]):  # checked at once: lambda would turn NaN next
+                raise NonFiniteLoss(
+                    f"non-finite hypergradient at epoch {epoch}, meta step after train step {step + 1}; the run "
+                    "stopped",
+                    hint="Its Neumann series diverges: try a smaller --neumann-alpha, or fewer --neumann-terms",
+                )
             meta_guard.watch(stats["dev_primary_loss"], epoch, "meta", step)
             meter.add("hypergrad_norm", stats.pop("hypergrad_norm"), 1)
             for name, value in stats.items():
@@ -655,7 +665,11 @@ class UsageError(Exception):
 
 
 class NonFiniteLoss(Exception):
-    """A loss became NaN or infinite: the run stops, the last good checkpoint stays."""
+    """A loss became NaN or infinite: the run stops, the last good checkpoint stays; `hint` says what to change."""
+
+    def __init__(self, message: str, hint: str = "Try a smaller --lr, or --no-amp"):
+        super().__init__(message)
+        self.hint = hint
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -1364,7 +1378,7 @@ def run(cfg: Config) -> dict:
         raise SystemExit(128 + interrupt.signum) from None
     except NonFiniteLoss as error:
         kept = f"the checkpoint after epoch {len(history)} in {run_dir} is kept" if history else "nothing was saved"
-        raise UsageError(f"{error}; {kept}. Try a smaller --lr, or --no-amp") from None
+        raise UsageError(f"{error}; {kept}. {error.hint}") from None
     summary = summarize(history, cfg)
     print(summary_line(summary))
     return summary

@@ -1002,7 +1002,11 @@ class UsageError(Exception):
 
 
 class NonFiniteLoss(Exception):
-    """A loss became NaN or infinite: the run stops, the last good checkpoint stays."""
+    """A loss became NaN or infinite: the run stops, the last good checkpoint stays; `hint` says what to change."""
+
+    def __init__(self, message: str, hint: str = "Try a smaller --lr, or --no-amp"):
+        super().__init__(message)
+        self.hint = hint
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -1711,7 +1715,7 @@ def run(cfg: Config) -> dict:
         raise SystemExit(128 + interrupt.signum) from None
     except NonFiniteLoss as error:
         kept = f"the checkpoint after epoch {len(history)} in {run_dir} is kept" if history else "nothing was saved"
-        raise UsageError(f"{error}; {kept}. Try a smaller --lr, or --no-amp") from None
+        raise UsageError(f"{error}; {kept}. {error.hint}") from None
     summary = summarize(history, cfg)
     print(summary_line(summary))
     return summary

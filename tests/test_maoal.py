@@ -634,6 +634,21 @@ def test_impossible_settings_are_refused_and_nothing_is_written(data_root, tmp_p
     assert "Traceback" not in result.stderr and not (tmp_path / "results").exists()
 
 
+def test_a_diverging_neumann_series_stops_the_run_with_a_hint_about_it(data_root, tmp_path):
+    """A step far too large for the Hessian: the series overflows, and the line names the Neumann settings,
+    not the learning rate. The first epoch had not finished, so nothing is written."""
+    result = run_main(
+        maoal,
+        *flags(data_root, tmp_path / "results", "--epochs", "1", "--limit-batches", "1", "--batch-size", "2"),
+        *("--dev-size", "20", "--meta-every", "1", "--neumann-alpha", "1e12", "--neumann-terms", "8"),
+    )
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: non-finite hypergradient at epoch 1"), lines
+    assert "nothing was saved" in lines[0] and "try a smaller --neumann-alpha" in lines[0], lines
+    assert "--lr" not in lines[0] and not (tmp_path / "results").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # Run names
 
