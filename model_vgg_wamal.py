@@ -37,6 +37,7 @@ import random
 import re
 import shlex
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -1497,14 +1498,26 @@ def check_finite(metrics: dict[str, float], epoch: int) -> None:
 LOCK_FILE = ".lock"
 
 
-def lock_holder(run_dir: Path) -> int | None:
-    """The pid of the live process that holds `run_dir`'s lock, or None."""
+def lock_record(run_dir: Path) -> tuple[int, str | None] | None:
+    """(pid, host) written in `run_dir`'s lock file by the run that took it (host None in older files), or None."""
     try:
-        pid = int((Path(run_dir) / LOCK_FILE).read_text().split()[0])
-        os.kill(pid, 0)
-    except (OSError, ValueError, IndexError):
+        pid, *host = (Path(run_dir) / LOCK_FILE).read_text().split()
+        return int(pid), (host[0] if host else None)
+    except (OSError, ValueError):
         return None
-    return pid
+
+
+def lock_holder(run_dir: Path) -> int | None:
+    """The pid of the live process on this host that holds `run_dir`'s lock, or None. A holder on another host
+    (a shared filesystem, a cluster's nodes) cannot be checked from here and gives None."""
+    record = lock_record(run_dir)
+    if record is None or record[1] not in (None, socket.gethostname()):
+        return None
+    try:
+        os.kill(record[0], 0)
+    except OSError:
+        return None
+    return record[0]
 
 
 class RunFolder:
@@ -1551,9 +1564,10 @@ class RunFolder:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
-                holder = lock_holder(self.path)
+                pid, host = lock_record(self.path) or (None, None)
+                where = f" on {host}" if host not in (None, socket.gethostname()) else ""
                 raise UsageError(
-                    f"'{self.path}' is in use by another run (pid {holder}); wait for it to end, "
+                    f"'{self.path}' is in use by another run (pid {pid}{where}); wait for it to end, "
                     f"or choose another --run-name"
                 ) from None
             # The holder we waited for may have removed the file meanwhile: hold the lock of the file on disk.
@@ -1564,7 +1578,7 @@ class RunFolder:
                 pass
             os.close(fd)
         os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
         self.lock_fd = fd
 
     def __exit__(self, *exc) -> None:

@@ -6,10 +6,12 @@ One test (or a group) per case a user hit; each failed before the run machinery 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -118,6 +120,24 @@ def test_a_second_run_in_the_same_folder_is_refused_while_the_first_lives(data_r
     resumed = run_main(single, *flags, "--seed", 1, "--resume", "--epochs", done + 1)
     assert resumed.returncode == 0, resumed.stderr
     assert not (tmp_path / "shared" / ".lock").exists()  # released and removed at the end
+
+
+def test_a_holder_on_another_host_is_named_with_its_host(tmp_path):
+    """A shared filesystem: the lock file says which host holds the folder; its pid cannot be checked from here."""
+    run_dir = tmp_path / "run"
+    with single.RunFolder(run_dir):
+        assert (run_dir / ".lock").read_text().split() == [str(os.getpid()), socket.gethostname()]
+    run_dir.mkdir()
+    (run_dir / ".lock").write_text(f"{os.getpid()} node17\n")  # a live pid here, but the record is node17's
+    assert single.lock_holder(run_dir) is None
+    fd = os.open(run_dir / ".lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # stands for node17's run holding the lock
+        with pytest.raises(single.UsageError, match=rf"in use by another run \(pid {os.getpid()} on node17\)"):
+            single.RunFolder(run_dir).__enter__()
+    finally:
+        os.close(fd)
+    assert (run_dir / ".lock").read_text() == f"{os.getpid()} node17\n"  # the refused run changed nothing
 
 
 def test_the_lock_is_exclusive_within_a_process_too(tmp_path):
