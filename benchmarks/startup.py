@@ -22,6 +22,7 @@ Then our fixed cost piece by piece, measured in one process.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import subprocess
@@ -112,7 +113,6 @@ def pieces(data_root: Path, batch_size: int = 100) -> dict[str, float]:
             cwd=REPO,
         ).stdout
     )
-    import functools
 
     import torch
 
@@ -170,23 +170,15 @@ def main(argv: list[str] | None = None) -> None:
     if not (args.data_root / CIFAR100.base_folder).exists():
         print(f"writing a synthetic CIFAR-100 of the real size into {args.data_root}", flush=True)
         make_synthetic_cifar100(args.data_root, n_train=50_000, n_test=10_000)
+    checkouts = ([(str(args.ours_repo), args.ours_repo)] if args.ours_repo else []) + [("ours", REPO)]
     measurements = {
-        **(
-            {
-                f"{args.ours_repo}, --workers 0": lambda n: ours(
-                    args.data_root, n, "0", args.ours_repo, args.batch_size
-                ),
-                f"{args.ours_repo}, default workers": lambda n: ours(
-                    args.data_root, n, None, args.ours_repo, args.batch_size
-                ),
-            }
-            if args.ours_repo
-            else {}
-        ),
-        "ours, --workers 0": lambda n: ours(args.data_root, n, "0", batch_size=args.batch_size),
-        "ours, default workers": lambda n: ours(args.data_root, n, None, batch_size=args.batch_size),
-        "reference's way": lambda n: reference(args.data_root, n, args.batch_size),
+        f"{label}, {'--workers 0' if workers else 'default workers'}": functools.partial(
+            ours, args.data_root, workers=workers, repo=repo, batch_size=args.batch_size
+        )
+        for label, repo in checkouts
+        for workers in ("0", None)
     }
+    measurements["reference's way"] = functools.partial(reference, args.data_root, batch_size=args.batch_size)
     few, many = BATCHES
     print(
         f"| process | T({few}) s | T({many}) s | s per batch | fixed cost s, intercept "
