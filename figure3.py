@@ -45,6 +45,14 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
 
+import experiment
+import model_vgg_human
+import model_vgg_maoal
+import model_vgg_maxl
+import model_vgg_single
+import model_vgg_wamal
+from experiment import OneLineParser, UsageError
+
 if TYPE_CHECKING:  # the optional extras, for annotations only: imported where used
     from matplotlib.figure import Figure
     from submitit.helpers import DelayedSubmission
@@ -65,6 +73,14 @@ METHODS = {
     "maxl": Method("MAXL", takes_aux=True, default=True, compared_with=("human", "single")),
     "wamal": Method("WAMAL", takes_aux=True, default=False, compared_with=("human",)),
     "maoal": Method("MAOAL", takes_aux=True, default=False, compared_with=("human",)),
+}
+# The model scripts (importing one trains nothing): figure3 uses each one's METHOD and Config.
+SCRIPTS = {
+    "single": model_vgg_single,
+    "human": model_vgg_human,
+    "maxl": model_vgg_maxl,
+    "wamal": model_vgg_wamal,
+    "maoal": model_vgg_maoal,
 }
 PAIRS = ((3, 10), (3, 20), (3, 100), (10, 20), (10, 100), (20, 100))  # (primary, auxiliary), the paper's order
 LEVELS = (3, 10, 20, 100)
@@ -93,20 +109,8 @@ STOP_WAIT_SECONDS = 60  # how long a stopped child may take to finish writing be
 MAX_TIMEOUT_REQUEUES = 20  # a run longer than --time goes on in further jobs, each resuming the last one's checkpoint
 
 
-class UsageError(Exception):
-    """Bad input or a refused action: one line on stderr, exit code 2, nothing written."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad flag gets one line (not the whole usage) and exit code 2."""
-
-    def error(self, message: str):
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        raise SystemExit(2)
-
-
 # ---------------------------------------------------------------------------------------------
-# The grid: which runs, with which flags, in which folders (the scripts' own functions decide)
+# The grid: which runs, with which flags, in which folders (each script's METHOD decides, as in the script)
 
 
 @dataclass(frozen=True)
@@ -140,11 +144,6 @@ class Run:
 
 def script_path(method: str) -> Path:
     return HERE / f"model_vgg_{method}.py"
-
-
-def script_module(method: str) -> ModuleType:
-    """The model script as a module (importing a script trains nothing)."""
-    return importlib.import_module(f"model_vgg_{method}")
 
 
 def parse_methods(text: str) -> tuple[str, ...]:
@@ -223,22 +222,21 @@ def split_script_flags(tokens: Sequence[str], spellings: dict[str, tuple[str, bo
 
 
 def checked_config(module: ModuleType, args: list[str], who: str):
-    """The script's own parse_config and check_settings; a refusal becomes one line naming the run."""
+    """The run's settings, parsed and checked as its script does; a refusal becomes one line naming the run."""
     stderr = io.StringIO()
     try:
         with contextlib.redirect_stderr(stderr):
-            return module.check_settings(module.parse_config(args))
+            return experiment.check_settings(module.METHOD, experiment.parse_config(module.METHOD, args))
     except SystemExit:
         message = stderr.getvalue().strip().splitlines()[-1].removeprefix("error: ").removesuffix(" (see --help)")
-    except module.UsageError as error:
+    except UsageError as error:
         message = str(error)
     raise UsageError(f"{who} refused its flags: {message}")
 
 
 def build_grid(selection: Selection) -> list[Run]:
     """Every run of the selected grid, seed by seed, each once (Single shared by the pairs of its primary level)."""
-    modules = {method: script_module(method) for method in selection.methods}
-    spellings = {method: flag_spellings(module) for method, module in modules.items()}
+    spellings = {method: flag_spellings(SCRIPTS[method]) for method in selection.methods}
     known = {flag: spec for method in selection.methods for flag, spec in spellings[method].items()}
     groups = split_script_flags(selection.script_flags, known)
     runs: dict[tuple, Run] = {}
@@ -261,7 +259,7 @@ def build_grid(selection: Selection) -> list[Run]:
                     str(selection.results_dir),
                     *own_flags,
                 ]
-                module = modules[method]
+                module = SCRIPTS[method]
                 pair_text = f"{primary}-{run_aux}" if run_aux is not None else f"primary {primary}"
                 cfg = checked_config(module, args, f"{script_path(method).name} ({pair_text}, seed {seed})")
                 runs[(method, primary, run_aux, seed)] = Run(
@@ -272,8 +270,8 @@ def build_grid(selection: Selection) -> list[Run]:
                     script=script_path(method),
                     args=tuple(args),
                     epochs=cfg.epochs,
-                    run_dir=selection.results_dir / module.default_run_name(cfg),
-                    published=tuple(module.published_accuracy(cfg).items()),
+                    run_dir=selection.results_dir / experiment.default_run_name(module.METHOD, cfg),
+                    published=tuple(module.METHOD.published_accuracy(cfg).items()),
                 )
     return list(runs.values())
 
@@ -302,7 +300,7 @@ def read_state(run: Run) -> RunState:
     return RunState(
         accuracies=accuracies,
         has_checkpoint=(run.run_dir / "checkpoint.pt").is_file(),
-        running_pid=script_module(run.method).lock_holder(run.run_dir),
+        running_pid=experiment.lock_holder(run.run_dir),
     )
 
 
@@ -827,18 +825,6 @@ def mean_curve(seed_curves: Sequence[Sequence[float]]) -> tuple[list[int], list[
     return epochs, means, stds
 
 
-def write_atomic(path: Path, write) -> None:
-    """write(tmp_path), then renamed over `path`: a reader never sees half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def report(selection: Selection, runs: Sequence[Run], draw: bool) -> int:
     """Print the table; write report.md and (draw) figure3.png into <results-dir>/figure3/."""
     states = {run: read_state(run) for run in runs}
@@ -880,11 +866,11 @@ def report(selection: Selection, runs: Sequence[Run], draw: bool) -> int:
             "",
         ]
     )
-    write_atomic(folder / "report.md", lambda tmp: Path(tmp).write_text(markdown))
+    experiment.write_atomic(folder / "report.md", lambda tmp: Path(tmp).write_text(markdown))
     written = [folder / "report.md"]
     if draw:
         figure = make_figure(curves_by_pair(selection, runs, states))
-        write_atomic(folder / "figure3.png", lambda tmp: figure.savefig(tmp, dpi=150, format="png"))
+        experiment.write_atomic(folder / "figure3.png", lambda tmp: figure.savefig(tmp, dpi=150, format="png"))
         written.append(folder / "figure3.png")
     print(f"\nwrote {' and '.join(map(str, written))}")
     return 0

@@ -13,8 +13,8 @@ series, as in AuxiLearn). --mode equal, gcs and single are the authors' baseline
     python model_vgg_maoal.py --mode gcs --primary-level 3 --aux-level 10
     python model_vgg_maoal.py --smoke                          # one-minute install check on CPU
 
-To change the experiment, edit `Config` below (or pass the flag: every field is one). The run
-machinery at the bottom of the file is the same in every model script.
+To change the experiment, edit `Config` below (or pass the flag: every field is one). The run machinery
+(command line, checkpoints, resume) is experiment.py's.
 Prints one line per epoch (train and test loss and accuracy, primary and auxiliary; lambda per block; in
 maoal mode the developing batches' primary loss and accuracy and the hypergradient's norm) and writes
 results/<run-name>/metrics.json and checkpoint.pt after every epoch; --resume continues.
@@ -29,27 +29,9 @@ series' last term its direction. --neumann-alpha 1e-4 converges there (norms 0.0
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import dataclasses
-import fcntl
 import functools
-import hashlib
-import importlib.util
-import json
 import math
-import os
-import random
-import re
-import shlex
-import signal
-import socket
-import sys
-import tempfile
-import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from urllib.error import URLError
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -57,32 +39,32 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from create_dataset import (
-    CIFAR100,
-    LEVELS,
-    SYNTHETIC_MARKER,
-    TEST_TRANSFORM,
-    TRAIN_TRANSFORM,
-    DeviceLoader,
-    level_index,
-    make_synthetic_cifar100,
+import experiment
+from create_dataset import CIFAR100, LEVELS, level_index
+from experiment import (
+    FiniteGuard,
+    Loaders,
+    Meter,
+    Method,
+    NonFiniteLoss,
+    RunConfig,
+    StepGraphs,
+    UsageError,
+    autocast,
+    batches,
+    option,
+    require,
 )
 
-METHOD = "maoal"
 MODES = ("maoal", "equal", "gcs", "single")
 MODULES = ("block1", "block2", "block3", "block4", "block5")  # the modules lambda weighs: VGG-16's conv blocks
 
 
-def option(default, help: str, **argparse_kwargs):
-    """A Config field that becomes a command-line flag with this help text (a list default is copied per Config)."""
-    if isinstance(default, list):
-        return field(default_factory=default.copy, metadata={"help": help, **argparse_kwargs})
-    return field(default=default, metadata={"help": help, **argparse_kwargs})
-
-
 @dataclass
-class Config:
-    # --- the experiment (the paper's settings; edit here or pass the flag) ---
+class Config(RunConfig):
+    """The experiment: the paper's settings (edit here or pass the flag). The data and run settings are
+    RunConfig's, in experiment.py."""
+
     primary_level: int = option(20, "primary task: number of classes in the hierarchy", choices=(3, 10, 20))
     aux_level: int = option(100, "auxiliary task: a finer level of the hierarchy", choices=(10, 20, 100))
     mode: str = option(
@@ -114,45 +96,23 @@ class Config:
     lambda_lr: float = option(1e-3, "maoal: SGD learning rate of rho, lambda = softplus(rho)")
     lambda_momentum: float = option(0.9, "maoal: SGD momentum of rho")
     hypergrad_clip: float = option(10.0, "maoal: the hypergradient's norm is clipped to this (the authors: 10)")
-    # --- data and run: the same fields in every model script (tools/sync_shared.py keeps them so) ---
-    data_root: str = option("dataset", "folder that holds (or receives) cifar-100-python/")
-    download: bool = option(True, "download CIFAR-100 when it is missing")
-    data_path: str = option(
-        "auto",
-        "device: whole dataset on the device, augmented there; loader: torchvision "
-        "DataLoader; auto: device on CUDA, loader on CPU",
-        choices=("auto", "device", "loader"),
-    )
-    workers: int | None = option(
-        None,
-        "DataLoader worker processes (loader data path); default: the CPUs this process may use, at most 4",
-        type=int,
-    )
-    # --- the run ---
-    device: str = option("auto", "auto, cpu, cuda or cuda:N")
-    seed: int = option(0, "seeds python, numpy and torch")
-    deterministic: bool = option(False, "deterministic algorithms and cuDNN settings (slower on CUDA)")
-    amp: bool = option(False, "bf16 autocast on CUDA (changes the numerics; off reproduces the paper in fp32)")
-    compile: bool = option(False, "torch.compile the networks' plain forward passes (phase 1, evaluation)")
-    channels_last: bool = option(True, "channels_last memory format (faster convolutions on CUDA and on CPU)")
-    cuda_graphs: bool = option(True, "replay each step as a CUDA graph on CUDA (same arithmetic, less launch overhead)")
-    results_dir: str = option("results", "runs are written to <results-dir>/<run-name>/")
-    run_name: str = option(
-        "",
-        "a plain folder name inside --results-dir; default: method, levels, seed, and a hash of the settings "
-        "that differ from the paper's (e.g. {example})",
-    )
-    resume: bool = option(False, "continue the run in <results-dir>/<run-name> from its checkpoint")
-    overwrite: bool = option(False, "start over in a run folder that already holds results")
-    limit_batches: int = option(0, "only this many batches per pass (0 = all): smoke tests and benchmarks")
-    tensorboard: bool = option(False, "also write each epoch's numbers as TensorBoard scalars into the run folder")
-    smoke: bool = option(False, "one-minute install check on CPU: synthetic data in a temporary folder, no download")
+
+
+# ---------------------------------------------------------------------------------------------
+# Precision
+
+
+# Copied from model_vgg_single.py
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 (autocast) -> float32 for losses; float32 and float64 unchanged."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 # ---------------------------------------------------------------------------------------------
 # Networks
 
 
+# Copied from model_vgg_single.py
 def conv_block(in_channels: int, out_channels: int, num_convs: int) -> nn.Sequential:
     """num_convs x (3x3 conv, BatchNorm, ReLU), then 2x2 max-pool; conv i at index 3 * i."""
     layers = []
@@ -165,10 +125,12 @@ def conv_block(in_channels: int, out_channels: int, num_convs: int) -> nn.Sequen
     return nn.Sequential(*layers, nn.MaxPool2d(kernel_size=2, stride=2))
 
 
+# Copied from model_vgg_single.py
 def head(num_classes: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(512, 512), nn.ReLU(inplace=True), nn.Linear(512, num_classes))
 
 
+# Copied from model_vgg_single.py
 def init_weights(module: nn.Module, weight_init) -> None:
     for m in module.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
@@ -179,6 +141,7 @@ def init_weights(module: nn.Module, weight_init) -> None:
             nn.init.zeros_(m.bias)
 
 
+# Copied from model_vgg_single.py
 class VGGTrunk(nn.Module):
     """VGG-16's 13 conv layers in five blocks (64, 128, 256, 512, 512 channels): 32x32 -> 512 features."""
 
@@ -232,17 +195,14 @@ class ModuleWeights(nn.Module):
 # Losses
 
 
-def at_least_float32(x: torch.Tensor) -> torch.Tensor:
-    """bf16/fp16 (autocast) -> float32 for losses; float32 and float64 unchanged."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
+# Copied from model_vgg_single.py
 def focal_terms(logits: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
     """Per-sample, per-class focal terms -(1 - p)^gamma log p, with p = softmax(logits), in float32 or wider."""
     log_p = F.log_softmax(at_least_float32(logits), dim=1)
     return -(1 - log_p.exp()).pow(gamma) * log_p
 
 
+# Copied from model_vgg_single.py
 def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
     """Focal loss against a target distribution (one-hot or soft), averaged over the batch."""
     return (target * focal_terms(logits, gamma)).sum(1).mean()
@@ -488,6 +448,7 @@ def train_epoch(
     return meter.means()
 
 
+# Copied from model_vgg_human.py
 def eval_step(state: dict, images: torch.Tensor, labels: torch.Tensor, cfg: Config) -> dict:
     """Test metrics of one batch, as tensors."""
     primary, auxiliary = labels[:, level_index(cfg.primary_level)], labels[:, level_index(cfg.aux_level)]
@@ -539,7 +500,7 @@ def epoch_line(record: dict, epochs: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# What the run machinery asks of this method
+# Settings: checks, run names, published figures
 
 
 def check_config(cfg: Config) -> Config:
@@ -559,7 +520,7 @@ def check_config(cfg: Config) -> Config:
 
 
 def run_name_stem(cfg: Config) -> str:
-    return f"{METHOD}-{cfg.mode}-pri{cfg.primary_level}-aux{cfg.aux_level}-seed{cfg.seed}"
+    return f"maoal-{cfg.mode}-pri{cfg.primary_level}-aux{cfg.aux_level}-seed{cfg.seed}"
 
 
 def paper_settings(cfg: Config) -> dict:
@@ -620,823 +581,28 @@ def published_accuracy(cfg: Config) -> dict[str, float]:
     return {}
 
 
-# =============================================================================================
-# RUN MACHINERY. Identical in every model script: edit it in model_vgg_single.py (the canonical
-# copy), then run `python tools/sync_shared.py` to copy it into the others (`--check` compares only).
-# The code above defines what the machinery needs from the method:
-#   METHOD                  the method's name: run names, checkpoints, metrics.json
-#   Config                  the settings; its data and run fields are shared (synced) too
-#   check_config(cfg)       refuses impossible settings (UsageError); returns cfg with psi etc. parsed
-#   run_name_stem(cfg)      the readable part of the default run name (method, levels, seed)
-#   paper_settings(cfg)     the paper's values of the other settings that change the result
-#   derived_settings(cfg)   values computed from the settings, stored beside them in metrics.json
-#   published_accuracy(cfg) published test accuracy (%) for this configuration, if any
-#   build(cfg, device)      networks, optimisers, schedulers: a dict; "model" is evaluated, keys
-#                           without "forward_" are checkpointed
-#   held_out(train_set, cfg)  indices of training images held out as a developing set (Loaders.dev)
-#   train_epoch(state, graphs, loaders, cfg, device, epoch)  one epoch's training metrics
-#   eval_step(state, images, labels, cfg)                         one test batch's metrics
-#   epoch_line(record, epochs)                                    the per-epoch line
-# It provides: UsageError, NonFiniteLoss, require, Loaders, autocast, batches, StepGraphs, Meter,
-# FiniteGuard, evaluate, run, smoke, main.
-# =============================================================================================
-
 # ---------------------------------------------------------------------------------------------
-# Command line
-
-# Settings a resumed run may change; every other one must match the checkpoint.
-RESUMABLE_CHANGES = {
-    "epochs",
-    "resume",
-    "overwrite",
-    "data_root",
-    "download",
-    "workers",
-    "cuda_graphs",
-    "results_dir",
-    "tensorboard",
-}
-PAPER_EPOCHS = 200  # the paper reports the mean test accuracy of the last 5 of 200 epochs
-MAX_SEED = 2**32 - 1  # numpy's limit, the narrowest of the seeded generators
-RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a plain folder name, created inside --results-dir
-
-
-class UsageError(Exception):
-    """Bad input or a refused action: shown as one line, exit code 2."""
-
-
-class NonFiniteLoss(Exception):
-    """A loss became NaN or infinite: the run stops, the last good checkpoint stays; `hint` says what to change."""
-
-    def __init__(self, message: str, hint: str = "Try a smaller --lr, or --no-amp"):
-        super().__init__(message)
-        self.hint = hint
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad flag gets one line (not the whole usage) and exit code 2."""
-
-    def error(self, message: str):
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        raise SystemExit(2)
-
-
-def command_line() -> OneLineParser:
-    """One flag per Config field, the field's value in this file as its default."""
-    parser = OneLineParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        allow_abbrev=False,  # a typo of one flag must not silently mean another
-    )
-    defaults = Config()
-    example = default_run_name(check_config(defaults))
-    for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        kwargs = {
-            **f.metadata,
-            "default": getattr(defaults, f.name),
-            "help": f.metadata["help"].format(example=example),
-        }
-        if f.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
-        else:
-            parser.add_argument(flag, **{"type": {"int": int, "float": float, "str": str}.get(f.type), **kwargs})
-    return parser
-
-
-def parse_config(argv: list[str] | None = None) -> Config:
-    return Config(**vars(command_line().parse_args(argv)))
-
-
-def flag(name: str, value) -> str:
-    """A setting as its command-line flag; a list (psi) as the command line writes it: 5 or 2,3,4."""
-    if isinstance(value, list):
-        value = value[0] if len(set(value)) == 1 else ",".join(str(v) for v in value)
-    return f"--{name.replace('_', '-')} {value}"
-
-
-def require(cfg: Config, at_least_1=(), at_least_0=(), positive=()) -> None:
-    """Refuse, with one line naming the flag, a setting outside its range."""
-    for names, ok, rule in (
-        (at_least_1, lambda v: v >= 1, "must be at least 1"),
-        (at_least_0, lambda v: v >= 0, "must be 0 or more"),
-        (positive, lambda v: v > 0 and math.isfinite(v), "must be positive and finite"),
-    ):
-        for name in names:
-            if not ok(getattr(cfg, name)):
-                raise UsageError(f"--{name.replace('_', '-')} {rule} (got {getattr(cfg, name)})")
-
-
-def check_settings(cfg: Config) -> Config:
-    """The method's checks (check_config), then the shared data and run settings'."""
-    for f in dataclasses.fields(Config):
-        value = getattr(cfg, f.name)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise UsageError(f"--{f.name.replace('_', '-')} must be a finite number (got {value})")
-    cfg = check_config(cfg)
-    require(cfg, at_least_0=("limit_batches",) + (("workers",) if cfg.workers is not None else ()))
-    if not 0 <= cfg.seed <= MAX_SEED:
-        raise UsageError(f"--seed must be between 0 and {MAX_SEED}, the range every seeded generator accepts")
-    if cfg.run_name and not RUN_NAME.fullmatch(cfg.run_name):
-        raise UsageError(
-            f"--run-name {cfg.run_name!r} is not a plain folder name: use letters, digits, '.', '_' and '-', "
-            f"starting with a letter or digit (the run is written to --results-dir/<run-name>)"
-        )
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
-        raise UsageError(f"--device {cfg.device!r} is not one of auto, cpu, cuda, cuda:N")
-    if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
-        raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard")
-    return cfg
-
-
-def edited_settings(cfg: Config) -> dict:
-    """The settings that change the result and differ from the paper's (fixed) values, by name."""
-    paper = {**paper_settings(cfg), "amp": False}
-    return {name: getattr(cfg, name) for name in sorted(paper) if getattr(cfg, name) != paper[name]}
-
-
-def default_run_name(cfg: Config) -> str:
-    """run_name_stem(cfg); a short hash of the settings that differ from the paper's, if any; -limitN for
-    a run of --limit-batches N. The same settings give the same name again (so --resume finds the run)."""
-    name = run_name_stem(cfg)
-    edited = edited_settings(cfg)
-    if edited:
-        name += "-" + hashlib.sha256(json.dumps(edited, sort_keys=True).encode()).hexdigest()[:8]
-    if cfg.limit_batches:
-        name += f"-limit{cfg.limit_batches}"
-    return name
-
-
-def not_comparable(cfg: Config, epochs_completed: int) -> list[str]:
-    """Why this run's accuracy cannot be set beside the published figures (empty: it can)."""
-    reasons = [flag(name, value) for name, value in edited_settings(cfg).items()]
-    if cfg.limit_batches:
-        reasons.append(flag("limit_batches", cfg.limit_batches))
-    if (Path(cfg.data_root) / SYNTHETIC_MARKER).is_file():
-        reasons.append("synthetic data")
-    if epochs_completed != PAPER_EPOCHS:
-        reasons.append(f"{epochs_completed} of the paper's {PAPER_EPOCHS} epochs")
-    return reasons
-
-
-# ---------------------------------------------------------------------------------------------
-# Devices, seeds, data
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UsageError(
-                f"--device {name}: CUDA is not available on this machine (torch {torch.__version__}); use --device cpu"
-            )
-        index = int(name.split(":")[1]) if ":" in name else 0
-        if index >= torch.cuda.device_count():
-            raise UsageError(
-                f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0"
-            )
-    return torch.device(name)
-
-
-def configure_backends(cfg: Config, device: torch.device) -> None:
-    """Seeds, and the speed/determinism trade-off of cuDNN and cuBLAS."""
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    if cfg.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.deterministic = cfg.deterministic
-    torch.backends.cudnn.benchmark = device.type == "cuda" and not cfg.deterministic
-
-
-def load_datasets(cfg: Config) -> tuple[CIFAR100, CIFAR100]:
-    folder = Path(cfg.data_root) / CIFAR100.base_folder
-    try:
-        train_set = CIFAR100(cfg.data_root, train=True, transform=TRAIN_TRANSFORM, download=cfg.download)
-        test_set = CIFAR100(cfg.data_root, train=False, transform=TEST_TRANSFORM)
-    except (URLError, OSError) as error:
-        raise UsageError(
-            f"could not download CIFAR-100 into '{cfg.data_root}' ({error}); download cifar-100-python.tar.gz "
-            f"yourself and extract it there, or point --data-root at a folder that holds cifar-100-python/"
-        ) from None
-    except RuntimeError:
-        hint = (
-            "run without --no-download to fetch it (161 MB)"
-            if not cfg.download
-            else "delete that folder to download it again"
-        )
-        raise UsageError(
-            f"CIFAR-100 not found or corrupted in '{folder}'; {hint}, or point --data-root elsewhere"
-        ) from None
-    return train_set, test_set
-
-
-@dataclass
-class Loaders:
-    """A run's batches: train, test, and the developing set the method holds out of training (or None)."""
-
-    train: object
-    test: object
-    dev: object | None = None
-
-
-def default_workers() -> int:
-    """The CPUs this process may use, at most 4: more would only make the DataLoader warn."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return min(4, cpus)
-
-
-def make_loaders(cfg: Config, device: torch.device) -> Loaders:
-    """Batches of (images, labels[N, 4]); every shuffled loader carries its RNG as `.generator`."""
-    train_set, test_set = load_datasets(cfg)
-    dev_set = None
-    dev_indices = held_out(train_set, cfg)
-    if len(dev_indices):
-        train_set, dev_set = train_set.split(dev_indices, held_out_transform=TEST_TRANSFORM)
-    on_device = cfg.data_path == "device" or (cfg.data_path == "auto" and device.type == "cuda")
-
-    def loader(dataset: CIFAR100, shuffle: bool, augment: bool):
-        if on_device:
-            return DeviceLoader(dataset, cfg.batch_size, device, shuffle=shuffle, augment=augment, seed=cfg.seed)
-        generator = torch.Generator()
-        generator.manual_seed(cfg.seed)
-        # Workers are re-seeded from `generator` every epoch (no persistent workers) so a resumed run repeats exactly.
-        workers = default_workers() if cfg.workers is None else cfg.workers
-        common = dict(batch_size=cfg.batch_size, num_workers=workers, pin_memory=device.type == "cuda")
-        if not shuffle:
-            return torch.utils.data.DataLoader(dataset, shuffle=False, **common)
-        return torch.utils.data.DataLoader(dataset, shuffle=True, generator=generator, **common)
-
-    dev = loader(dev_set, shuffle=True, augment=False) if dev_set is not None else None
-    return Loaders(loader(train_set, shuffle=True, augment=True), loader(test_set, shuffle=False, augment=False), dev)
-
-
-def batches(loader, cfg: Config, device: torch.device):
-    """The loader's batches on `device` (at most --limit-batches of them)."""
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    for step, (images, labels) in enumerate(loader):
-        if cfg.limit_batches and step == cfg.limit_batches:
-            return
-        images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
-        yield step, images, labels.to(device, non_blocking=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# Mixed precision and CUDA graphs
-
-
-def autocast(cfg: Config, device: torch.device):
-    """bf16 autocast on CUDA with --amp; a no-op otherwise."""
-    if cfg.amp and device.type == "cuda":
-        # No weight-cast cache: CUDA graph capture needs every cast inside the captured step.
-        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
-    return contextlib.nullcontext()
-
-
-class StepGraphs:
-    """Replays each step function as a CUDA graph: one launch per batch instead of hundreds of kernels.
-
-    At batch size 100 the GPU finishes VGG-16's kernels faster than Python can launch them; a graph
-    removes that overhead without changing the arithmetic. A step (a function of a batch's images and
-    labels that returns tensors) runs eagerly for its first WARMUP calls at each input shape (cuDNN
-    autotuning, lazy initialisation), is then captured once and replayed with the batch copied into
-    the graph's own input tensors. The learning rates a step reads are baked into its capture, so every
-    graph is dropped when an optimiser in `state` changes its learning rate. Parameters must be updated
-    in place (torch.optim and load_state_dict do). The returned tensors are overwritten by the next
-    replay of the same step.
-    Disabled (every call eager) off CUDA and with --no-cuda-graphs.
-    """
-
-    WARMUP = 3
-
-    def __init__(self, state: dict, device: torch.device, enabled: bool = True):
-        self.enabled = enabled and device.type == "cuda"
-        self.device = device
-        self.optimizers = [obj for obj in state.values() if isinstance(obj, torch.optim.Optimizer)]
-        self.learning_rates: list[float] = []
-        self.graphs: dict[tuple, tuple] = {}
-        self.calls: dict[tuple, int] = {}
-        self.side_stream = torch.cuda.Stream(device) if self.enabled else None
-
-    def __call__(self, name: str, step, images: torch.Tensor, labels: torch.Tensor) -> dict:
-        if not self.enabled:
-            return step(images, labels)
-        learning_rates = [group["lr"] for optimizer in self.optimizers for group in optimizer.param_groups]
-        if learning_rates != self.learning_rates:
-            self.graphs.clear()
-            self.calls.clear()
-            self.learning_rates = learning_rates
-        key = (name, tuple(images.shape), tuple(labels.shape))
-        if key not in self.graphs:
-            self.calls[key] = self.calls.get(key, 0) + 1
-            if self.calls[key] <= self.WARMUP:
-                # Warm-up on a side stream, as torch.cuda.graph requires of the work it will capture.
-                main_stream = torch.cuda.current_stream(self.device)
-                self.side_stream.wait_stream(main_stream)
-                with torch.cuda.stream(self.side_stream):
-                    out = step(images, labels)
-                main_stream.wait_stream(self.side_stream)
-                return out
-            static_images, static_labels = images.clone(), labels.clone()
-            graph = torch.cuda.CUDAGraph()
-            # Records the kernels, runs nothing. "thread_local": the DataLoader's pin-memory thread may
-            # allocate pinned memory meanwhile, which the default mode would count as breaking the capture.
-            with torch.cuda.device(self.device), torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                outputs = step(static_images, static_labels)
-            self.graphs[key] = (graph, static_images, static_labels, outputs)
-        graph, static_images, static_labels, outputs = self.graphs[key]
-        static_images.copy_(images)
-        static_labels.copy_(labels)
-        graph.replay()
-        return dict(outputs)
-
-
-# ---------------------------------------------------------------------------------------------
-# Meters and evaluation
-
-
-class Meter:
-    """Sums per-sample metrics on the device; one host sync per epoch."""
-
-    def __init__(self):
-        self.sums: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, int] = {}
-
-    def add(self, name: str, batch_mean: torch.Tensor, n: int) -> None:
-        self.sums[name] = self.sums.get(name, 0) + batch_mean.detach().float() * n
-        self.counts[name] = self.counts.get(name, 0) + n
-
-    def means(self) -> dict[str, float]:
-        return {name: (total / self.counts[name]).item() for name, total in self.sums.items()}
-
-
-class FiniteGuard:
-    """Records the first step whose loss is not finite, without a host sync per step."""
-
-    CHECK_EVERY = 50
-
-    def __init__(self, device: torch.device):
-        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
-
-    def watch(self, loss: torch.Tensor, epoch: int, phase: str, step: int) -> None:
-        bad = (self.first_bad < 0) & ~torch.isfinite(loss.detach())
-        self.first_bad = torch.where(bad, step, self.first_bad)
-        if (step + 1) % self.CHECK_EVERY == 0:
-            self.check(epoch, phase)
-
-    def check(self, epoch: int, phase: str) -> None:
-        step = int(self.first_bad)
-        if step >= 0:
-            raise NonFiniteLoss(f"non-finite loss at epoch {epoch}, {phase} step {step + 1}; the run stopped")
-
-
-@torch.inference_mode()
-def evaluate(state: dict, graphs: StepGraphs, test_loader, cfg: Config, device: torch.device) -> dict[str, float]:
-    meter = Meter()
-    state["model"].eval()
-    step = functools.partial(eval_step, state, cfg=cfg)
-    for _, images, labels in batches(test_loader, cfg, device):
-        out = graphs("evaluate", step, images, labels)
-        for name, value in out.items():
-            meter.add(name, value, images.shape[0])
-    state["model"].train()
-    return meter.means()
-
-
-# ---------------------------------------------------------------------------------------------
-# Results, checkpoints, resume
-
-
-def write_atomic(path: Path, write) -> None:
-    """write(tmp_path), flushed to disk, then renamed over `path`: a reader never sees a half-written file,
-    and a crash or power loss leaves the old file or the new one. A leftover temporary file (a killed
-    process) is removed when the next run opens the folder."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as written:
-            os.fsync(written.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)  # the rename itself
-    finally:
-        os.close(folder)
-
-
-def write_json(path: Path, obj) -> None:
-    """Strict JSON: every number is finite (run() checks them), so any JSON parser reads it."""
-    write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1, allow_nan=False) + "\n"))
-
-
-def rng_state(loaders: Loaders) -> dict:
-    state = {
-        "python": random.getstate(),
-        "numpy": [torch.from_numpy(v) if isinstance(v, np.ndarray) else v for v in np.random.get_state()],
-        "torch": torch.get_rng_state(),
-        "loader": loaders.train.generator.get_state(),
-    }
-    if loaders.dev is not None:
-        state["dev_loader"] = loaders.dev.generator.get_state()
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict, loaders: Loaders) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(tuple(v.numpy() if isinstance(v, torch.Tensor) else v for v in state["numpy"]))
-    torch.set_rng_state(state["torch"])
-    loaders.train.generator.set_state(state["loader"])
-    if loaders.dev is not None:
-        loaders.dev.generator.set_state(state["dev_loader"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def summarize(history: list[dict], cfg: Config) -> dict:
-    """Final-epoch test accuracy and the mean over the last 5 epochs (the paper's way), in %; the published
-    figures for this configuration, and whether this run is one they can be compared with."""
-    accs = [100 * r["test_primary_acc"] for r in history]
-    reasons = not_comparable(cfg, len(history))
-    return {
-        "epochs_completed": len(history),
-        "final_test_primary_acc": accs[-1],
-        "last5_mean_test_primary_acc": sum(accs[-5:]) / len(accs[-5:]),
-        "published_test_primary_acc": published_accuracy(cfg),
-        "comparable_with_published": not reasons,
-        "not_comparable_because": reasons,
-    }
-
-
-def summary_line(summary: dict) -> str:
-    published = "; ".join(f"{v:.1f}% ({k})" for k, v in summary["published_test_primary_acc"].items())
-    if not published:
-        beside = "published: none for this configuration"
-    elif summary["comparable_with_published"]:
-        beside = f"published: {published}"
-    else:
-        beside = f"not comparable with the published figures ({', '.join(summary['not_comparable_because'])})"
-    return (
-        f"final test primary accuracy {summary['final_test_primary_acc']:.2f}%, mean of the last "
-        f"{min(5, summary['epochs_completed'])} epochs {summary['last5_mean_test_primary_acc']:.2f}% | {beside}"
-    )
-
-
-def settings_as_checked(saved: dict) -> dict:
-    """A checkpoint's settings as check_config leaves them (psi parsed, levels resolved), so that the same
-    experiment compares equal however its settings were written (--psi 5 or twenty 5s)."""
-    names = {f.name for f in dataclasses.fields(Config)}
-    try:
-        return asdict(check_config(Config(**{k: v for k, v in saved.items() if k in names})))
-    except (UsageError, TypeError, ValueError):
-        return saved
-
-
-def load_checkpoint(path: Path, cfg: Config) -> dict:
-    """The checkpoint at `path`, after checking it belongs to this configuration; refuses with one line."""
-    if not path.is_file():
-        raise UsageError(
-            f"--resume: no checkpoint at '{path}'; start without --resume, or check --results-dir and --run-name"
-        )
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        saved = checkpoint["config"]
-        checkpoint["next_epoch"]
-    except Exception as error:
-        raise UsageError(
-            f"--resume: '{path}' is unreadable (truncated or corrupt: {type(error).__name__}); "
-            f"start a new run with another --run-name, or --overwrite to replace it"
-        ) from None
-    if saved.get("method") != METHOD:
-        raise UsageError(f"--resume: '{path}' is a {saved.get('method')} run, not {METHOD}; use another --run-name")
-    current, saved = asdict(cfg), {**saved, **settings_as_checked(saved)}
-    differ = [k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k]]
-    if differ:
-        was = " ".join(flag(k, saved.get(k)) for k in differ)
-        now = " ".join(flag(k, current[k]) for k in differ)
-        raise UsageError(
-            f"--resume: '{path}' was written with {was} but this run has {now}; "
-            f"resume with the checkpoint's settings, or use another --run-name"
-        )
-    return checkpoint
-
-
-def restore(state: dict, loaders: Loaders, checkpoint: dict, path: Path) -> tuple[list[dict], int]:
-    """Load every saved entry of `state` and the RNG states; returns the metrics so far and the next epoch."""
-    saved = [key for key in state if not key.startswith("forward_")]
-    missing = [key for key in (*saved, "rng", "epochs") if key not in checkpoint]
-    if missing:
-        raise UsageError(
-            f"--resume: '{path}' is incomplete (no {', '.join(missing)}); "
-            f"start a new run with another --run-name, or --overwrite to replace it"
-        )
-    try:
-        for key in saved:
-            state[key].load_state_dict(checkpoint[key])
-        set_rng_state(checkpoint["rng"], loaders)
-    except (RuntimeError, KeyError, ValueError, TypeError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise UsageError(f"--resume: '{path}' does not fit this run ({reason}); use another --run-name") from None
-    return checkpoint["epochs"], checkpoint["next_epoch"]
-
-
-def check_finite(metrics: dict[str, float], epoch: int) -> None:
-    """Every recorded number must be finite, the test metrics as much as the training losses."""
-    bad = [name for name, value in metrics.items() if not math.isfinite(value)]
-    if bad:
-        raise NonFiniteLoss(f"non-finite {', '.join(bad)} at epoch {epoch}; the run stopped")
-
-
-# ---------------------------------------------------------------------------------------------
-# The run folder: created, locked, cleaned
-
-
-LOCK_FILE = ".lock"
-
-
-def lock_record(run_dir: Path) -> tuple[int, str | None] | None:
-    """(pid, host) written in `run_dir`'s lock file by the run that took it (host None in older files), or None."""
-    try:
-        pid, *host = (Path(run_dir) / LOCK_FILE).read_text().split()
-        return int(pid), (host[0] if host else None)
-    except (OSError, ValueError):
-        return None
-
-
-def lock_holder(run_dir: Path) -> int | None:
-    """The pid of the live process on this host that holds `run_dir`'s lock, or None. A holder on another host
-    (a shared filesystem, a cluster's nodes) cannot be checked from here and gives None."""
-    record = lock_record(run_dir)
-    if record is None or record[1] not in (None, socket.gethostname()):
-        return None
-    try:
-        os.kill(record[0], 0)
-    except OSError:
-        return None
-    return record[0]
-
-
-class RunFolder:
-    """The run's folder, held by this process alone while the run lasts.
-
-    Entering creates the folder (and any missing parents), checks it is writable, takes an exclusive
-    lock on its LOCK_FILE, and removes temporary files a killed run left behind. The lock is a kernel
-    lock (flock): a second process refuses with the first one's pid while it lives, and when the holder
-    dies, however it dies, the kernel releases it, so a stale lock file is simply taken over. Leaving
-    releases the lock and removes the folders entering created if the run wrote nothing into them.
-    """
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.created: list[Path] = []
-        self.lock_fd: int | None = None
-
-    def __enter__(self) -> Path:
-        missing = [p for p in (self.path, *self.path.parents) if not p.exists()]
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            self.created = missing
-            with tempfile.TemporaryFile(dir=self.path):
-                pass
-        except OSError as error:
-            self.remove_created()
-            raise UsageError(
-                f"cannot write results to '{self.path}' ({error.strerror or error}); choose another --results-dir"
-            ) from None
-        try:
-            self.lock()
-        except BaseException:
-            self.remove_created()
-            raise
-        for leftover in self.path.glob(".*.tmp"):
-            leftover.unlink()
-        return self.path
-
-    def lock(self) -> None:
-        path = self.path / LOCK_FILE
-        while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                pid, host = lock_record(self.path) or (None, None)
-                where = f" on {host}" if host not in (None, socket.gethostname()) else ""
-                raise UsageError(
-                    f"'{self.path}' is in use by another run (pid {pid}{where}); wait for it to end, "
-                    f"or choose another --run-name"
-                ) from None
-            # The holder we waited for may have removed the file meanwhile: hold the lock of the file on disk.
-            try:
-                if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                    break
-            except FileNotFoundError:
-                pass
-            os.close(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
-        self.lock_fd = fd
-
-    def __exit__(self, *exc) -> None:
-        if self.lock_fd is not None:
-            (self.path / LOCK_FILE).unlink(missing_ok=True)  # removed while held: see lock()
-            os.close(self.lock_fd)  # releases the flock
-            self.lock_fd = None
-        self.remove_created()
-
-    def remove_created(self) -> None:
-        """Remove the folders this run created, deepest first, if they are still empty."""
-        for folder in self.created:
-            try:
-                folder.rmdir()
-            except OSError:
-                break
-
-
-def previous_results(run_dir: Path, cfg: Config) -> dict | None:
-    """Refuse to lose results. Returns the checkpoint to resume from, if any."""
-    if cfg.resume:
-        return load_checkpoint(run_dir / "checkpoint.pt", cfg)
-    if (run_dir / "metrics.json").exists() or (run_dir / "checkpoint.pt").exists():
-        if not cfg.overwrite:
-            raise UsageError(
-                f"'{run_dir}' already holds results; use --resume to continue that run, "
-                f"another --run-name, or --overwrite to replace it"
-            )
-    return None
-
-
-# ---------------------------------------------------------------------------------------------
-# Signals
-
-
-class Interrupted(Exception):
-    def __init__(self, signum: int):
-        self.signum = signum
-
-
-def raise_interrupted(signum, frame):
-    raise Interrupted(signum)
-
-
-@contextlib.contextmanager
-def signals_deferred():
-    """Hold SIGINT/SIGTERM while files are written; deliver them afterwards."""
-    received = []
-    previous = {
-        s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)
-    }
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        if received:
-            raise Interrupted(received[0])
-
-
-@contextlib.contextmanager
-def signals_raise():
-    """SIGINT/SIGTERM raise Interrupted inside the block (the run's cleanup and message run as for Ctrl-C)."""
-    previous = {s: signal.signal(s, raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
-def resume_command(run_name: str) -> str:
-    args = [a for a in sys.argv[1:] if a not in ("--resume", "--overwrite")]
-    if "--run-name" not in args and not any(a.startswith("--run-name=") for a in args):
-        args += ["--run-name", run_name]
-    return shlex.join(["python", Path(sys.argv[0]).name, *args, "--resume"])
-
-
-# ---------------------------------------------------------------------------------------------
-# The run
-
-
-def run(cfg: Config) -> dict:
-    """The whole experiment: every epoch, its checkpoint and metrics; returns the summary."""
-    cfg = check_settings(cfg)
-    cfg = dataclasses.replace(cfg, run_name=cfg.run_name or default_run_name(cfg))
-    device = resolve_device(cfg.device)
-    history: list[dict] = []
-    epoch = 0
-    try:
-        with signals_raise(), RunFolder(Path(cfg.results_dir) / cfg.run_name) as run_dir:
-            checkpoint = previous_results(run_dir, cfg)
-            configure_backends(cfg, device)
-            loaders = make_loaders(cfg, device)
-            state = build(cfg, device)
-            start_epoch = 0
-            if checkpoint is not None:
-                history, start_epoch = restore(state, loaders, checkpoint, run_dir / "checkpoint.pt")
-                if start_epoch >= cfg.epochs:
-                    print(f"'{run_dir}' already finished {start_epoch} epochs; pass a larger --epochs to extend it")
-                    summary = summarize(history, cfg)
-                    print(summary_line(summary))
-                    return summary
-                print(f"resuming {run_dir} at epoch {start_epoch + 1}")
-            record_config = {
-                **asdict(cfg),
-                **derived_settings(cfg),
-                "method": METHOD,
-                "resolved_device": str(device),
-                "torch": str(torch.__version__),
-            }
-            epoch = start_epoch + 1
-            print(f"{METHOD}: {run_dir} on {device}, {cfg.epochs} epochs")
-            graphs = StepGraphs(state, device, enabled=cfg.cuda_graphs)
-            scalars = tensorboard_writer(run_dir) if cfg.tensorboard else None
-            for epoch in range(start_epoch + 1, cfg.epochs + 1):
-                started = time.perf_counter()
-                metrics = train_epoch(state, graphs, loaders, cfg, device, epoch)
-                metrics.update(evaluate(state, graphs, loaders.test, cfg, device))
-                check_finite(metrics, epoch)
-                for obj in state.values():
-                    if isinstance(obj, torch.optim.lr_scheduler.LRScheduler):
-                        obj.step()
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                history.append({"epoch": epoch, **metrics, "seconds": time.perf_counter() - started})
-                checkpoint = {key: obj.state_dict() for key, obj in state.items() if not key.startswith("forward_")}
-                checkpoint.update(config=record_config, epochs=history, next_epoch=epoch, rng=rng_state(loaders))
-                with signals_deferred():
-                    write_atomic(run_dir / "checkpoint.pt", functools.partial(torch.save, checkpoint))
-                    write_json(
-                        run_dir / "metrics.json",
-                        {"config": record_config, "epochs": history, "summary": summarize(history, cfg)},
-                    )
-                if scalars is not None:
-                    for name, value in history[-1].items():
-                        scalars.add_scalar(name, value, epoch)
-                    scalars.flush()
-                print(epoch_line(history[-1], cfg.epochs), flush=True)
-    except Interrupted as interrupt:
-        saved = Path(cfg.results_dir) / cfg.run_name / "checkpoint.pt"
-        if saved.is_file():
-            after = f" after epoch {len(history)}" if history else ""
-            done = f"the checkpoint{after} is in {saved.parent}. Resume with: {resume_command(cfg.run_name)}"
-        else:
-            done = "no epoch was completed and nothing was saved"
-        print(f"\ninterrupted{f' in epoch {epoch}' if epoch else ''}; {done}", file=sys.stderr)
-        raise SystemExit(128 + interrupt.signum) from None
-    except NonFiniteLoss as error:
-        kept = f"the checkpoint after epoch {len(history)} in {run_dir} is kept" if history else "nothing was saved"
-        raise UsageError(f"{error}; {kept}. {error.hint}") from None
-    summary = summarize(history, cfg)
-    print(summary_line(summary))
-    return summary
-
-
-def tensorboard_writer(run_dir: Path):
-    """A TensorBoard writer into the run folder (tensorboard is an optional extra; check_settings checked it)."""
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(log_dir=str(run_dir))
-
-
-def smoke(cfg: Config) -> dict:
-    """Train 2 small batches on CPU on synthetic data in a temporary folder; nothing is left behind. 1,000
-    training images (50 a class) leave room for a method's held-out developing set at its default size."""
-    with tempfile.TemporaryDirectory(prefix=f"{METHOD}-smoke-") as tmp:
-        make_synthetic_cifar100(Path(tmp) / "data", n_train=1000, n_test=100, seed=cfg.seed)
-        smoke_cfg = dataclasses.replace(
-            cfg,
-            data_root=str(Path(tmp) / "data"),
-            download=False,
-            results_dir=str(Path(tmp) / "results"),
-            device="cpu",
-            epochs=1,
-            batch_size=20,
-            limit_batches=2,
-            workers=0,
-            run_name="smoke",
-            resume=False,
-            overwrite=False,
-            smoke=False,
-        )
-        summary = run(smoke_cfg)
-    print("smoke test passed: the install trains and evaluates")
-    return summary
+# The method, handed to the run machinery (experiment.py)
+
+METHOD = Method(
+    name="maoal",
+    config=Config,
+    description=__doc__,
+    check_config=check_config,
+    run_name_stem=run_name_stem,
+    paper_settings=paper_settings,
+    build=build,
+    train_epoch=train_epoch,
+    eval_step=eval_step,
+    epoch_line=epoch_line,
+    derived_settings=derived_settings,
+    published_accuracy=published_accuracy,
+    held_out=held_out,
+)
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
-        cfg = parse_config(argv)
-        smoke(cfg) if cfg.smoke else run(cfg)
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+    experiment.main(METHOD, argv)
 
 
 if __name__ == "__main__":

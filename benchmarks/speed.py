@@ -33,7 +33,7 @@ On CPU the timings need an otherwise idle machine: other processes competing for
 PyTorch's OpenMP kernels several-fold. The notes under the table give the share of CPU time other
 processes took during each row and flag the run above 5%.
 
-On CUDA each step goes through the script's StepGraphs, as in a real epoch: warmed up, captured
+On CUDA each step goes through experiment.py's StepGraphs, as in a real epoch: warmed up, captured
 and replayed as a CUDA graph (--no-cuda-graphs: eager). The reference-style row is always eager.
 
 Time at batch 100 with the defaults (CPU: 1 warm-up and 3 timed iterations; CUDA: 50 and 100): about
@@ -50,7 +50,6 @@ import dataclasses
 import datetime
 import functools
 import gc
-import importlib
 import json
 import math
 import os
@@ -74,6 +73,12 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+import experiment  # noqa: E402
+import model_vgg_human  # noqa: E402
+import model_vgg_maoal  # noqa: E402
+import model_vgg_maxl  # noqa: E402
+import model_vgg_single  # noqa: E402
+import model_vgg_wamal  # noqa: E402
 from create_dataset import FINE_TO_COARSE, hierarchy_labels, level_index, normalize  # noqa: E402
 
 METHODS = (
@@ -124,22 +129,27 @@ def method_spec(name: str) -> Method:
     return Method(name, f"model_vgg_{name}")
 
 
+SCRIPTS = {  # Method.script -> the model script (importing one never trains or writes anything)
+    module.__name__: module
+    for module in (model_vgg_single, model_vgg_human, model_vgg_maxl, model_vgg_wamal, model_vgg_maoal)
+}
 # Everything this benchmark uses of the model scripts, in one place: the scripts are programs, not a library,
-# so a renamed function there must fail here in one clear line, not deep inside a measurement.
-STEP_NAMES = ("Config", "check_config", "configure_backends", "build", "StepGraphs", "train_step")
+# so a renamed function there must fail here in one clear line, not deep inside a measurement. The run
+# machinery (configure_backends, StepGraphs, autocast) is experiment.py's.
+STEP_NAMES = ("Config", "check_config", "build", "train_step")
 SCRIPT_NAMES = {
     "model_vgg_single": STEP_NAMES,
     "model_vgg_human": STEP_NAMES,
     # meta_step for our MAXL; the reference-style steps use the losses and the cosine diagnostic.
-    "model_vgg_maxl": (*STEP_NAMES, "meta_step", "autocast", "focal_loss", "negative_entropy", "gradient_cosine"),
+    "model_vgg_maxl": (*STEP_NAMES, "meta_step", "focal_loss", "negative_entropy", "gradient_cosine"),
     "model_vgg_wamal": (*STEP_NAMES, "meta_step"),
     "model_vgg_maoal": (*STEP_NAMES, "meta_step"),
 }
 
 
 def script(method: Method):
-    """The model script as a module (importing it never trains or writes anything), checked for SCRIPT_NAMES."""
-    module = importlib.import_module(method.script)
+    """The method's model script, checked for SCRIPT_NAMES."""
+    module = SCRIPTS[method.script]
     missing = [name for name in SCRIPT_NAMES[method.script] if not hasattr(module, name)]
     if missing:
         raise SystemExit(
@@ -166,7 +176,7 @@ def reference_train_step(module, state: dict, images: torch.Tensor, labels: torc
     """
     model, optimizer = state["model"], state["optimizer"]
     primary = labels[:, level_index(cfg.primary_level)]
-    with module.autocast(cfg, images.device):
+    with experiment.autocast(cfg, images.device):
         aux_targets = state["forward_generator"](images, primary)  # with autograd, as the reference
         primary_logits, aux_logits = state["forward_model"](images)
     primary_loss = module.focal_loss(primary_logits, F.one_hot(primary, cfg.primary_level).float(), cfg.focal_gamma)
@@ -208,7 +218,7 @@ def reference_meta_gradients(module, state: dict, images: torch.Tensor, labels: 
     primary = labels[:, level_index(cfg.primary_level)]
     primary_target = F.one_hot(primary, cfg.primary_level).float()
     inner_lr = state["optimizer"].param_groups[0]["lr"]
-    with module.autocast(cfg, images.device):
+    with experiment.autocast(cfg, images.device):
         primary_logits, aux_logits = model(images)  # train mode: BN running statistics updated
         generated = label_generator(images, primary)
         train_loss = module.focal_loss(primary_logits, primary_target, cfg.focal_gamma) + module.focal_loss(
@@ -268,7 +278,7 @@ def random_batch(batch_size: int, device: torch.device, channels_last: bool, see
     coarse = np.asarray(FINE_TO_COARSE, dtype=np.int64)[fine]
     labels = torch.from_numpy(hierarchy_labels(fine, coarse)).to(device)
     images = normalize(pixels.to(device))
-    if channels_last:  # as the scripts' batches()
+    if channels_last:  # as experiment.batches()
         images = images.contiguous(memory_format=torch.channels_last)
     return images, labels
 
@@ -278,7 +288,7 @@ def iteration_phases(
 ) -> list[tuple[str, Callable[[int], object]]]:
     """The timed pieces of one iteration, each a function of the iteration index k.
 
-    As in the scripts' epochs, each step goes through `graphs` (the script's StepGraphs: replayed as
+    As in the scripts' epochs, each step goes through `graphs` (experiment.StepGraphs: replayed as
     a CUDA graph once warmed up, or eager), under the same names. The reference-style steps are eager.
     """
     module = script(method)
@@ -506,14 +516,14 @@ def measure(method: Method, device: torch.device, args: argparse.Namespace) -> d
     module = script(method)
     cfg = make_config(method, device, args)
     warmup, iters = warmup_iters(device, args)
-    module.configure_backends(cfg, device)  # the scripts' seeds and cudnn.benchmark setting
+    experiment.configure_backends(cfg, device)  # the scripts' seeds and cudnn.benchmark setting
     images, labels = random_batch(args.batch_size, device, cfg.channels_last)
     with PeakMemory(device) as memory, OtherCpuUse() as others:
         state = module.build(cfg, device)
-        graphs = module.StepGraphs(state, device, enabled=cfg.cuda_graphs)
+        graphs = experiment.StepGraphs(state, device, enabled=cfg.cuda_graphs)
         phases = iteration_phases(method, state, graphs, images, labels, cfg)
         eager_phases = iteration_phases(
-            method, state, module.StepGraphs(state, device, enabled=False), images, labels, cfg
+            method, state, experiment.StepGraphs(state, device, enabled=False), images, labels, cfg
         )
         # The FLOP-counting iteration is untimed and eager. Without --compile it is also the first
         # warm-up iteration; with --compile, or with --warmup 0, it is extra.

@@ -116,20 +116,22 @@ def pieces(data_root: Path, batch_size: int = 100) -> dict[str, float]:
 
     import torch
 
+    import experiment
     import model_vgg_maxl as module
 
     out = {"import the script (torch, torchvision)": import_seconds}
-    cfg = module.check_settings(
-        module.Config(data_root=str(data_root), download=False, device="cpu", workers=0, batch_size=batch_size)
+    cfg = experiment.check_settings(
+        module.METHOD,
+        module.Config(data_root=str(data_root), download=False, device="cpu", workers=0, batch_size=batch_size),
     )
     device = torch.device("cpu")
     started = time.perf_counter()
-    loaders = module.make_loaders(cfg, device)
+    loaders = experiment.make_loaders(cfg, device, module.METHOD.held_out)
     out["load the datasets (md5 once, one read of each file)"] = time.perf_counter() - started
     started = time.perf_counter()
     state = module.build(cfg, device)
     out["build both networks and optimisers"] = time.perf_counter() - started
-    _, images, labels = next(module.batches(loaders.train, cfg, device))
+    _, images, labels = next(experiment.batches(loaders.train, cfg, device))
     times = {}
     for name, step in (
         ("phase 1", functools.partial(module.train_step, state, cfg=cfg, diagnose=False)),
@@ -145,7 +147,7 @@ def pieces(data_root: Path, batch_size: int = 100) -> dict[str, float]:
     checkpoint = {key: obj.state_dict() for key, obj in state.items() if not key.startswith("forward_")}
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
-        module.write_atomic(Path(tmp) / "checkpoint.pt", functools.partial(torch.save, checkpoint))
+        experiment.write_atomic(Path(tmp) / "checkpoint.pt", functools.partial(torch.save, checkpoint))
         out["write the checkpoint (torch.save, fsync, rename)"] = time.perf_counter() - started
     return out
 

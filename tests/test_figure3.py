@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, run_main
 
+import experiment
 import figure3
 import model_vgg_human as human
 import model_vgg_maxl as maxl
@@ -131,8 +132,8 @@ def test_the_grid_shares_single_per_primary_level_and_names_folders_as_the_scrip
     assert [run.primary for run in singles] == [3, 10, 20]
     for run in runs:
         module = {"single": single, "human": human, "maxl": maxl}[run.method]
-        cfg = module.check_settings(module.parse_config(list(run.args)))
-        assert run.run_dir == tmp_path / module.default_run_name(cfg)
+        cfg = experiment.check_settings(module.METHOD, experiment.parse_config(module.METHOD, list(run.args)))
+        assert run.run_dir == tmp_path / experiment.default_run_name(module.METHOD, cfg)
         assert run.epochs == cfg.epochs == 7
     maxl_run = next(run for run in runs if run.method == "maxl" and (run.primary, run.aux) == (10, 100))
     assert maxl_run.name == "maxl-finite-difference-pri10-aux100-seed0"
@@ -334,7 +335,7 @@ def test_run_plan_report_end_to_end(data_root, tmp_path):
     assert result.stderr.splitlines()[-1].startswith("interrupted: every child stopped and keeps its last checkpoint")
     assert "interrupted in epoch 2" in (maxl10.run_dir / "log.txt").read_text()
     assert [r["epoch"] for r in metrics(maxl10.run_dir)["epochs"]] == [1]
-    assert single.lock_holder(maxl10.run_dir) is None
+    assert experiment.lock_holder(maxl10.run_dir) is None
     assert not human20.run_dir.exists() and not maxl20.run_dir.exists()  # nothing started after Ctrl-C
 
     plan = run_main(figure3, "plan", *select, *flags).stdout.splitlines()

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from conftest import FAST, REPO, run_main
 from torch.func import functional_call
 
+import experiment
 import model_vgg_human as human
 import model_vgg_maoal as maoal
 import model_vgg_single as single
@@ -494,7 +495,7 @@ def test_the_developing_set_is_out_of_the_training_batches(data_root, train_set)
     cfg = maoal.check_config(
         maoal.Config(data_root=str(data_root), download=False, device="cpu", workers=0, batch_size=30, dev_size=45)
     )
-    loaders = maoal.make_loaders(cfg, torch.device("cpu"))
+    loaders = experiment.make_loaders(cfg, torch.device("cpu"), maoal.METHOD.held_out)
     dev_rows = {row.tobytes() for row in train_set.data[maoal.held_out(train_set, cfg)]}
     train_rows = {row.tobytes() for row in loaders.train.dataset.data}
     assert len(dev_rows) == 45 and len(train_rows) == 155 and not dev_rows & train_rows
@@ -562,7 +563,7 @@ def test_resume_repeats_an_uninterrupted_run_exactly(data_root, tmp_path, monkey
     assert torch.equal(*buffers)
 
 
-def build_from_maoals_initial_network(other, monkeypatch):
+def build_from_maoals_initial_network(other):
     """The other script's build, its network loaded with the parameters our build draws from the same seed, and
     the global RNG (the DataLoader's augmentation draws from it) left where our build leaves it: Single's network
     lacks the auxiliary head, whose default initialisation takes draws before the xavier pass."""
@@ -579,20 +580,20 @@ def build_from_maoals_initial_network(other, monkeypatch):
         state["model"].load_state_dict(initial)
         return state
 
-    monkeypatch.setattr(other, "build", build)
+    return build
 
 
 @pytest.mark.parametrize("mode, other", [("equal", human), ("single", single)], ids=["equal-human", "single-single"])
-def test_a_baseline_mode_trains_as_the_other_script_on_the_same_images(data_root, tmp_path, monkeypatch, mode, other):
+def test_a_baseline_mode_trains_as_the_other_script_on_the_same_images(data_root, tmp_path, mode, other):
     """An epoch of two batches, MAOAL's developing set held out of the other script's training set too: every
     number the other script records is the same, bit for bit."""
     common = dict(data_root=str(data_root), download=False, device="cpu", workers=0, batch_size=4, epochs=1)
     common |= dict(limit_batches=2, results_dir=str(tmp_path))
     cfg = maoal.Config(mode=mode, dev_size=20, run_name="ours", **common)
-    monkeypatch.setattr(other, "held_out", lambda train_set, _: maoal.held_out(train_set, cfg))
-    build_from_maoals_initial_network(other, monkeypatch)
-    maoal.run(cfg)
-    other.run(other.Config(run_name="theirs", **common))
+    held_out = lambda train_set, _: maoal.held_out(train_set, cfg)
+    method = dataclasses.replace(other.METHOD, held_out=held_out, build=build_from_maoals_initial_network(other))
+    experiment.run(maoal.METHOD, cfg)
+    experiment.run(method, other.Config(run_name="theirs", **common))
     (ours,), (theirs,) = history(tmp_path, "ours"), history(tmp_path, "theirs")
     assert {k: ours[k] for k in theirs} == theirs
 
@@ -602,7 +603,7 @@ def test_the_developing_set_is_held_out_in_every_mode(data_root):
         cfg = maoal.check_config(
             maoal.Config(mode=mode, data_root=str(data_root), download=False, workers=0, dev_size=30, batch_size=50)
         )
-        loaders = maoal.make_loaders(cfg, torch.device("cpu"))
+        loaders = experiment.make_loaders(cfg, torch.device("cpu"), maoal.METHOD.held_out)
         assert len(loaders.train.dataset) == 170 and len(loaders.dev.dataset) == 30, mode
 
 
@@ -694,7 +695,7 @@ UPPER_LEVEL = {"meta_every", "neumann_terms", "neumann_alpha", "lambda_lr", "lam
 
 
 def name(**changes) -> str:
-    return maoal.default_run_name(maoal.check_config(maoal.Config(**changes)))
+    return experiment.default_run_name(maoal.METHOD, maoal.check_config(maoal.Config(**changes)))
 
 
 def test_the_default_names_carry_the_mode():
@@ -720,7 +721,9 @@ def test_edited_settings_add_a_stable_hash():
     edited = name(neumann_alpha=0.1)
     assert re.fullmatch(r"maoal-maoal-pri20-aux100-seed0-[0-9a-f]{8}", edited)
     assert name(neumann_alpha=0.1) == edited and name(neumann_alpha=0.2) != edited
-    assert maoal.edited_settings(maoal.check_config(maoal.Config(dev_size=100, mode="equal"))) == {"dev_size": 100}
+    assert experiment.edited_settings(maoal.METHOD, maoal.check_config(maoal.Config(dev_size=100, mode="equal"))) == {
+        "dev_size": 100
+    }
 
 
 def test_settings_that_cannot_change_the_result_never_change_the_name():
@@ -747,6 +750,8 @@ def test_a_default_edited_in_the_file_gives_a_new_name(tmp_path):
     sys.modules[spec.name] = module  # dataclasses looks the module up while building Config
     try:
         spec.loader.exec_module(module)
-        assert module.default_run_name(module.check_config(module.Config())) == name(hypergrad_clip=5.0)
+        assert experiment.default_run_name(module.METHOD, module.check_config(module.Config())) == name(
+            hypergrad_clip=5.0
+        )
     finally:
         del sys.modules[spec.name]

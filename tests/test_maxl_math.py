@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+import experiment
 import model_vgg_maxl as maxl
 from create_dataset import FINE_TO_COARSE, hierarchy_labels, hierarchy_psi
 
@@ -552,7 +553,7 @@ def test_train_step_cosine_and_update_match_a_direct_computation():
 @pytest.mark.parametrize("pair", [(3, 10), (3, 20), (3, 100), (10, 20), (10, 100), (20, 100)])
 def test_aux_level_sets_psi_from_the_hierarchy(pair):
     primary_level, aux_level = pair
-    cfg = maxl.check_config(maxl.Config(primary_level=primary_level, aux_level=aux_level))
+    cfg = maxl.check_config(experiment.make_config(maxl.METHOD, primary_level=primary_level, aux_level=aux_level))
     assert cfg.psi == hierarchy_psi(primary_level, aux_level) and cfg.aux_level == aux_level
     assert maxl.derived_settings(cfg) == {"psi_list": cfg.psi, "aux_classes": aux_level}
     assert maxl.run_name_stem(cfg) == f"maxl-second-order-pri{primary_level}-aux{aux_level}-seed0"
@@ -574,6 +575,19 @@ def test_a_psi_outside_the_hierarchy_has_no_aux_level():
     assert maxl.check_config(maxl.Config(primary_level=3, psi=[2, 3, 4])) == cfg  # as written in the file
 
 
+def test_psi_is_a_list_in_the_file_and_follows_the_levels_given_on_the_command_line():
+    assert maxl.Config().psi == [5] * 20  # as the authors wrote it
+    for argv, psi in [
+        ([], [5] * 20),
+        (["--primary-level", "10"], hierarchy_psi(10, 100)),
+        (["--primary-level", "3", "--aux-level", "10"], [5, 1, 4]),
+        (["--primary-level", "3", "--psi", "2,3,4"], [2, 3, 4]),
+    ]:
+        assert maxl.check_config(experiment.parse_config(maxl.METHOD, argv)).psi == psi, argv
+    with pytest.raises(experiment.UsageError, match="--psi has 20 entries but the primary task has 10 classes"):
+        maxl.check_config(maxl.Config(primary_level=10))  # a psi given in Python is taken as given
+
+
 @pytest.mark.parametrize(
     "changes, message",
     [
@@ -584,5 +598,5 @@ def test_a_psi_outside_the_hierarchy_has_no_aux_level():
     ],
 )
 def test_psi_and_aux_level_refusals(changes, message):
-    with pytest.raises(maxl.UsageError, match=re.escape(message)):
+    with pytest.raises(experiment.UsageError, match=re.escape(message)):
         maxl.check_config(maxl.Config(**changes))

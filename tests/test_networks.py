@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
+import experiment
 import model_vgg_human as human
 import model_vgg_maxl as maxl
 import model_vgg_single as single
@@ -307,7 +308,7 @@ def test_focal_loss_is_the_same_function_in_every_script(focal_inputs):
 
 
 # ---------------------------------------------------------------------------------------------
-# The shared Config fields (the shared code itself: tests/test_shared_code.py)
+# The shared Config fields (the layout: tests/test_layout.py)
 
 
 DATA_FIELDS = ["data_root", "download", "data_path", "workers"]
@@ -329,35 +330,29 @@ RUN_FIELDS = [
 ]
 
 
-def config_fields(module) -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(module.Config)}
+def config_fields(module_or_class) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(getattr(module_or_class, "Config", module_or_class))}
 
 
 def test_shared_config_fields_are_identical():
-    fields = {script: config_fields(module) for script, module in SCRIPTS.items()}
-    for script, by_name in fields.items():
-        names = list(by_name)
-        # The data and run sections come last, in the same order, in every script.
-        assert names[-len(DATA_FIELDS + RUN_FIELDS) :] == DATA_FIELDS + RUN_FIELDS, script
-    for name in DATA_FIELDS + RUN_FIELDS:
-        ref = fields["maxl"][name]
-        for script in ("human", "single"):
-            f = fields[script][name]
-            assert f.type == ref.type, (script, name)
-            assert f.default == ref.default, (script, name)
-            meta, ref_meta = dict(f.metadata), dict(ref.metadata)
-            if name == "run_name":
-                # The help's example run name is the method's own (maxl-second-order-..., human-..., single-...).
-                meta["help"], ref_meta["help"] = meta["help"].split("(e.g.")[0], ref_meta["help"].split("(e.g.")[0]
-            assert meta == ref_meta, (script, name)
+    """Every script's data and run settings are RunConfig's (one definition), listed after the experiment's."""
+    shared = config_fields(experiment.RunConfig)
+    assert list(shared) == DATA_FIELDS + RUN_FIELDS
+    for script, module in SCRIPTS.items():
+        by_name = config_fields(module)
+        for name, ref in shared.items():
+            f = by_name[name]
+            assert (f.type, f.default, dict(f.metadata)) == (ref.type, ref.default, dict(ref.metadata)), (script, name)
+        ordered = [f.name for f in experiment.ordered_fields(module.Config)]
+        assert ordered[-len(shared) :] == DATA_FIELDS + RUN_FIELDS, script
 
 
 def test_run_name_help_examples_match_each_scripts_default_run_name():
     """The one help text that differs on purpose: its example is what default_run_name gives there."""
     for module in SCRIPTS.values():
-        (action,) = [a for a in module.command_line()._actions if a.dest == "run_name"]
+        (action,) = [a for a in experiment.command_line(module.METHOD)._actions if a.dest == "run_name"]
         example = action.help.split("(e.g. ")[1].rstrip(")")
-        assert module.default_run_name(module.check_config(module.Config())) == example
+        assert experiment.default_run_name(module.METHOD, module.check_config(module.Config())) == example
 
 
 def test_shared_experiment_defaults_agree():

@@ -11,6 +11,7 @@ import sys
 import pytest
 from conftest import REPO
 
+import experiment
 import model_vgg_human as human
 import model_vgg_maxl as maxl
 import model_vgg_single as single
@@ -63,7 +64,9 @@ EDITS = {
 
 
 def name(module, **changes) -> str:
-    return module.default_run_name(module.check_config(module.Config(**changes)))
+    return experiment.default_run_name(
+        module.METHOD, module.check_config(experiment.make_config(module.METHOD, **changes))
+    )
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -101,7 +104,7 @@ def test_edited_settings_add_a_stable_hash():
     assert name(maxl, lr=0.03) != edited
     assert name(maxl, lr=0.02, gen_lr=1e-4) not in (edited, name(maxl, gen_lr=1e-4))
     # The hash is of the edited settings' values: known value, so it stays the same across versions.
-    assert maxl.edited_settings(maxl.check_config(maxl.Config(lr=0.02))) == {"lr": 0.02}
+    assert experiment.edited_settings(maxl.METHOD, maxl.check_config(maxl.Config(lr=0.02))) == {"lr": 0.02}
 
 
 def test_psi_is_compared_as_the_parsed_list():
@@ -130,7 +133,9 @@ def test_a_default_edited_in_the_file_gives_a_new_name(tmp_path):
     sys.modules[spec.name] = module  # dataclasses looks the module up while building Config
     try:
         spec.loader.exec_module(module)
-        assert module.default_run_name(module.check_config(module.Config())) == name(maxl, entropy_weight=0.4)
+        assert experiment.default_run_name(module.METHOD, module.check_config(module.Config())) == name(
+            maxl, entropy_weight=0.4
+        )
     finally:
         del sys.modules[spec.name]
 

@@ -6,6 +6,7 @@ One test (or a group) per case a user hit; each failed before the run machinery 
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import math
@@ -21,6 +22,7 @@ import pytest
 import torch
 from conftest import FAST, REPO, run_main
 
+import experiment
 import model_vgg_maxl as maxl
 import model_vgg_single as single
 
@@ -115,7 +117,7 @@ def test_a_second_run_in_the_same_folder_is_refused_while_the_first_lives(data_r
         first.kill()  # SIGKILL: no cleanup, the lock file stays behind with a dead pid
         first.communicate()
     assert (tmp_path / "shared" / ".lock").exists()
-    assert single.lock_holder(tmp_path / "shared") is None
+    assert experiment.lock_holder(tmp_path / "shared") is None
     done = len(json.loads((tmp_path / "shared" / "metrics.json").read_text())["epochs"])
     resumed = run_main(single, *flags, "--seed", 1, "--resume", "--epochs", done + 1)
     assert resumed.returncode == 0, resumed.stderr
@@ -125,16 +127,16 @@ def test_a_second_run_in_the_same_folder_is_refused_while_the_first_lives(data_r
 def test_a_holder_on_another_host_is_named_with_its_host(tmp_path):
     """A shared filesystem: the lock file says which host holds the folder; its pid cannot be checked from here."""
     run_dir = tmp_path / "run"
-    with single.RunFolder(run_dir):
+    with experiment.RunFolder(run_dir):
         assert (run_dir / ".lock").read_text().split() == [str(os.getpid()), socket.gethostname()]
     run_dir.mkdir()
     (run_dir / ".lock").write_text(f"{os.getpid()} node17\n")  # a live pid here, but the record is node17's
-    assert single.lock_holder(run_dir) is None
+    assert experiment.lock_holder(run_dir) is None
     fd = os.open(run_dir / ".lock", os.O_RDWR)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # stands for node17's run holding the lock
-        with pytest.raises(single.UsageError, match=rf"in use by another run \(pid {os.getpid()} on node17\)"):
-            single.RunFolder(run_dir).__enter__()
+        with pytest.raises(experiment.UsageError, match=rf"in use by another run \(pid {os.getpid()} on node17\)"):
+            experiment.RunFolder(run_dir).__enter__()
     finally:
         os.close(fd)
     assert (run_dir / ".lock").read_text() == f"{os.getpid()} node17\n"  # the refused run changed nothing
@@ -142,11 +144,11 @@ def test_a_holder_on_another_host_is_named_with_its_host(tmp_path):
 
 def test_the_lock_is_exclusive_within_a_process_too(tmp_path):
     """Two RunFolder holders of one folder: the second is refused, naming this process."""
-    with single.RunFolder(tmp_path / "run") as run_dir:
-        assert single.lock_holder(run_dir) == os.getpid()
-        with pytest.raises(single.UsageError, match=rf"in use by another run \(pid {os.getpid()}\)"):
-            single.RunFolder(tmp_path / "run").__enter__()
-    assert single.lock_holder(tmp_path / "run") is None and not (tmp_path / "run").exists()
+    with experiment.RunFolder(tmp_path / "run") as run_dir:
+        assert experiment.lock_holder(run_dir) == os.getpid()
+        with pytest.raises(experiment.UsageError, match=rf"in use by another run \(pid {os.getpid()}\)"):
+            experiment.RunFolder(tmp_path / "run").__enter__()
+    assert experiment.lock_holder(tmp_path / "run") is None and not (tmp_path / "run").exists()
 
 
 # --- 4. a bound on the auxiliary classes ---------------------------------------------------------
@@ -224,8 +226,8 @@ def test_the_same_psi_written_differently_resumes(data_root, tmp_path):
 def test_a_checkpoint_of_psi_as_text_compares_as_the_list(tmp_path):
     """Older checkpoints hold psi as its text ('5'): it compares equal to the parsed list of this run."""
     cfg = maxl.check_config(maxl.Config(primary_level=3, psi="5,5,5"))
-    saved = {**maxl.asdict(cfg), "psi": " 5 ", "aux_level": None}
-    assert maxl.settings_as_checked(saved) == maxl.asdict(cfg)
+    saved = {**dataclasses.asdict(cfg), "psi": " 5 ", "aux_level": None}
+    assert experiment.settings_as_checked(maxl.METHOD, saved) == dataclasses.asdict(cfg)
 
 
 # --- 9, 10. an interrupt before anything was saved; failed starts leave nothing ------------------
@@ -296,7 +298,7 @@ def test_a_default_maxl_run_prints_no_warnings(data_root, tmp_path):
 
 def test_default_workers_fit_the_machine():
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    assert single.default_workers() == min(4, cpus)
+    assert experiment.default_workers() == min(4, cpus)
 
 
 # --- 13. no abbreviated flags ---------------------------------------------------------------------
@@ -327,17 +329,19 @@ def test_a_limited_run_on_synthetic_data_says_so_and_prints_no_published_figure(
 
 
 def test_only_the_papers_setup_is_comparable(tmp_path):
-    cfg = maxl.check_settings(maxl.Config(data_root=str(tmp_path)))
-    assert maxl.not_comparable(cfg, 200) == []
-    assert maxl.not_comparable(cfg, 150) == ["150 of the paper's 200 epochs"]
-    assert maxl.not_comparable(maxl.check_settings(maxl.Config(data_root=str(tmp_path), lr=0.02)), 200) == ["--lr 0.02"]
+    cfg = experiment.check_settings(maxl.METHOD, maxl.Config(data_root=str(tmp_path)))
+    assert experiment.not_comparable(maxl.METHOD, cfg, 200) == []
+    assert experiment.not_comparable(maxl.METHOD, cfg, 150) == ["150 of the paper's 200 epochs"]
+    assert experiment.not_comparable(
+        maxl.METHOD, experiment.check_settings(maxl.METHOD, maxl.Config(data_root=str(tmp_path), lr=0.02)), 200
+    ) == ["--lr 0.02"]
 
 
 # --- TensorBoard ----------------------------------------------------------------------------------
 
 
 def test_tensorboard_without_the_package_is_one_line(data_root, tmp_path, monkeypatch):
-    monkeypatch.setattr(single.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(experiment.importlib.util, "find_spec", lambda name: None)
     assert_refused(run_main(single, *args(data_root, tmp_path / "r"), "--tensorboard"), "pip install tensorboard")
     assert not (tmp_path / "r").exists()
 

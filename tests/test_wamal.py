@@ -29,6 +29,7 @@ from conftest import FAST, REPO, run_main
 from test_run_names import EDITS, RUN_ONLY
 from torch.func import functional_call
 
+import experiment
 import model_vgg_maxl as maxl
 import model_vgg_wamal as wamal
 from create_dataset import FINE_TO_COARSE, hierarchy_labels
@@ -75,7 +76,7 @@ def built() -> dict:
     for module in (maxl, wamal):
         torch.manual_seed(0)
         cfg = module.check_config(module.Config(**EQUAL_START_SETTINGS))
-        states[module.METHOD] = module.build(cfg, torch.device("cpu"))
+        states[module.METHOD.name] = module.build(cfg, torch.device("cpu"))
     return states
 
 
@@ -89,19 +90,19 @@ def test_an_epoch_with_unit_multipliers_is_maxls(built, method):
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     fine = np.array([4, 0])  # superclasses 0 and 1: classes 0 and 1 of the 3-class level
     labels = torch.from_numpy(hierarchy_labels(fine, np.asarray(FINE_TO_COARSE)[fine]))
-    loaders = maxl.Loaders(train=[(images, labels)], test=[])
+    loaders = experiment.Loaders(train=[(images, labels)], test=[])
     results = {}
     for module in (maxl, wamal):
         cfg = module.check_config(module.Config(**EQUAL_START_SETTINGS, meta_grad=method))
-        state = copy.deepcopy(built[module.METHOD])
+        state = copy.deepcopy(built[module.METHOD.name])
         if module is wamal:
             state["label_generator"].weight_head[-1] = HalfWeight()
         start = {
             net: {k: v.clone() for k, v in state[net].state_dict().items()} for net in ("model", "label_generator")
         }
-        graphs = module.StepGraphs(state, device, enabled=False)
+        graphs = experiment.StepGraphs(state, device, enabled=False)
         metrics = module.train_epoch(state, graphs, loaders, cfg, device, epoch=1)
-        results[module.METHOD] = SimpleNamespace(start=start, metrics=metrics, state=state)
+        results[module.METHOD.name] = SimpleNamespace(start=start, metrics=metrics, state=state)
     ours, theirs = results["wamal"], results["maxl"]
     for net in ("model", "label_generator"):
         assert set(theirs.start[net]) <= set(ours.start[net])
@@ -387,7 +388,9 @@ def test_the_generator_gives_labels_and_a_weight_per_image(setup):
 
 
 def name(**changes) -> str:
-    return wamal.default_run_name(wamal.check_config(wamal.Config(**changes)))
+    return experiment.default_run_name(
+        wamal.METHOD, wamal.check_config(experiment.make_config(wamal.METHOD, **changes))
+    )
 
 
 WAMAL_EDITS = {**EDITS, "weight_range": 10.0, "weighting": "batch"}
@@ -417,7 +420,9 @@ def test_the_new_settings_add_a_stable_hash():
     batch = name(weighting="batch")
     assert re.fullmatch(PAPER_NAME + r"-[0-9a-f]{8}", batch)
     assert name(weighting="batch") == batch and name(weight_range=10.0) not in (batch, PAPER_NAME)
-    assert wamal.edited_settings(wamal.check_config(wamal.Config(weighting="batch", weight_range=10.0))) == {
+    assert experiment.edited_settings(
+        wamal.METHOD, wamal.check_config(wamal.Config(weighting="batch", weight_range=10.0))
+    ) == {
         "weight_range": 10.0,
         "weighting": "batch",
     }
@@ -445,7 +450,9 @@ def test_a_weight_range_edited_in_the_file_gives_a_new_name(tmp_path):
     sys.modules[spec.name] = module  # dataclasses looks the module up while building Config
     try:
         spec.loader.exec_module(module)
-        assert module.default_run_name(module.check_config(module.Config())) == name(weight_range=10.0)
+        assert experiment.default_run_name(module.METHOD, module.check_config(module.Config())) == name(
+            weight_range=10.0
+        )
     finally:
         del sys.modules[spec.name]
 
@@ -453,7 +460,12 @@ def test_a_weight_range_edited_in_the_file_gives_a_new_name(tmp_path):
 def test_published_accuracy_and_derived_settings():
     cfg = wamal.check_config(wamal.Config())
     assert wamal.published_accuracy(cfg) == {"WAMAL paper's abstract": 80.2, "WAMAL authors' README": 81.5}
-    assert wamal.published_accuracy(wamal.check_config(wamal.Config(primary_level=10, aux_level=100))) == {}
+    assert (
+        wamal.published_accuracy(
+            wamal.check_config(experiment.make_config(wamal.METHOD, primary_level=10, aux_level=100))
+        )
+        == {}
+    )
     assert wamal.derived_settings(cfg)["aux_multiplier_bounds"] == [2.0**-15, 2.0**15]
 
 
@@ -517,10 +529,10 @@ def test_bad_weight_settings_are_refused(data_root, tmp_path, extra, phrase):
 
 @pytest.mark.parametrize("value", [0.0, -1.0, math.inf, math.nan, 200.0])
 def test_check_config_refuses_a_weight_range_outside_the_open_interval(value):
-    with pytest.raises(wamal.UsageError, match="--weight-range must be positive and below 128"):
+    with pytest.raises(experiment.UsageError, match="--weight-range must be positive and below 128"):
         wamal.check_config(wamal.Config(weight_range=value))
 
 
 def test_check_config_refuses_an_unknown_weighting_written_into_the_file():
-    with pytest.raises(wamal.UsageError, match="--weighting 'Sample' is not one of sample, batch"):
+    with pytest.raises(experiment.UsageError, match="--weighting 'Sample' is not one of sample, batch"):
         wamal.check_config(wamal.Config(weighting="Sample"))

@@ -1,0 +1,234 @@
+"""The layout the scripts promise: each model script holds its method and imports the run machinery from
+experiment.py, which imports no script; the model code copied between scripts is marked and identical to its
+source (tools/check_copies.py), and the tool itself names what differs and repairs it."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO
+
+import experiment
+import model_vgg_single as single
+from create_dataset import CIFAR100, TEST_TRANSFORM
+from tools import check_copies
+
+EVERY_SCRIPT = sorted(path.stem.removeprefix("model_vgg_") for path in REPO.glob("model_vgg_*.py"))
+TRUNK_AND_LOSS = ("conv_block", "head", "init_weights", "VGGTrunk", "at_least_float32", "focal_terms", "focal_loss")
+# The first definition that is the method's own, and the most lines each script may take.
+FIRST_OF_THE_METHOD = {
+    "single": ("train_step", 330),
+    "human": ("VGG16", 350),
+    "maxl": ("mask_softmax", 820),
+    "wamal": ("weight_head", 1000),
+    "maoal": ("ModuleWeights", 650),
+}
+
+
+def top_level(path: Path) -> list[tuple[str, ast.stmt]]:
+    """(name, statement) of every top-level definition, in order."""
+    out = []
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.FunctionDef | ast.ClassDef):
+            out.append((node.name, node))
+        elif isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            out.append((node.targets[0].id, node))
+    return out
+
+
+def imported_modules(path: Path) -> set[str]:
+    modules = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            modules |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            modules.add(node.module.split(".")[0])
+    return modules
+
+
+# --- the copies --------------------------------------------------------------------------------
+
+
+def test_every_marked_copy_equals_its_source():
+    problems = check_copies.check()
+    assert not problems, "\n".join([*problems, f"fix: {check_copies.FIX_COMMAND}"])
+
+
+@pytest.mark.parametrize("name", [name for name in EVERY_SCRIPT if name != "single"])
+def test_every_script_marks_the_trunk_and_the_loss_as_copied_from_single(name):
+    defs = check_copies.definitions(REPO / f"model_vgg_{name}.py")
+    for definition in TRUNK_AND_LOSS:
+        assert defs[definition].copied_from == "model_vgg_single.py", (name, definition)
+
+
+def test_what_wamal_takes_from_maxl_is_marked():
+    defs = check_copies.definitions(REPO / "model_vgg_wamal.py")
+    maxl = check_copies.definitions(REPO / "model_vgg_maxl.py")
+    marked = {name for name, d in defs.items() if d.copied_from == "model_vgg_maxl.py"}
+    assert {"mask_softmax", "block_log_mask", "negative_entropy", "path_tangent", "parse_psi"} <= marked
+    # Every unmarked definition that WAMAL shares with MAXL differs from it (else it would be marked).
+    same = {name for name, d in defs.items() if name in maxl and d.text == maxl[name].text and d.copied_from is None}
+    assert same <= {"main"}, same
+
+
+# --- the layout --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", EVERY_SCRIPT)
+def test_a_script_defines_no_machinery_and_reads_top_to_bottom(name):
+    path = REPO / f"model_vgg_{name}.py"
+    definitions = top_level(path)
+    names = [n for n, _ in definitions]
+    machinery = {n for n, _ in top_level(REPO / "experiment.py")}
+    assert not (set(names) - {"main"}) & machinery, set(names) & machinery
+    # A definition uses only names defined above it (METHOD and main, at the bottom, gather them).
+    position = {n: i for i, n in enumerate(names)}
+    for i, (defined, node) in enumerate(definitions):
+        used = {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+        later = sorted(u for u in used if position.get(u, -1) > i)
+        assert not later, f"{path.name}: {defined} uses {later}, defined below it"
+    assert names[-2:] == ["METHOD", "main"]
+    first, most_lines = FIRST_OF_THE_METHOD[name]
+    lines = path.read_text().splitlines()
+    assert len(lines) <= most_lines
+    assert (
+        next(
+            i for i, line in enumerate(lines) if line.startswith(f"def {first}(") or line.startswith(f"class {first}(")
+        )
+        < 250
+    )
+
+
+@pytest.mark.parametrize("name", EVERY_SCRIPT)
+def test_the_script_hands_the_machinery_one_method(name):
+    module = importlib.import_module(f"model_vgg_{name}")
+    assert isinstance(module.METHOD, experiment.Method) and module.METHOD.name == name
+    assert module.METHOD.config is module.Config and issubclass(module.Config, experiment.RunConfig)
+    # Config holds the experiment; the data and run settings are RunConfig's alone.
+    own = [f.name for f in dataclasses.fields(module.Config)]
+    shared = [f.name for f in dataclasses.fields(experiment.RunConfig)]
+    assert experiment.ordered_fields(module.Config)[0].name == "primary_level"
+    assert "epochs" in own and "batch_size" in own and set(shared) <= set(own)
+    assert not set(module.Config.__annotations__) & set(shared)
+
+
+def test_the_import_graph_is_one_way():
+    scripts = {f"model_vgg_{name}" for name in EVERY_SCRIPT}
+    assert not imported_modules(REPO / "experiment.py") & (scripts | {"figure3"})
+    assert not imported_modules(REPO / "create_dataset.py") & (scripts | {"experiment"})
+    for name in scripts:
+        imports = imported_modules(REPO / f"{name}.py")
+        assert "experiment" in imports and not imports & (scripts - {name}), name
+    # Nothing in experiment.py reaches into a script by a name: only what the Method hands it.
+    text = (REPO / "experiment.py").read_text()
+    assert "import_module" not in text and "sys.modules" not in text
+
+
+# --- the tool ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def repo_copy(tmp_path) -> Path:
+    for path in REPO.glob("model_vgg_*.py"):
+        shutil.copy(path, tmp_path / path.name)
+    return tmp_path
+
+
+def edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new, 1))
+
+
+def test_check_names_each_copy_that_differs_and_changes_nothing(repo_copy, capsys):
+    edit(
+        repo_copy / "model_vgg_maxl.py", '    """Focal loss against a target', '    """The focal loss against a target'
+    )
+    edit(repo_copy / "model_vgg_wamal.py", "MASK_FLOOR = 1e-8", "MASK_FLOOR = 1e-9")
+    before = {p.name: p.read_text() for p in repo_copy.iterdir()}
+    assert check_copies.main(["--repo", str(repo_copy)]) == 1
+    out = capsys.readouterr().out
+    assert "model_vgg_maxl.py: focal_loss differs from model_vgg_single.py" in out
+    assert "model_vgg_wamal.py: MASK_FLOOR differs from model_vgg_maxl.py" in out
+    assert "model_vgg_human.py" not in out and check_copies.FIX_COMMAND in out
+    assert {p.name: p.read_text() for p in repo_copy.iterdir()} == before
+
+
+def test_fix_copies_the_source_into_every_copy_and_says_what_changed(repo_copy, capsys):
+    edit(
+        repo_copy / "model_vgg_single.py",
+        "    return nn.Sequential(nn.Linear(512, 512),",
+        "    # new\n    return nn.Sequential(nn.Linear(512, 512),",
+    )
+    edit(
+        repo_copy / "model_vgg_maxl.py",
+        "        super().__init__()\n        self.block1",
+        "        super().__init__()  # drift\n        self.block1",
+    )
+    maxl_before = (repo_copy / "model_vgg_maxl.py").read_text()
+    assert check_copies.main(["--fix", "--repo", str(repo_copy)]) == 0
+    out = capsys.readouterr().out
+    assert "model_vgg_maxl.py: rewrote head, VGGTrunk" in out and "model_vgg_human.py: rewrote head" in out
+    assert check_copies.check(repo_copy) == []
+    fixed = (repo_copy / "model_vgg_maxl.py").read_text()
+    assert "    # new\n" in fixed and "# drift" not in fixed
+    # Nothing else of the script changed.
+    assert fixed.replace("    # new\n", "", 1) == maxl_before.replace(
+        "super().__init__()  # drift\n", "super().__init__()\n"
+    )
+    assert check_copies.main(["--fix", "--repo", str(repo_copy)]) == 0
+    assert "every copy already equals its source" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "mark, message",
+    [
+        ("# Copied from model_vgg_nowhere.py", "which is not a model script"),
+        ("# Copied from model_vgg_human.py", "where it is a copy from model_vgg_single.py: mark it with that one"),
+    ],
+)
+def test_a_mark_that_cannot_be_followed_is_refused(repo_copy, capsys, mark, message):
+    edit(repo_copy / "model_vgg_maxl.py", "# Copied from model_vgg_single.py\ndef head(", f"{mark}\ndef head(")
+    assert check_copies.main(["--repo", str(repo_copy)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_mark_on_a_name_the_source_lacks_is_refused(repo_copy, capsys):
+    edit(
+        repo_copy / "model_vgg_maxl.py",
+        "\ndef negative_entropy(",
+        "\n# Copied from model_vgg_single.py\ndef negative_entropy(",
+    )
+    assert check_copies.main(["--repo", str(repo_copy)]) == 2
+    assert "model_vgg_single.py, which defines no negative_entropy" in capsys.readouterr().err
+
+
+# --- a hook of the contract --------------------------------------------------------------------
+
+
+def test_a_held_out_developing_set_is_removed_from_training_and_loaded_apart(data_root):
+    """Method.held_out: no held-out image is trained on; the dev loader has them all, unaugmented."""
+    held = np.arange(0, 200, 10)
+    for data_path in ("loader", "device"):
+        cfg = single.check_config(
+            single.Config(data_root=str(data_root), download=False, device="cpu", workers=0, batch_size=30)
+        )
+        cfg = dataclasses.replace(cfg, data_path=data_path)
+        loaders = experiment.make_loaders(cfg, torch.device("cpu"), held_out=lambda train_set, cfg: held)
+        train = torch.cat([images for images, _ in loaders.train])
+        dev_images = torch.cat([images for images, _ in loaders.dev])
+        assert len(train) == 180 and len(dev_images) == 20
+        reference = CIFAR100(data_root, train=True, transform=TEST_TRANSFORM)
+        expected = torch.stack([reference[i][0] for i in held])
+        # The dev batches are shuffled but not augmented: the same images as the test transform gives.
+        order = [int(torch.argmin((expected - image).abs().flatten(1).sum(1))) for image in dev_images]
+        assert sorted(order) == list(range(20))
+        torch.testing.assert_close(dev_images, expected[order])
+    assert experiment.make_loaders(cfg, torch.device("cpu"), single.METHOD.held_out).dev is None
