@@ -232,6 +232,8 @@ def check_settings(method: Method, cfg: RunConfig) -> RunConfig:
             raise UsageError(f"{flag(f.name)} must be a finite number (got {value})")
     cfg = method.check_config(cfg)
     require(cfg, at_least_0=("limit_batches",) + (("workers",) if cfg.workers is not None else ()))
+    if cfg.resume and cfg.overwrite:
+        raise UsageError("--resume continues a run and --overwrite starts it over; give one of them")
     if not 0 <= cfg.seed <= MAX_SEED:
         raise UsageError(f"--seed must be between 0 and {MAX_SEED}, the range every seeded generator accepts")
     if cfg.run_name and not RUN_NAME.fullmatch(cfg.run_name):
@@ -352,6 +354,11 @@ def make_loaders(cfg: RunConfig, device: torch.device, held_out: Callable | None
     dev_set = None
     if held_out is not None and len(dev_indices := held_out(train_set, cfg)):
         train_set, dev_set = train_set.split(dev_indices, held_out_transform=TEST_TRANSFORM)
+    if cfg.batch_size > len(train_set):
+        raise UsageError(
+            f"--batch-size {cfg.batch_size} is more than the {len(train_set)} training images; "
+            f"choose at most {len(train_set)}"
+        )
     on_device = cfg.data_path == "device" or (cfg.data_path == "auto" and device.type == "cuda")
 
     def loader(dataset: CIFAR100, shuffle: bool, augment: bool):
@@ -521,6 +528,9 @@ def write_atomic(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is private: give it the mode any new file gets
         with open(tmp, "rb+") as written:
             os.fsync(written.fileno())
         os.replace(tmp, path)

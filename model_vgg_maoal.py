@@ -508,8 +508,8 @@ def check_config(cfg: Config) -> Config:
     require(
         cfg,
         at_least_1=("epochs", "batch_size", "lr_step", "dev_size", "meta_every", "neumann_terms"),
-        at_least_0=("lambda_momentum",),
-        positive=("lr", "neumann_alpha", "lambda_lr", "hypergrad_clip"),
+        at_least_0=("focal_gamma", "lambda_momentum"),
+        positive=("lr", "lr_gamma", "neumann_alpha", "lambda_lr", "hypergrad_clip"),
     )
     if cfg.aux_level <= cfg.primary_level:
         raise UsageError(

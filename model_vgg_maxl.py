@@ -706,7 +706,12 @@ def check_config(cfg: Config) -> Config:
 
     psi None is the hierarchy's at aux_level (default 100); a list or --psi's text is parsed, and text together
     with --aux-level is refused. The returned config has both: the level psi equals, or None."""
-    require(cfg, at_least_1=("epochs", "batch_size", "lr_step", "cossim_every"), positive=("lr", "gen_lr", "fd_step"))
+    require(
+        cfg,
+        at_least_1=("epochs", "batch_size", "lr_step", "cossim_every"),
+        at_least_0=("focal_gamma",),
+        positive=("lr", "lr_gamma", "gen_lr", "fd_step"),
+    )
     if cfg.aux_level is not None and cfg.aux_level <= cfg.primary_level:
         raise UsageError(
             f"--aux-level {cfg.aux_level} must be finer than --primary-level {cfg.primary_level} "

@@ -207,7 +207,9 @@ def epoch_line(record: dict, epochs: int) -> str:
 
 def check_config(cfg: Config) -> Config:
     """Refuse impossible settings before anything runs; return the config to run."""
-    require(cfg, at_least_1=("epochs", "batch_size", "lr_step"), positive=("lr",))
+    require(
+        cfg, at_least_1=("epochs", "batch_size", "lr_step"), at_least_0=("focal_gamma",), positive=("lr", "lr_gamma")
+    )
     return cfg
 
 

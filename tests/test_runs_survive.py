@@ -360,3 +360,36 @@ def test_tensorboard_writes_every_epochs_numbers(data_root, tmp_path):
         scalars = events.Scalars(name)
         assert [s.step for s in scalars] == [1, 2]
         assert [s.value for s in scalars] == pytest.approx([r[name] for r in history])
+
+
+# --- settings that contradict themselves or the data; file modes ---------------------------------
+
+
+@pytest.mark.parametrize("module", [single, maxl], ids=["single", "maxl"])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--lr-gamma", "0"], "--lr-gamma must be positive and finite (got 0.0)"),
+        (["--lr-gamma", "-1"], "--lr-gamma must be positive and finite (got -1.0)"),
+        (["--focal-gamma", "-5"], "--focal-gamma must be 0 or more (got -5.0)"),
+        (["--resume", "--overwrite"], "--resume continues a run and --overwrite starts it over; give one of them"),
+        (["--batch-size", "1000000000000"], "--batch-size 1000000000000 is more than the 200 training images"),
+    ],
+)
+def test_settings_that_cannot_mean_what_they_say_are_refused(data_root, tmp_path, module, flags, message):
+    result = run_main(module, *args(data_root, tmp_path / "r"), "--limit-batches", 1, *flags)
+    assert_refused(result, message)
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_results_files_get_the_mode_the_umask_gives(data_root, tmp_path, umask, mode):
+    """Written to a private temporary file and renamed, the results still get a new file's usual mode."""
+    previous = os.umask(umask)
+    try:
+        result = run_main(single, *args(data_root, tmp_path, "--epochs", 1, "--limit-batches", 1, "--run-name", "m"))
+    finally:
+        os.umask(previous)
+    assert result.returncode == 0, result.stderr
+    for name in ("metrics.json", "checkpoint.pt"):
+        assert (tmp_path / "m" / name).stat().st_mode & 0o777 == mode, name
