@@ -354,11 +354,6 @@ def make_loaders(cfg: RunConfig, device: torch.device, held_out: Callable | None
     dev_set = None
     if held_out is not None and len(dev_indices := held_out(train_set, cfg)):
         train_set, dev_set = train_set.split(dev_indices, held_out_transform=TEST_TRANSFORM)
-    if cfg.batch_size > len(train_set):
-        raise UsageError(
-            f"--batch-size {cfg.batch_size} is more than the {len(train_set)} training images; "
-            f"choose at most {len(train_set)}"
-        )
     on_device = cfg.data_path == "device" or (cfg.data_path == "auto" and device.type == "cuda")
 
     def loader(dataset: CIFAR100, shuffle: bool, augment: bool):
