@@ -20,18 +20,22 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import datetime
 import fcntl
 import functools
 import hashlib
 import importlib.util
+import io
 import json
 import math
 import os
+import platform
 import random
 import re
 import shlex
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -42,6 +46,7 @@ from urllib.error import URLError
 
 import numpy as np
 import torch
+import torchvision
 
 from create_dataset import (
     CIFAR100,
@@ -55,12 +60,21 @@ from create_dataset import (
 PAPER_EPOCHS = 200  # the paper reports the mean test accuracy of the last 5 of 200 epochs
 MAX_SEED = 2**32 - 1  # numpy's limit, the narrowest of the seeded generators
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a plain folder name, created inside --results-dir
+MAX_RUN_NAME = 200  # characters: a file system's 255-byte names, less the temporary files' prefix and suffix
+RESERVED_RUN_NAMES = {"figure3"}  # figure3.py keeps its report, picture and job logs there
 LOCK_FILE = ".lock"
+LOG_FILE = "log.txt"
+# What a run writes into its folder; a folder holding anything else was not made by a run of this project.
+RUN_FILES = re.compile(r"metrics\.json|checkpoint\.pt|log\.txt|\.lock|\..*\.tmp|events\.out\.tfevents\..*")
 # Settings a resumed run may change; every other one must match the checkpoint.
 RESUMABLE_CHANGES = {"epochs", "resume", "overwrite", "data_root", "download", "workers", "cuda_graphs"}
 RESUMABLE_CHANGES |= {"results_dir", "tensorboard"}
 SMOKE_SETTINGS = dict(download=False, device="cpu", epochs=1, batch_size=20, limit_batches=2, workers=0)
 SMOKE_SETTINGS |= dict(run_name="smoke", resume=False, overwrite=False, smoke=False)
+# Two steps move a sound network's test loss by noise only (BatchNorm's running statistics have barely moved:
+# 2.704 -> 2.707 .. 2.715 for Single over three seeds); a diverging one's by orders of magnitude.
+SMOKE_TOLERANCE = 1.1
+SMOKE_SETS = {*SMOKE_SETTINGS, "data_root", "results_dir"} - {"smoke"}  # flags --smoke refuses: it sets them
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,6 +147,7 @@ class Method:
     epoch_line: Callable  # (record, epochs) -> the line printed after each epoch
     derived_settings: Callable  # (cfg) -> values computed from the settings, stored beside them in metrics.json
     published_accuracy: Callable  # (cfg) -> {source: published test accuracy in %} for this configuration
+    unpublished_because: Callable  # (cfg) -> why no figure is published for it (read where there is none)
     held_out: Callable | None = None  # (train_set, cfg) -> indices of a developing set kept out of training
 
 
@@ -158,6 +173,10 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str):
         print(f"error: {message} (see --help)", file=sys.stderr)
         raise SystemExit(2)
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def flag(name: str, value=None) -> str:
@@ -240,6 +259,13 @@ def check_settings(method: Method, cfg: RunConfig) -> RunConfig:
         raise UsageError(
             f"--run-name {cfg.run_name!r} is not a plain folder name: use letters, digits, '.', '_' and '-', "
             f"starting with a letter or digit (the run is written to --results-dir/<run-name>)"
+        )
+    if len(cfg.run_name) > MAX_RUN_NAME:
+        raise UsageError(f"--run-name has {len(cfg.run_name)} characters; at most {MAX_RUN_NAME} make a folder name")
+    if cfg.run_name in RESERVED_RUN_NAMES:
+        raise UsageError(
+            f"--run-name {cfg.run_name} is reserved: figure3.py keeps its report, picture and job logs in "
+            f"<results-dir>/{cfg.run_name}; choose another --run-name"
         )
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
         raise UsageError(f"--device {cfg.device!r} is not one of auto, cpu, cuda, cuda:N")
@@ -354,6 +380,11 @@ def make_loaders(cfg: RunConfig, device: torch.device, held_out: Callable | None
     dev_set = None
     if held_out is not None and len(dev_indices := held_out(train_set, cfg)):
         train_set, dev_set = train_set.split(dev_indices, held_out_transform=TEST_TRANSFORM)
+    if cfg.batch_size > len(train_set):
+        raise UsageError(
+            f"--batch-size {cfg.batch_size} is more than the {plural(len(train_set), 'training image')}; "
+            f"choose at most {len(train_set)}"
+        )
     on_device = cfg.data_path == "device" or (cfg.data_path == "auto" and device.type == "cuda")
 
     def loader(dataset: CIFAR100, shuffle: bool, augment: bool):
@@ -372,14 +403,76 @@ def make_loaders(cfg: RunConfig, device: torch.device, held_out: Callable | None
     return Loaders(loader(train_set, shuffle=True, augment=True), loader(test_set, shuffle=False, augment=False), dev)
 
 
-def batches(loader, cfg: RunConfig, device: torch.device):
-    """(step, images, labels) of the loader's batches on `device`, at most --limit-batches of them."""
+def batches(loader, cfg: RunConfig, device: torch.device, phase: str | None = "train"):
+    """(step, images, labels) of the loader's batches on `device`, at most --limit-batches of them; `phase`
+    names the pass on the progress line (None: a pass the line does not show)."""
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    steps = min(len(loader), cfg.limit_batches or len(loader))
     for step, (images, labels) in enumerate(loader):
-        if cfg.limit_batches and step == cfg.limit_batches:
+        if step == steps:
             return
+        if phase is not None:
+            progress.update(phase, step, steps, len(images))
         images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
         yield step, images, labels.to(device, non_blocking=True)
+
+
+class Progress:
+    """One line on a terminal, redrawn at most once a second: the phase, step of steps, images per second,
+    the time left in the epoch and in the run. Silent when stderr is not a terminal (a log file, a pipe)."""
+
+    def __init__(self):
+        self.start(None, 0)
+
+    def start(self, stream, epochs: int) -> None:
+        """Draw on `stream` (if it is a terminal) for a run of `epochs`; None: draw nothing."""
+        self.stream = stream
+        self.enabled = stream is not None and stream.isatty()
+        self.epochs, self.epoch, self.last_epoch_seconds = epochs, 0, None
+        self.epoch_started = self.phase_started = self.drawn = 0.0
+        self.phase, self.images = "", 0
+
+    def start_epoch(self, epoch: int) -> None:
+        self.epoch, self.epoch_started, self.phase = epoch, time.perf_counter(), ""
+
+    def end_epoch(self) -> None:
+        self.last_epoch_seconds = time.perf_counter() - self.epoch_started
+        self.clear()
+
+    def update(self, phase: str, step: int, steps: int, batch: int) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if phase != self.phase:
+            self.phase, self.phase_started, self.images = phase, now, 0
+        done, self.images = self.images, self.images + batch  # the steps before this one are done
+        if now - self.drawn < 1.0 or step == 0:
+            return
+        self.drawn, elapsed = now, now - self.phase_started
+        pass_left = elapsed / step * (steps - step)
+        epoch_left = max(pass_left, (self.last_epoch_seconds or 0) - (now - self.epoch_started))
+        later = None if self.last_epoch_seconds is None else (self.epochs - self.epoch) * self.last_epoch_seconds
+        run_left = "?" if later is None else duration(epoch_left + later)
+        line = (
+            f"epoch {self.epoch}/{self.epochs} {phase}: step {step + 1}/{steps}, {done / elapsed:.0f} img/s, "
+            f"epoch left {duration(epoch_left)}, run left {run_left}"
+        )
+        self.stream.write(f"\r\033[K{line}")
+        self.stream.flush()
+
+    def clear(self) -> None:
+        if self.enabled and self.drawn:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+            self.drawn = 0.0
+
+
+def duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}"
+
+
+progress = Progress()  # run() sets it up for the run's duration; off outside a run
 
 
 # ---------------------------------------------------------------------------------------------
@@ -496,7 +589,7 @@ def evaluate(method: Method, state: dict, graphs: StepGraphs, loader, cfg: RunCo
     meter = Meter()
     state["model"].eval()
     step = functools.partial(method.eval_step, state, cfg=cfg)
-    for _, images, labels in batches(loader, cfg, device):
+    for _, images, labels in batches(loader, cfg, device, phase="test"):
         for name, value in graphs("evaluate", step, images, labels).items():
             meter.add(name, value, images.shape[0])
     state["model"].train()
@@ -539,9 +632,9 @@ def write_atomic(path: Path, write) -> None:
         os.close(folder)
 
 
-def write_json(path: Path, obj) -> None:
+def json_text(obj) -> str:
     """Strict JSON: every number is finite (run() checks them), so any JSON parser reads it."""
-    write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1, allow_nan=False) + "\n"))
+    return json.dumps(obj, indent=1, allow_nan=False) + "\n"
 
 
 def rng_state(loaders: Loaders) -> dict:
@@ -579,6 +672,7 @@ def summarize(method: Method, history: list[dict], cfg: RunConfig) -> dict:
         "final_test_primary_acc": accs[-1],
         "last5_mean_test_primary_acc": sum(accs[-5:]) / len(accs[-5:]),
         "published_test_primary_acc": method.published_accuracy(cfg),
+        "unpublished_because": method.unpublished_because(cfg) if not method.published_accuracy(cfg) else "",
         "comparable_with_published": not reasons,
         "not_comparable_because": reasons,
     }
@@ -587,14 +681,17 @@ def summarize(method: Method, history: list[dict], cfg: RunConfig) -> dict:
 def summary_line(summary: dict) -> str:
     published = "; ".join(f"{v:.1f}% ({k})" for k, v in summary["published_test_primary_acc"].items())
     if not published:
-        beside = "published: none for this configuration"
+        beside = "published: none for this configuration" + (
+            f" ({summary['unpublished_because']})" if summary.get("unpublished_because") else ""
+        )
     elif summary["comparable_with_published"]:
         beside = f"published: {published}"
     else:
         beside = f"not comparable with the published figures ({', '.join(summary['not_comparable_because'])})"
+    last = plural(min(5, summary["epochs_completed"]), "epoch")
     return (
         f"final test primary accuracy {summary['final_test_primary_acc']:.2f}%, mean of the last "
-        f"{min(5, summary['epochs_completed'])} epochs {summary['last5_mean_test_primary_acc']:.2f}% | {beside}"
+        f"{last} {summary['last5_mean_test_primary_acc']:.2f}% | {beside}"
     )
 
 
@@ -610,10 +707,6 @@ def settings_as_checked(method: Method, saved: dict) -> dict:
 
 def load_checkpoint(method: Method, path: Path, cfg: RunConfig) -> dict:
     """The checkpoint at `path`, after checking it belongs to this configuration; refuses with one line."""
-    if not path.is_file():
-        raise UsageError(
-            f"--resume: no checkpoint at '{path}'; start without --resume, or check --results-dir and --run-name"
-        )
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         saved = checkpoint["config"]
@@ -761,20 +854,39 @@ class RunFolder:
                 break
 
 
-def previous_results(method: Method, run_dir: Path, cfg: RunConfig) -> dict | None:
-    """Refuse to lose results. Returns the checkpoint to resume from, if any."""
-    if cfg.resume:
-        return load_checkpoint(method, run_dir / "checkpoint.pt", cfg)
-    if not cfg.overwrite and ((run_dir / "metrics.json").exists() or (run_dir / "checkpoint.pt").exists()):
+def previous_results(run_dir: Path, cfg: RunConfig) -> None:
+    """Refuse to lose results, or to write into a folder that holds files no run of this project made."""
+    foreign = sorted(path.name for path in run_dir.iterdir() if not RUN_FILES.fullmatch(path.name))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise UsageError(
+            f"'{run_dir}' holds files no run of this project wrote ({shown}); choose another --run-name or "
+            f"--results-dir"
+        )
+    if cfg.resume or cfg.overwrite:
+        return
+    if (run_dir / "metrics.json").exists() or (run_dir / "checkpoint.pt").exists():
         raise UsageError(
             f"'{run_dir}' already holds results; use --resume to continue that run, "
             f"another --run-name, or --overwrite to replace it"
         )
-    return None
+
+
+def missing_checkpoint(method: Method, cfg: RunConfig, run_dir: Path, named: bool) -> UsageError:
+    """--resume without a checkpoint: where it looked, and, for a default name, what made the name and which
+    runs of this method the results folder holds."""
+    message = f"--resume: no checkpoint at '{run_dir / 'checkpoint.pt'}'"
+    if not named:
+        edited = " ".join(flag(name, value) for name, value in edited_settings(method, cfg).items())
+        because = f"these settings differ from the paper's: {edited}" if edited else "the paper's settings"
+        runs = sorted(p.parent.name for p in Path(cfg.results_dir).glob(f"{method.name}-*/checkpoint.pt"))
+        here = f"; {method.name} runs in '{cfg.results_dir}': {', '.join(runs[:5])}" if runs else ""
+        message += f" (the default name of this configuration, {because}){here}"
+    return UsageError(f"{message}; start without --resume, or check --results-dir and --run-name")
 
 
 # ---------------------------------------------------------------------------------------------
-# Interrupts
+# Interrupts, faults, provenance, the log
 
 
 class Interrupted(Exception):
@@ -782,14 +894,19 @@ class Interrupted(Exception):
         self.signum = signum
 
 
+class RunFault(Exception):
+    """The run could not go on (a full disk, a quota): the last good checkpoint stays; exit code 1."""
+
+
 @contextlib.contextmanager
 def signals_raise():
-    """SIGINT/SIGTERM raise Interrupted inside the block (the run's cleanup and message run as for Ctrl-C)."""
+    """SIGINT, SIGTERM and SIGHUP (a closed terminal, a dropped ssh) raise Interrupted inside the block: the
+    run's cleanup and message run as for Ctrl-C."""
 
     def interrupt(signum, frame):
         raise Interrupted(signum)
 
-    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:
@@ -797,48 +914,197 @@ def signals_raise():
             signal.signal(s, handler)
 
 
-def resume_command(run_name: str) -> str:
-    args = [a for a in sys.argv[1:] if a not in ("--resume", "--overwrite")]
+@contextlib.contextmanager
+def signals_deferred():
+    """Hold SIGINT, SIGTERM and SIGHUP while the checkpoint and metrics.json are written, so that the two always
+    hold the same epochs; deliver them afterwards."""
+    received = []
+    hold = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in hold}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if received:
+            raise Interrupted(received[0])
+
+
+def command(argv: list[str] | None = None) -> list[str]:
+    """The command that started this run: the script and its flags (`argv` where main() was handed them)."""
+    return ["python", Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)]
+
+
+def resume_command(run_name: str, argv: list[str] | None = None) -> str:
+    args = [a for a in command(argv)[2:] if a not in ("--resume", "--overwrite")]
     if "--run-name" not in args and not any(a.startswith("--run-name=") for a in args):
         args += ["--run-name", run_name]
-    return shlex.join(["python", Path(sys.argv[0]).name, *args, "--resume"])
+    return shlex.join([*command(argv)[:2], *args, "--resume"])
+
+
+def code_version() -> dict:
+    """The commit of the checkout this code runs from, and whether its tracked files were modified (None and
+    None outside a git checkout)."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        status = subprocess.run(
+            ["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "modified": None}
+    if commit.returncode != 0 or status.returncode != 0:
+        return {"commit": None, "modified": None}
+    return {"commit": commit.stdout.strip(), "modified": bool(status.stdout.strip())}
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def provenance(device: torch.device, argv: list[str] | None = None) -> dict:
+    """Where, when and with what this session of the run runs."""
+    return {
+        "code": code_version(),
+        "host": socket.gethostname(),
+        "started": now(),
+        "ended": None,
+        "command": shlex.join(command(argv)),
+        "python": platform.python_version(),
+        "torch": str(torch.__version__),
+        "torchvision": torchvision.__version__,
+        "cuda": torch.version.cuda,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({processor_name()})",
+    }
+
+
+def processor_name() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else what platform knows."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+class RunLog:
+    """The run folder's log.txt: a header with the session's provenance, then every line the run prints. Kept in
+    memory until the run has results on disk (open()): a run that saves nothing leaves no log behind."""
+
+    def __init__(self, path: Path, session: dict, title: str):
+        self.path, self.file = path, None
+        code = session["code"]
+        version = f"{code['commit']}{' (modified)' if code['modified'] else ''}" if code["commit"] else "not a checkout"
+        self.pending = [
+            f"# {title}, started {session['started']} on {session['host']}",
+            f"# command: {session['command']}",
+            f"# code: {version}",
+            f"# python {session['python']}, torch {session['torch']}, torchvision {session['torchvision']}, "
+            f"CUDA {session['cuda']}; device: {session['device']}",
+        ]
+
+    def open(self) -> None:
+        if self.file is None:
+            with contextlib.suppress(OSError):
+                self.file = open(self.path, "a")
+                self.write(*self.pending)
+
+    def write(self, *lines: str) -> None:
+        if self.file is None:
+            self.pending += lines
+            return
+        with contextlib.suppress(OSError, ValueError):  # a full disk loses log lines, not the run
+            self.file.write("".join(line.strip("\n") + "\n" for line in lines))
+            self.file.flush()
+
+    def say(self, line: str, stream=None) -> None:
+        """Print the line (stdout, or `stream`) and log it."""
+        with contextlib.suppress(OSError):  # a terminal that went away (SIGHUP)
+            print(line, file=stream or sys.stdout, flush=True)
+        self.write(line)
+
+    def close(self) -> None:
+        if self.file is not None:
+            with contextlib.suppress(OSError):
+                self.file.close()
+
+
+def learning_rates(state: dict) -> dict[str, float]:
+    """Each optimiser's current learning rate: lr (the network's), lr_gen, lr_lambda, ..."""
+    rates = {}
+    for key, obj in state.items():
+        if isinstance(obj, torch.optim.Optimizer):
+            rates["lr" + (f"_{key.removesuffix('_optimizer')}" if key != "optimizer" else "")] = obj.param_groups[0][
+                "lr"
+            ]
+    return rates
+
+
+def save(run_dir: Path, checkpoint: dict, metrics: dict) -> None:
+    """The checkpoint, then metrics.json, each atomically; a failed write (a full disk) is a RunFault."""
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)  # in memory first: a full disk then fails with the OSError that says so
+    for name, data in (("checkpoint.pt", buffer.getbuffer()), ("metrics.json", json_text(metrics).encode())):
+        try:
+            write_atomic(run_dir / name, lambda tmp, data=data: Path(tmp).write_bytes(data))
+        except OSError as error:
+            raise RunFault(f"could not write {name} in {run_dir} ({error.strerror or error})") from None
 
 
 # ---------------------------------------------------------------------------------------------
 # The run
 
 
-def run(method: Method, cfg: RunConfig) -> dict:
-    """The whole experiment: every epoch, its checkpoint and metrics; returns the summary."""
+def run(method: Method, cfg: RunConfig, argv: list[str] | None = None) -> dict:
+    """The whole experiment: every epoch, its checkpoint and metrics; returns the summary. `argv`: the flags
+    main() was handed, for the log and the resume command (default: the process's own)."""
     cfg = check_settings(method, cfg)
+    named = bool(cfg.run_name)
     cfg = dataclasses.replace(cfg, run_name=cfg.run_name or default_run_name(method, cfg))
     device = resolve_device(cfg.device)
+    run_dir = Path(cfg.results_dir) / cfg.run_name
+    checkpoint = None
+    if cfg.resume:
+        if not (run_dir / "checkpoint.pt").is_file():
+            raise missing_checkpoint(method, cfg, run_dir, named)
+        checkpoint = load_checkpoint(method, run_dir / "checkpoint.pt", cfg)
+        if checkpoint["next_epoch"] >= cfg.epochs:  # finished: nothing to write, nor a folder to take
+            done = plural(checkpoint["next_epoch"], "epoch")
+            print(f"'{run_dir}' already finished {done}; pass a larger --epochs to extend it")
+            summary = summarize(method, checkpoint["epochs"], cfg)
+            print(summary_line(summary))
+            return summary
     history: list[dict] = []
-    saved_epochs, epoch = 0, 0  # the epochs the checkpoint on disk holds; the epoch under way
+    saved_epochs, epoch, log = 0, 0, None  # the epochs the checkpoint on disk holds; the epoch under way
     try:
-        with signals_raise(), RunFolder(Path(cfg.results_dir) / cfg.run_name) as run_dir:
-            checkpoint = previous_results(method, run_dir, cfg)
+        with signals_raise(), RunFolder(run_dir):
+            previous_results(run_dir, cfg)
             configure_backends(cfg, device)
             loaders = make_loaders(cfg, device, method.held_out)
             state = method.build(cfg, device)
-            start_epoch = 0
+            start_epoch, sessions = 0, []
             if checkpoint is not None:
                 history, start_epoch = restore(state, loaders, checkpoint, run_dir / "checkpoint.pt")
-                saved_epochs = start_epoch
-                if start_epoch >= cfg.epochs:
-                    print(f"'{run_dir}' already finished {start_epoch} epochs; pass a larger --epochs to extend it")
-                    summary = summarize(method, history, cfg)
-                    print(summary_line(summary))
-                    return summary
-                print(f"resuming {run_dir} at epoch {start_epoch + 1}")
+                saved_epochs, sessions = start_epoch, checkpoint.get("provenance", [])
+            sessions = [*sessions, provenance(device, argv)]
             derived = {"method": method.name, "resolved_device": str(device), "torch": str(torch.__version__)}
             record_config = {**asdict(cfg), **method.derived_settings(cfg), **derived}
+            log = RunLog(run_dir / LOG_FILE, sessions[-1], f"{method.name}: {run_dir}")
+            if checkpoint is not None:
+                log.open()
+                log.say(f"resuming {run_dir} at epoch {start_epoch + 1}")
             epoch = start_epoch + 1
-            print(f"{method.name}: {run_dir} on {device}, {cfg.epochs} epochs")
+            log.say(f"{method.name}: {run_dir} on {device}, {plural(cfg.epochs, 'epoch')}")
             graphs = StepGraphs(state, device, enabled=cfg.cuda_graphs)
             scalars = tensorboard_writer(run_dir) if cfg.tensorboard else None
+            progress.start(sys.stderr, cfg.epochs)
             for epoch in range(start_epoch + 1, cfg.epochs + 1):
                 started = time.perf_counter()
+                progress.start_epoch(epoch)
+                rates = learning_rates(state)
                 metrics = method.train_epoch(state, graphs, loaders, cfg, device, epoch)
                 metrics.update(evaluate(method, state, graphs, loaders.test, cfg, device))
                 check_finite(metrics, epoch)
@@ -847,34 +1113,70 @@ def run(method: Method, cfg: RunConfig) -> dict:
                         obj.step()
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
-                history.append({"epoch": epoch, **metrics, "seconds": time.perf_counter() - started})
+                history.append({"epoch": epoch, **metrics, **rates, "seconds": time.perf_counter() - started})
+                progress.end_epoch()
+                sessions[-1]["ended"] = now()
                 checkpoint = {key: obj.state_dict() for key, obj in state.items() if not key.startswith("forward_")}
                 checkpoint.update(config=record_config, epochs=history, next_epoch=epoch, rng=rng_state(loaders))
-                write_atomic(run_dir / "checkpoint.pt", functools.partial(torch.save, checkpoint))
-                saved_epochs = epoch
+                checkpoint.update(provenance=sessions)
                 summary = summarize(method, history, cfg)
-                write_json(run_dir / "metrics.json", {"config": record_config, "epochs": history, "summary": summary})
+                metrics_file = {"config": record_config, "provenance": sessions, "epochs": history, "summary": summary}
+                with signals_deferred():
+                    save(run_dir, checkpoint, metrics_file)
+                    saved_epochs = epoch
+                    log.open()
                 if scalars is not None:
                     for name, value in history[-1].items():
                         scalars.add_scalar(name, value, epoch)
                     scalars.flush()
-                print(method.epoch_line(history[-1], cfg.epochs), flush=True)
+                log.say(method.epoch_line(history[-1], cfg.epochs))
+            summary = summarize(method, history, cfg)
+            log.say(summary_line(summary))
+            return summary
     except Interrupted as interrupt:
+        progress.clear()
         if saved_epochs:
-            folder, again = Path(cfg.results_dir) / cfg.run_name, resume_command(cfg.run_name)
-            done = f"the checkpoint after epoch {saved_epochs} is in {folder}. Resume with: {again}"
+            where = f"after epoch {epoch} was saved" if saved_epochs == epoch else f"in epoch {epoch}"
+            again = resume_command(cfg.run_name, argv)
+            line = (
+                f"interrupted {where}; the checkpoint after epoch {saved_epochs} is in {run_dir}. Resume with: {again}"
+            )
         else:
-            done = "no epoch was completed and nothing was saved"
-        print(f"\ninterrupted{f' in epoch {epoch}' if epoch else ''}; {done}", file=sys.stderr)
+            line = f"interrupted{f' in epoch {epoch}' if epoch else ''}; no epoch was completed and nothing was saved"
+        if log:
+            log.say("\n" + line, stream=sys.stderr)
+        else:
+            with_stderr("\n" + line)
         raise SystemExit(128 + interrupt.signum) from None
-    except NonFiniteLoss as error:
+    except RunFault as error:
+        progress.clear()
         kept = (
             f"the checkpoint after epoch {saved_epochs} in {run_dir} is kept" if saved_epochs else "nothing was saved"
         )
-        raise UsageError(f"{error}; {kept}. {error.hint}") from None
-    summary = summarize(method, history, cfg)
-    print(summary_line(summary))
-    return summary
+        again = f". Resume with: {resume_command(cfg.run_name, argv)}" if saved_epochs else ""
+        if log:
+            log.say(f"error: {error}; {kept}{again}", stream=sys.stderr)
+        else:
+            with_stderr(f"error: {error}; {kept}{again}")
+        raise SystemExit(1) from None
+    except NonFiniteLoss as error:
+        progress.clear()
+        kept = (
+            f"the checkpoint after epoch {saved_epochs} in {run_dir} is kept" if saved_epochs else "nothing was saved"
+        )
+        message = f"{error}; {kept}. {error.hint}"
+        if log:
+            log.write(f"error: {message}")
+        raise UsageError(message) from None
+    finally:
+        progress.start(None, 0)
+        if log:
+            log.close()
+
+
+def with_stderr(line: str) -> None:
+    with contextlib.suppress(OSError):
+        print(line, file=sys.stderr, flush=True)
 
 
 def tensorboard_writer(run_dir: Path):
@@ -885,12 +1187,25 @@ def tensorboard_writer(run_dir: Path):
 
 
 def smoke(method: Method, cfg: RunConfig) -> dict:
-    """Train 2 small batches on CPU on synthetic data in a temporary folder; nothing is left behind. 1,000
-    training images (50 a class) leave room for a method's held-out developing set at its default size."""
+    """Train 2 small batches on CPU on synthetic data in a temporary folder; nothing is left behind. Fails when
+    the test loss is not finite or rose above SMOKE_TOLERANCE times the untrained network's. 1,000 training
+    images (50 a class) leave room for a method's held-out developing set at its default size."""
     with tempfile.TemporaryDirectory(prefix=f"{method.name}-smoke-") as tmp:
         make_synthetic_cifar100(Path(tmp) / "data", n_train=1000, n_test=100, seed=cfg.seed)
         folders = dict(data_root=str(Path(tmp) / "data"), results_dir=str(Path(tmp) / "results"))
-        summary = run(method, dataclasses.replace(cfg, **folders, **SMOKE_SETTINGS))
+        cfg = dataclasses.replace(method.check_config(cfg), **folders, **SMOKE_SETTINGS)
+        device = torch.device("cpu")
+        configure_backends(cfg, device)
+        untrained = method.build(cfg, device)
+        loaders = make_loaders(cfg, device, method.held_out)
+        before = evaluate(method, untrained, StepGraphs(untrained, device), loaders.test, cfg, device)
+        summary = run(method, cfg)
+        after = json.loads((Path(cfg.results_dir) / cfg.run_name / "metrics.json").read_text())["epochs"][-1]
+    if not after["test_primary_loss"] <= SMOKE_TOLERANCE * before["test_primary_loss"]:
+        raise UsageError(
+            f"smoke test failed: the test loss went from {before['test_primary_loss']:.4g} (untrained) to "
+            f"{after['test_primary_loss']:.4g}; training diverged (check the flags given with --smoke)"
+        )
     print("smoke test passed: the install trains and evaluates")
     return summary
 
@@ -898,8 +1213,14 @@ def smoke(method: Method, cfg: RunConfig) -> dict:
 def main(method: Method, argv: list[str] | None = None) -> None:
     """The script's command line: parse, then run (or smoke); a refusal is one line on stderr, exit code 2."""
     try:
-        cfg = parse_config(method, argv)
-        smoke(method, cfg) if cfg.smoke else run(method, cfg)
+        given = vars(command_line(method).parse_args(argv))
+        if given.get("smoke") and SMOKE_SETS & set(given):
+            fixed = " ".join(flag(name) for name in sorted(SMOKE_SETS & set(given)))
+            raise UsageError(
+                f"--smoke sets {fixed} itself (2 batches on CPU, synthetic data in a temporary folder); drop them"
+            )
+        cfg = make_config(method, **given)
+        smoke(method, cfg) if cfg.smoke else run(method, cfg, argv)
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -272,6 +272,10 @@ def published_accuracy(cfg: Config) -> dict[str, float]:
     return {}
 
 
+def unpublished_because(cfg: Config) -> str:
+    return "the MAXL paper shows the pairs other than 20 -> 100 only as curves of its Figure 3"
+
+
 # ---------------------------------------------------------------------------------------------
 # The method, handed to the run machinery (experiment.py)
 
@@ -288,6 +292,7 @@ METHOD = Method(
     epoch_line=epoch_line,
     derived_settings=derived_settings,
     published_accuracy=published_accuracy,
+    unpublished_because=unpublished_because,
 )
 
 

@@ -53,6 +53,7 @@ from experiment import (
     autocast,
     batches,
     option,
+    plural,
     require,
 )
 
@@ -408,7 +409,7 @@ def meta_step(
 def developing_batches(loader, cfg: Config, device: torch.device):
     """The developing set's batches, pass after pass (each pass shuffled anew by the loader's generator)."""
     while True:
-        for _, images, labels in batches(loader, cfg, device):
+        for _, images, labels in batches(loader, cfg, device, phase=None):  # between training steps: no line
             yield images, labels
 
 
@@ -560,9 +561,9 @@ def held_out(train_set: CIFAR100, cfg: Config) -> np.ndarray:
     if len(emptied):
         c = emptied[0]
         raise UsageError(
-            f"--dev-size {cfg.dev_size} is more than this training set allows: stratified by primary class, it "
-            f"would hold out {quotas[c]} of the {counts[c]} training images of class {c}, which must keep at least "
-            f"one; choose a smaller --dev-size"
+            f"--dev-size {cfg.dev_size} is more than this training set allows: stratified by primary class, class "
+            f"{c} has {plural(counts[c], 'training image')} and its share would be {quotas[c]}, leaving it none; "
+            f"choose a smaller --dev-size"
         )
     rng = np.random.default_rng(cfg.seed)
     chosen = [rng.choice(np.flatnonzero(primary == c), size=q, replace=False) for c, q in enumerate(quotas) if q]
@@ -575,10 +576,15 @@ def derived_settings(cfg: Config) -> dict:
 
 
 def published_accuracy(cfg: Config) -> dict[str, float]:
-    """Published test accuracy (%) for this configuration, where one exists: none. The MAOAL authors' CIFAR-100
-    experiment is another setting (ResNet-18, one superclass's 5 classes as the target task, ten other
-    superclasses as auxiliary tasks); Human's figures were measured without a developing set held out."""
+    """Published test accuracy (%) for this configuration, where one exists: none (unpublished_because)."""
     return {}
+
+
+def unpublished_because(cfg: Config) -> str:
+    return (
+        "the MAOAL authors' CIFAR-100 experiment is another setting (ResNet-18, one superclass's 5 classes as the "
+        "target task, ten others as auxiliary tasks), and Human's figures hold no developing set out"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -597,6 +603,7 @@ METHOD = Method(
     epoch_line=epoch_line,
     derived_settings=derived_settings,
     published_accuracy=published_accuracy,
+    unpublished_because=unpublished_because,
     held_out=held_out,
 )
 

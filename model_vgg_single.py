@@ -230,8 +230,12 @@ def derived_settings(cfg: Config) -> dict:
 
 
 def published_accuracy(cfg: Config) -> dict[str, float]:
-    """Published test accuracy (%) for this configuration, where one exists."""
+    """Published test accuracy (%) for this configuration, where one exists: none (unpublished_because)."""
     return {}
+
+
+def unpublished_because(cfg: Config) -> str:
+    return "the MAXL paper shows Single only as a curve of its Figure 3, and its successors do not report it"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,6 +254,7 @@ METHOD = Method(
     epoch_line=epoch_line,
     derived_settings=derived_settings,
     published_accuracy=published_accuracy,
+    unpublished_because=unpublished_because,
 )
 
 

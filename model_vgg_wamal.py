@@ -730,7 +730,7 @@ def train_epoch(
     multiplier_min = torch.full((), float("inf"), device=device)
     multiplier_max = torch.full((), -float("inf"), device=device)
     phase1 = {diagnose: functools.partial(train_step, state, cfg=cfg, diagnose=diagnose) for diagnose in (False, True)}
-    for step, images, labels in batches(loaders.train, cfg, device):
+    for step, images, labels in batches(loaders.train, cfg, device, phase="phase 1"):
         diagnose = step % cfg.cossim_every == 0
         out = graphs("phase 1 + cosine" if diagnose else "phase 1", phase1[diagnose], images, labels)
         guard.watch(out.pop("loss"), epoch, "phase-1", step)
@@ -749,7 +749,7 @@ def train_epoch(
     guard.check(epoch, "phase-1")
 
     phase2 = functools.partial(meta_step, state, cfg=cfg)
-    for step, images, labels in batches(loaders.train, cfg, device):
+    for step, images, labels in batches(loaders.train, cfg, device, phase="phase 2"):
         stats = graphs("phase 2", phase2, images, labels)
         guard.watch(stats["meta_primary_loss_after"], epoch, "phase-2", step)
         for name, value in stats.items():
@@ -933,6 +933,10 @@ def published_accuracy(cfg: Config) -> dict[str, float]:
     return {}
 
 
+def unpublished_because(cfg: Config) -> str:
+    return "the WAMAL authors report CIFAR-100 only at primary 20 with psi = [5] * 20"
+
+
 # ---------------------------------------------------------------------------------------------
 # The method, handed to the run machinery (experiment.py)
 
@@ -949,6 +953,7 @@ METHOD = Method(
     epoch_line=epoch_line,
     derived_settings=derived_settings,
     published_accuracy=published_accuracy,
+    unpublished_because=unpublished_because,
 )
 
 

@@ -615,7 +615,7 @@ def test_the_developing_set_is_held_out_in_every_mode(data_root):
     "extra, phrase",
     [
         (["--dev-size", "300"], "--dev-size 300 is more than this training set allows"),
-        (["--dev-size", "200"], "would hold out 10 of the 10 training images of class 0"),
+        (["--dev-size", "200"], "class 0 has 10 training images and its share would be 10, leaving it none"),
         (["--dev-size", "0"], "--dev-size must be at least 1 (got 0)"),
         (["--neumann-terms", "0"], "--neumann-terms must be at least 1 (got 0)"),
         (["--meta-every", "0"], "--meta-every must be at least 1 (got 0)"),

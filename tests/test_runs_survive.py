@@ -6,8 +6,11 @@ One test (or a group) per case a user hit; each failed before the run machinery 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import fcntl
+import io
 import json
 import math
 import os
@@ -209,7 +212,7 @@ def test_temporary_files_of_a_killed_run_are_removed_at_the_next_start(data_root
     for leftover in leftovers:
         leftover.write_bytes(b"\0" * 1000)
     assert run_main(single, *common, "--epochs", 2, "--resume").returncode == 0
-    assert files_below(tmp_path / "r") == ["checkpoint.pt", "metrics.json"]
+    assert files_below(tmp_path / "r") == ["checkpoint.pt", "log.txt", "metrics.json"]
 
 
 # --- 8. psi compared as the parsed list -----------------------------------------------------------
@@ -392,3 +395,218 @@ def test_results_files_get_the_mode_the_umask_gives(data_root, tmp_path, umask, 
     assert result.returncode == 0, result.stderr
     for name in ("metrics.json", "checkpoint.pt"):
         assert (tmp_path / "m" / name).stat().st_mode & 0o777 == mode, name
+
+
+# --- faults during a run: a full disk ----------------------------------------------------------
+
+
+def test_a_full_disk_stops_the_run_with_one_line_and_the_resume_command(data_root, tmp_path, monkeypatch):
+    real_write_bytes = Path.write_bytes
+    writes = {"checkpoint": 0}
+
+    def full_on_the_second_checkpoint(path, data):
+        if ".checkpoint.pt." in path.name:
+            writes["checkpoint"] += 1
+            if writes["checkpoint"] == 2:
+                real_write_bytes(path, bytes(data)[:1000])  # part of it fits, then the disk is full
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write_bytes(path, data)
+
+    monkeypatch.setattr(Path, "write_bytes", full_on_the_second_checkpoint)
+    flags = args(data_root, tmp_path, "--epochs", 3, "--limit-batches", 1, "--run-name", "full")
+    result = run_main(single, *flags)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if line.strip()]
+    assert line.startswith("error: could not write checkpoint.pt in ") and "(No space left on device)" in line
+    assert "the checkpoint after epoch 1 in" in line and "is kept. Resume with: " in line and "--resume" in line
+    assert files_below(tmp_path / "full") == ["checkpoint.pt", "log.txt", "metrics.json"]  # no temp file, no lock
+    assert torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["next_epoch"] == 1
+    assert len(strict_json(tmp_path / "full" / "metrics.json")["epochs"]) == 1
+    assert line in (tmp_path / "full" / "log.txt").read_text()
+    monkeypatch.undo()
+    assert run_main(single, *flags, "--resume").returncode == 0
+    assert len(strict_json(tmp_path / "full" / "metrics.json")["epochs"]) == 3
+
+
+# --- run folders and names ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("x" * 300, "--run-name has 300 characters; at most 200 make a folder name"),
+        ("figure3", "--run-name figure3 is reserved: figure3.py keeps its report, picture and job logs"),
+    ],
+    ids=["too-long", "reserved"],
+)
+def test_run_names_no_folder_can_hold_are_refused(data_root, tmp_path, name, message):
+    assert_refused(run_main(single, *args(data_root, tmp_path / "r"), "--run-name", name), message)
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_folder_holding_files_no_run_wrote_is_refused(data_root, tmp_path):
+    folder = tmp_path / "thesis"
+    folder.mkdir()
+    (folder / "chapter1.tex").write_text("precious")
+    result = run_main(single, *args(data_root, tmp_path), "--run-name", "thesis", "--overwrite")
+    assert_refused(result, "holds files no run of this project wrote (chapter1.tex)")
+    assert files_below(folder) == ["chapter1.tex"]
+
+
+def test_a_finished_run_resumed_at_its_epochs_takes_no_folder_and_writes_nothing(data_root, tmp_path, monkeypatch):
+    """Read-only storage (a finished run on an archive): the summary, and not a single write."""
+    flags = args(data_root, tmp_path, "--epochs", 1, "--limit-batches", 1, "--run-name", "done")
+    assert run_main(single, *flags).returncode == 0
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "done").iterdir()}
+
+    def no_folder(path):
+        raise AssertionError("the run folder was taken")
+
+    monkeypatch.setattr(experiment, "RunFolder", no_folder)
+    result = run_main(single, *flags, "--resume")
+    assert result.returncode == 0, result.stderr
+    assert "already finished 1 epoch;" in result.stdout and "final test primary accuracy" in result.stdout
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "done").iterdir()} == before
+
+
+# --- messages -----------------------------------------------------------------------------------
+
+
+def test_an_interrupt_after_the_epoch_was_saved_says_so(data_root, tmp_path):
+    def interrupted_line(record, epochs):
+        raise experiment.Interrupted(signal.SIGINT)
+
+    method = dataclasses.replace(single.METHOD, epoch_line=interrupted_line)
+    cfg = experiment.parse_config(method, args(data_root, tmp_path, "--limit-batches", 1, "--run-name", "i"))
+    with pytest.raises(SystemExit) as exit_info, contextlib.redirect_stderr(io.StringIO()) as stderr:
+        experiment.run(method, cfg)
+    assert exit_info.value.code == 130
+    assert "interrupted after epoch 1 was saved; the checkpoint after epoch 1 is in" in stderr.getvalue()
+
+
+def test_resume_of_a_default_name_that_is_not_there_says_what_made_the_name(data_root, tmp_path):
+    common = args(data_root, tmp_path, "--epochs", 1, "--limit-batches", 1)
+    assert run_main(single, *common).returncode == 0
+    result = run_main(single, *common, "--lr", "0.02", "--resume")
+    assert_refused(result, "--resume: no checkpoint at", "these settings differ from the paper's: ")
+    assert "--lr 0.02" in result.stderr and "single runs in" in result.stderr
+    assert "single-pri20-seed0-" in result.stderr.split("single runs in")[1]  # the run that is there
+
+
+def test_no_published_figure_says_why(data_root, tmp_path):
+    result = run_main(single, *args(data_root, tmp_path, "--epochs", 1, "--limit-batches", 1))
+    assert "published: none for this configuration (the MAXL paper shows Single only as a curve" in result.stdout
+    assert "mean of the last 1 epoch " in result.stdout
+
+
+@pytest.mark.parametrize("module", [single, maxl], ids=["single", "maxl"])
+def test_help_shows_each_default_once_and_none_empty(module):
+    entries = experiment.command_line(module.METHOD).format_help().split("\n  --")
+    for entry in entries:
+        text = " ".join(entry.split())
+        assert text.count("(default:") <= 1 and "(default: None)" not in text and "(default: )" not in text, text
+
+
+# --- --smoke accepts only what it uses, and fails when its run does not train ---------------------
+
+
+def test_smoke_refuses_the_flags_it_sets_itself(tmp_path):
+    result = run_main(single, "--smoke", "--epochs", 5, "--results-dir", tmp_path / "x", "--data-root", "/nonexistent")
+    assert_refused(result, "--smoke sets --data-root --epochs --results-dir itself")
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_smoke_run_that_diverges_fails():
+    result = run_main(single, "--smoke", "--lr", 0.5)
+    assert_refused(result, "smoke test failed: the test loss went from", "training diverged")
+    assert "smoke test passed" not in result.stdout
+
+
+# --- progress on a terminal ---------------------------------------------------------------------
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_is_one_line_redrawn_at_most_once_a_second(monkeypatch):
+    clock = {"now": 100.0}
+    monkeypatch.setattr(experiment.time, "perf_counter", lambda: clock["now"])
+    terminal = Terminal()
+    progress = experiment.Progress()
+    progress.start(terminal, epochs=3)
+    progress.start_epoch(1)
+    for step in range(10):
+        clock["now"] += 0.25  # four steps a second, 100 images each
+        progress.update("phase 1", step, 10, 100)
+    draws = terminal.getvalue().split("\r\033[K")[1:]
+    assert len(draws) == 3  # 2.5 s of steps: drawn at 0.25 s, then once a second
+    assert all(", 400 img/s, " in draw for draw in draws)
+    assert draws[0].startswith("epoch 1/3 phase 1: step 2/10, 400 img/s, epoch left 0:00:02")
+    assert draws[-1].startswith("epoch 1/3 phase 1: step 10/10, 400 img/s, epoch left 0:00:00")
+    assert "run left ?" in draws[-1]  # no epoch finished yet: no estimate for the run
+    progress.end_epoch()
+    assert terminal.getvalue().endswith("\r\033[K")  # cleared before the epoch line is printed
+    progress.start_epoch(2)
+    for step in range(3):
+        clock["now"] += 1.0
+        progress.update("phase 1", step, 10, 100)
+    assert "run left 0:00:" in terminal.getvalue().split("\r\033[K")[-1]
+
+
+def test_progress_is_silent_off_a_terminal_and_never_in_the_log(data_root, tmp_path, monkeypatch):
+    progress = experiment.Progress()
+    pipe = io.StringIO()
+    progress.start(pipe, epochs=2)
+    progress.start_epoch(1)
+    for step in range(5):
+        progress.update("train", step, 5, 20)
+    assert pipe.getvalue() == ""
+    terminal = Terminal()
+    monkeypatch.setattr(experiment.Progress, "update", lambda self, *a: self.stream.write("\r\033[Kdrawn"))
+    monkeypatch.setattr(sys, "stderr", terminal)
+    flags = args(data_root, tmp_path, "--epochs", 1, "--limit-batches", 2, "--run-name", "p")
+    single.main(flags)
+    assert "drawn" in terminal.getvalue() and "drawn" not in (tmp_path / "p" / "log.txt").read_text()
+
+
+# --- provenance ---------------------------------------------------------------------------------
+
+
+def test_metrics_and_log_record_where_when_and_with_what_each_session_ran(data_root, tmp_path):
+    flags = args(data_root, tmp_path, "--limit-batches", 1, "--run-name", "prov")
+    assert run_main(single, *flags, "--epochs", 1).returncode == 0
+    assert run_main(single, *flags, "--epochs", 2, "--resume").returncode == 0
+    metrics = strict_json(tmp_path / "prov" / "metrics.json")
+    first, second = metrics["provenance"]
+    keys = {"code", "host", "started", "ended", "command", "python", "torch", "torchvision", "cuda", "device"}
+    assert set(first) == set(second) == keys and first["host"] == socket.gethostname()
+    assert first["started"] <= first["ended"] <= second["started"] <= second["ended"]
+    assert second["command"].startswith("python ") and "--resume" in second["command"]
+    assert set(first["code"]) == {"commit", "modified"} and first["device"].startswith("cpu")
+    assert [record["lr"] for record in metrics["epochs"]] == [0.01, 0.01] and all(
+        r["seconds"] > 0 for r in metrics["epochs"]
+    )
+    log = (tmp_path / "prov" / "log.txt").read_text()
+    assert log.count("# command: ") == 2 and log.count("# code: ") == 2 and "torchvision" in log
+    assert "resuming" in log and log.count("final test primary accuracy") == 2
+
+
+def test_every_optimisers_learning_rate_is_recorded_per_epoch():
+    model = torch.nn.Linear(2, 2)
+    state = {
+        "optimizer": torch.optim.SGD(model.parameters(), lr=0.01),
+        "gen_optimizer": torch.optim.SGD(model.parameters(), lr=1e-3),
+        "lambda_optimizer": torch.optim.SGD(model.parameters(), lr=1e-4),
+        "model": model,
+    }
+    assert experiment.learning_rates(state) == {"lr": 0.01, "lr_gen": 1e-3, "lr_lambda": 1e-4}
+
+
+def test_a_batch_larger_than_the_training_set_is_refused(data_root, tmp_path):
+    assert_refused(
+        run_main(single, *args(data_root, tmp_path / "r"), "--batch-size", 10**12),
+        "--batch-size 1000000000000 is more than the 200 training images; choose at most 200",
+    )
+    assert not (tmp_path / "r").exists()
