@@ -17,9 +17,11 @@ uint8 tensor on the GPU, augmented there, for fast CUDA runs).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import functools
 import hashlib
+import itertools
 import json
 import pickle
 from collections.abc import Iterator
@@ -78,6 +80,11 @@ TEST_TRANSFORM = transforms.Compose([transforms.ToTensor(), transforms.Normalize
 
 SYNTHETIC_MARKER = "cifar-100-python.synthetic.json"
 """Written beside ``cifar-100-python/`` by make_synthetic_cifar100: the md5 of each file."""
+SYNTHETIC_FILES = ("train", "test", "meta")
+"""The files of ``cifar-100-python/`` whose md5 the marker holds."""
+
+CIFAR100_SIZES = {"train": 50_000, "test": 10_000}
+"""Images in CIFAR-100's train and test sets: the most the command line writes."""
 
 
 def level_index(num_classes: int) -> int:
@@ -115,6 +122,24 @@ def _md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 
 
+def _marker_checksums(marker: Path) -> dict[str, str]:
+    """The md5 of each of SYNTHETIC_FILES, as make_synthetic_cifar100 wrote them into `marker`.
+
+    A marker that does not hold them leaves nothing to check the files against: the folder is corrupt, and
+    RuntimeError is what torchvision raises for a corrupt folder (the scripts say "not found or corrupted").
+    """
+    try:
+        md5 = json.loads(marker.read_text())
+    except ValueError:  # not JSON, or not even text: JSONDecodeError and UnicodeDecodeError are ValueErrors
+        md5 = None
+    if not (isinstance(md5, dict) and all(isinstance(md5.get(name), str) for name in SYNTHETIC_FILES)):
+        raise RuntimeError(
+            f"Dataset not found or corrupted: the marker '{marker}' does not hold the md5 of "
+            f"{', '.join(SYNTHETIC_FILES)} as JSON"
+        )
+    return md5
+
+
 _VERIFIED_FILES: set[tuple] = set()  # (path, md5, size, mtime) of dataset files whose md5 matched in this process
 
 
@@ -129,7 +154,7 @@ class CIFAR100(torchvision.datasets.CIFAR100):
     def __init__(self, root: str | Path, train: bool = True, transform=None, download: bool = False):
         marker = Path(root) / SYNTHETIC_MARKER
         if marker.is_file():
-            md5 = json.loads(marker.read_text())
+            md5 = _marker_checksums(marker)
             self.train_list = [["train", md5["train"]]]
             self.test_list = [["test", md5["test"]]]
             self.meta = {**self.meta, "md5": md5["meta"]}
@@ -179,6 +204,9 @@ def make_synthetic_cifar100(root: str | Path, n_train: int = 500, n_test: int = 
     Each image is its class prototype (a superclass colour plus a smooth fine-class pattern)
     plus noise, so a network can learn both levels, also after random crops and flips. Fine
     and coarse labels follow the real fine -> superclass map. Returns ``root``.
+
+    On any error (a full disk, running out of memory, Ctrl-C) the folders this call made and the files
+    it wrote are removed again before the error propagates: no half-written dataset, no empty folder.
     """
     rng = np.random.default_rng(seed)
     # Smooth 8x8 patterns upsampled to 32x32 survive random crops and flips. Each superclass has
@@ -200,20 +228,55 @@ def make_synthetic_cifar100(root: str | Path, n_train: int = 500, n_test: int = 
             "data": data,
         }
 
-    folder = Path(root) / CIFAR100.base_folder
-    folder.mkdir(parents=True, exist_ok=True)
+    # Everything is made in memory before the first folder is: running out of memory leaves nothing on disk.
     contents = {
         "train": split(n_train),
         "test": split(n_test),
         "meta": {"fine_label_names": FINE_LABEL_NAMES, "coarse_label_names": COARSE_LABEL_NAMES},
     }
+    made: list[Path] = []  # folders and files this call has made, in order
+    try:
+        _write_archive(Path(root), contents, made)
+    except BaseException:
+        _remove_made(made)
+        raise
+    return Path(root)
+
+
+def _write_archive(root: Path, contents: dict[str, object], made: list[Path]) -> None:
+    """Pickle each of `contents` into root/cifar-100-python/, then the marker with their md5 beside that folder;
+    appends to `made` each folder it makes and each file it opens for writing."""
+    folder = root / CIFAR100.base_folder
+    _make_folders(folder, made)
     md5 = {}
     for name, obj in contents.items():
         with open(folder / name, "wb") as f:
+            made.append(folder / name)  # opened for writing, its old content (if any) is gone: ours to remove
             pickle.dump(obj, f, protocol=2)
         md5[name] = _md5(folder / name)
-    (Path(root) / SYNTHETIC_MARKER).write_text(json.dumps(md5, indent=1) + "\n")
-    return Path(root)
+    with open(root / SYNTHETIC_MARKER, "w") as f:
+        made.append(root / SYNTHETIC_MARKER)
+        f.write(json.dumps(md5, indent=1) + "\n")
+
+
+def _make_folders(folder: Path, made: list[Path]) -> None:
+    """mkdir -p `folder`, appending to `made` each folder made, outermost first (mkdir -p does not say which)."""
+    missing = list(itertools.takewhile(lambda path: not path.exists(), (folder, *folder.parents)))
+    for path in reversed(missing):
+        path.mkdir()
+        made.append(path)
+
+
+def _remove_made(made: list[Path]) -> None:
+    """Remove what a failed make_synthetic_cifar100 made, newest first (files before their folders). A folder
+    is removed only when empty, so that what someone else put there meanwhile stays; a removal that fails
+    is skipped, so that the caller sees the error that stopped the writing."""
+    for path in reversed(made):
+        with contextlib.suppress(OSError):
+            if path.is_dir():
+                path.rmdir()
+            else:
+                path.unlink()
 
 
 def crop_flip_indices(
@@ -295,33 +358,67 @@ class DeviceLoader:
             yield normalize(images), self.labels[index]
 
 
-def main(argv: list[str] | None = None) -> None:
-    """python create_dataset.py --synthetic DIR [--train N] [--test M]: a synthetic dataset for trying the scripts."""
+def _folder(text: str) -> Path:
+    """--synthetic's value. An empty path would mean the current folder, never what was meant."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path names no folder; give the folder to write into")
+    return Path(text)
+
+
+def _command_line() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Write a synthetic CIFAR-100 in the real archive's format, to try the scripts without the "
         "download: python model_vgg_maxl.py --data-root DIR --no-download",
         allow_abbrev=False,
     )
     parser.error = lambda message: parser.exit(2, f"error: {message} (see --help)\n")  # one line, no usage dump
-    parser.add_argument("--synthetic", type=Path, required=True, metavar="DIR", help="folder to write it into")
-    parser.add_argument("--train", type=int, default=50_000, help="training images (CIFAR-100 has 50,000)")
-    parser.add_argument("--test", type=int, default=10_000, help="test images (CIFAR-100 has 10,000)")
+    parser.add_argument("--synthetic", type=_folder, required=True, metavar="DIR", help="folder to write it into")
+    parser.add_argument("--train", type=int, default=50_000, help="training images, 1 to 50,000 (CIFAR-100 has 50,000)")
+    parser.add_argument("--test", type=int, default=10_000, help="test images, 1 to 10,000 (CIFAR-100 has 10,000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the images and labels")
-    args = parser.parse_args(argv)
-    for name in ("train", "test"):
-        if getattr(args, name) < 1:
-            parser.exit(2, f"error: --{name} must be at least 1 (got {getattr(args, name)})\n")
+    return parser
+
+
+def _refusal(args: argparse.Namespace) -> str | None:
+    """Why the parsed command line cannot be run, or None. Checked before anything is written."""
+    for name, most in CIFAR100_SIZES.items():
+        count = getattr(args, name)
+        if count < 1:
+            return f"--{name} must be at least 1 (got {count})"
+        # All images are made in memory first (3.2 GB at CIFAR-100's own sizes): a size beyond those is refused
+        # here rather than left to run out of memory; no script needs more images than CIFAR-100 has.
+        if count > most:
+            return f"--{name} must be at most {most}, the size of CIFAR-100's {name} set (got {count})"
     if not 0 <= args.seed < 2**32:
-        parser.exit(2, f"error: --seed must be between 0 and {2**32 - 1}\n")
-    if (args.synthetic / CIFAR100.base_folder).exists():
-        parser.exit(2, f"error: '{args.synthetic / CIFAR100.base_folder}' exists already; choose another folder\n")
+        return f"--seed must be between 0 and {2**32 - 1}"
+    return None
+
+
+def main(argv: list[str] | None = None) -> None:
+    """python create_dataset.py --synthetic DIR [--train N] [--test M]: a synthetic dataset for trying the scripts.
+    A refusal is one line on stderr and exit code 2, with nothing written."""
+    parser = _command_line()
+    args = parser.parse_args(argv)
+    if refusal := _refusal(args):
+        parser.exit(2, f"error: {refusal}\n")
+    folder = args.synthetic / CIFAR100.base_folder
     try:
+        if folder.exists():
+            parser.exit(2, f"error: '{folder}' exists already; choose another folder\n")
         make_synthetic_cifar100(args.synthetic, n_train=args.train, n_test=args.test, seed=args.seed)
-    except OSError as error:
+    except OSError as error:  # a folder not writable, a full disk, a name too long: make_synthetic_cifar100 cleaned up
         parser.exit(
-            2, f"error: cannot write to '{args.synthetic}' ({error.strerror or error}); choose another folder\n"
+            2,
+            f"error: cannot write to '{args.synthetic}' ({error.strerror or error}); nothing was left behind; "
+            "choose another folder\n",
         )
-    print(f"wrote {args.train} train and {args.test} test images to {args.synthetic / CIFAR100.base_folder}")
+    except MemoryError:
+        parser.exit(
+            2,
+            f"error: not enough memory to make {args.train} train and {args.test} test images; nothing was "
+            "left behind; ask for fewer with --train and --test\n",
+        )
+    print(f"wrote {args.train} train and {args.test} test images to {folder}")
 
 
 if __name__ == "__main__":

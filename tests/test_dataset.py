@@ -1,8 +1,10 @@
 """CIFAR-100 with the MAXL 4-level hierarchy: label maps, the dataset class, the synthetic archive,
-the integrity checks and the paper's transforms. CPU only; nothing is downloaded."""
+the integrity checks, the paper's transforms and create_dataset's command line. CPU only; nothing is downloaded."""
 
 from __future__ import annotations
 
+import builtins
+import errno
 import hashlib
 import json
 import pickle
@@ -13,8 +15,11 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import run_main
 from torchvision import transforms
 
+import create_dataset
+import model_vgg_single
 from create_dataset import (
     CIFAR100,
     COARSE_LABEL_NAMES,
@@ -372,6 +377,44 @@ def test_synthetic_marker_does_not_leak_into_the_class(data_root):
     assert CIFAR100.meta["md5"] == "7973b15100ade9c7d40fb424638fde48"
 
 
+BAD_MARKERS = {
+    "not JSON": b"{bad",
+    "empty": b"",
+    "not text": b"\xff\xfe\x00{",
+    "a list": b'["train", "test", "meta"]',
+    "null": b"null",
+    "a file missing": b'{"train": "0123", "test": "4567"}',
+    "a number for an md5": b'{"train": 1, "test": "4567", "meta": "89ab"}',
+}
+
+
+@pytest.mark.parametrize("contents", BAD_MARKERS.values(), ids=BAD_MARKERS.keys())
+def test_a_marker_without_the_md5s_is_a_corrupt_dataset(data_root, tmp_path, monkeypatch, contents):
+    """As an md5 mismatch: RuntimeError (the scripts' "not found or corrupted"), and still no download."""
+
+    def no_download(self):
+        raise AssertionError("download attempted over a synthetic folder")
+
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "download", no_download)
+    root = _copy(data_root, tmp_path)
+    (root / SYNTHETIC_MARKER).write_bytes(contents)
+    for train in (True, False):
+        with pytest.raises(RuntimeError, match="not found or corrupted"):
+            CIFAR100(root, train=train, download=True)
+
+
+def test_a_script_reports_a_bad_marker_in_one_line(data_root, tmp_path):
+    root = _copy(data_root, tmp_path)
+    (root / SYNTHETIC_MARKER).write_text("{bad")
+    result = run_main(
+        model_vgg_single, "--data-root", root, "--no-download", "--device", "cpu", "--workers", "0",
+        "--results-dir", tmp_path / "r",
+    )  # fmt: skip
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("error: CIFAR-100 not found or corrupted in ") and result.stderr.count("\n") == 1
+    assert not (tmp_path / "r").exists()
+
+
 # --------------------------------------------------------------------------- transforms
 
 
@@ -482,6 +525,151 @@ def test_the_command_line_writes_a_synthetic_dataset_the_scripts_accept(tmp_path
         create_dataset_main(["--synthetic", str(tmp_path / "e"), "--train", "0"])
     assert exit_info.value.code == 2 and capsys.readouterr().err == "error: --train must be at least 1 (got 0)\n"
     assert not (tmp_path / "e").exists()
+
+
+def _refused(argv: list[str], capsys) -> str:
+    """create_dataset's command line on `argv`, which must exit with code 2: what it printed on stderr."""
+    with pytest.raises(SystemExit) as exit_info:
+        create_dataset_main(argv)
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    return captured.err
+
+
+@pytest.mark.parametrize(
+    "split, count, most", [("train", 10**12, 50_000), ("train", 50_001, 50_000), ("test", 10_001, 10_000)]
+)
+def test_the_command_line_refuses_more_images_than_cifar100_has(tmp_path, capsys, split, count, most):
+    """Refused before anything is made: 10^12 images would run out of memory, after making the folder."""
+    err = _refused(["--synthetic", str(tmp_path / "d"), f"--{split}", str(count)], capsys)
+    assert err == f"error: --{split} must be at most {most}, the size of CIFAR-100's {split} set (got {count})\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_command_line_allows_from_1_image_to_cifar100s_own_sizes(tmp_path, monkeypatch):
+    made = []
+    monkeypatch.setattr(create_dataset, "make_synthetic_cifar100", lambda root, **sizes: made.append(sizes))
+    for train, test in (("1", "1"), ("50000", "10000")):
+        create_dataset_main(["--synthetic", str(tmp_path / train), "--train", train, "--test", test])
+    assert made == [dict(n_train=1, n_test=1, seed=0), dict(n_train=50_000, n_test=10_000, seed=0)]
+
+
+def _disk_full_in_file(number: int, error: BaseException):
+    """An `open` for create_dataset under which the `number`-th file it opens (0: train, 1: test, 2: meta,
+    3: the marker) takes 10 bytes, then its next write raises `error`: a disk full midway, or a Ctrl-C."""
+    opened = []
+
+    class File:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc_info):
+            self.f.close()
+
+        def write(self, data):
+            if len(opened) - 1 == number:
+                self.f.write(data[:10])
+                raise error
+            return self.f.write(data)
+
+    def open_(path, mode="r", *args, **kwargs):
+        opened.append(path)
+        return File(builtins.open(path, mode, *args, **kwargs))
+
+    return open_
+
+
+DISK_FULL = OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("error", [DISK_FULL, KeyboardInterrupt()], ids=["disk full", "ctrl-c"])
+@pytest.mark.parametrize("number", [0, 1, 2, 3], ids=["train", "test", "meta", "marker"])
+def test_a_write_that_fails_midway_removes_what_it_made(tmp_path, monkeypatch, number, error):
+    monkeypatch.setattr(create_dataset, "open", _disk_full_in_file(number, error), raising=False)
+    with pytest.raises(type(error)):
+        make_synthetic_cifar100(tmp_path / "new" / "d", n_train=30, n_test=10)
+    assert list(tmp_path.iterdir()) == []  # the two folders it made, too
+    # Into a folder that was there: the folder and what was in it stay.
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "notes.txt").write_text("mine")
+    monkeypatch.setattr(create_dataset, "open", _disk_full_in_file(number, error), raising=False)
+    with pytest.raises(type(error)):
+        make_synthetic_cifar100(tmp_path / "d", n_train=30, n_test=10)
+    assert list(tmp_path.iterdir()) == [tmp_path / "d"] and list((tmp_path / "d").iterdir()) == [
+        tmp_path / "d" / "notes.txt"
+    ]
+
+
+def test_the_command_line_reports_a_full_disk_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(create_dataset, "open", _disk_full_in_file(1, DISK_FULL), raising=False)
+    err = _refused(["--synthetic", str(tmp_path / "d"), "--train", "30", "--test", "10"], capsys)
+    assert err == (
+        f"error: cannot write to '{tmp_path / 'd'}' (No space left on device); nothing was left behind; "
+        "choose another folder\n"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_running_out_of_memory_leaves_nothing_behind(tmp_path, monkeypatch, capsys):
+    with pytest.raises(MemoryError):  # 10^15 images: more than any address space holds, refused at once
+        make_synthetic_cifar100(tmp_path / "d", n_train=10**15)
+    assert list(tmp_path.iterdir()) == []
+
+    def out_of_memory(root, **sizes):
+        raise MemoryError
+
+    monkeypatch.setattr(create_dataset, "make_synthetic_cifar100", out_of_memory)
+    assert _refused(["--synthetic", str(tmp_path / "d")], capsys) == (
+        "error: not enough memory to make 50000 train and 10000 test images; nothing was left behind; "
+        "ask for fewer with --train and --test\n"
+    )
+
+
+@pytest.mark.parametrize("folder", ["", "   "], ids=["empty", "blank"])
+def test_the_command_line_refuses_an_empty_folder(tmp_path, monkeypatch, capsys, folder):
+    """An empty path would write cifar-100-python/ into the current folder."""
+    monkeypatch.chdir(tmp_path)
+    err = _refused(["--synthetic", folder, "--train", "5", "--test", "5"], capsys)
+    assert err == (
+        "error: argument --synthetic: an empty path names no folder; give the folder to write into (see --help)\n"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--train", "-5"], "--train must be at least 1 (got -5)"),
+        (["--test", "-1"], "--test must be at least 1 (got -1)"),
+        (["--train", "abc"], "argument --train: invalid int value: 'abc' (see --help)"),
+        (["--test", "2.5"], "argument --test: invalid int value: '2.5' (see --help)"),
+        (["--train", ""], "argument --train: invalid int value: '' (see --help)"),
+        (["--train"], "argument --train: expected one argument (see --help)"),
+        (["--seed", "-1"], "--seed must be between 0 and 4294967295"),
+        (["--seed", "4294967296"], "--seed must be between 0 and 4294967295"),
+        (["--size", "5"], "unrecognized arguments: --size 5 (see --help)"),
+    ],
+)
+def test_the_command_line_refuses_a_bad_value_in_one_line(tmp_path, capsys, flags, message):
+    assert _refused(["--synthetic", str(tmp_path / "d"), *flags], capsys) == f"error: {message}\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_command_line_refuses_a_missing_or_unusable_folder_in_one_line(tmp_path, capsys):
+    message = "error: the following arguments are required: --synthetic (see --help)\n"
+    assert _refused(["--train", "5"], capsys) == message
+    too_long = tmp_path / ("a" * 300)  # more than a file name may have: even asking whether it exists fails
+    assert _refused(["--synthetic", str(too_long), "--train", "5", "--test", "5"], capsys) == (
+        f"error: cannot write to '{too_long}' (File name too long); nothing was left behind; choose another folder\n"
+    )
+    (tmp_path / "file").write_text("")
+    err = _refused(["--synthetic", str(tmp_path / "file"), "--train", "5", "--test", "5"], capsys)
+    assert err.startswith(f"error: cannot write to '{tmp_path / 'file'}' (") and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == [tmp_path / "file"] and (tmp_path / "file").read_text() == ""
 
 
 def test_md5_of_an_unchanged_file_is_checked_once_per_process(data_root, tmp_path, monkeypatch):
