@@ -347,11 +347,12 @@ def load_datasets(cfg: RunConfig) -> tuple[CIFAR100, CIFAR100]:
             f"yourself and extract it there, or point --data-root at a folder that holds cifar-100-python/"
         ) from None
     except RuntimeError:
-        hint = (
-            "run without --no-download to fetch it (161 MB)"
-            if not cfg.download
-            else "delete that folder to download it again"
-        )
+        if (Path(cfg.data_root) / SYNTHETIC_MARKER).exists():  # never downloaded over: it is made again
+            hint = f"it is synthetic: delete it and run python create_dataset.py --synthetic {cfg.data_root}"
+        elif not cfg.download:
+            hint = "run without --no-download to fetch it (161 MB)"
+        else:
+            hint = "delete that folder to download it again"
         raise UsageError(
             f"CIFAR-100 not found or corrupted in '{folder}'; {hint}, or point --data-root elsewhere"
         ) from None

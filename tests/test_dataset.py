@@ -412,6 +412,7 @@ def test_a_script_reports_a_bad_marker_in_one_line(data_root, tmp_path):
     )  # fmt: skip
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.startswith("error: CIFAR-100 not found or corrupted in ") and result.stderr.count("\n") == 1
+    assert f"it is synthetic: delete it and run python create_dataset.py --synthetic {root}" in result.stderr
     assert not (tmp_path / "r").exists()
 
 
