@@ -873,6 +873,18 @@ def previous_results(run_dir: Path, cfg: RunConfig) -> None:
         )
 
 
+def metrics_match(path: Path, checkpoint: dict) -> bool:
+    """Whether metrics.json is strict JSON holding the checkpoint's epochs."""
+
+    def refuse(constant: str):
+        raise ValueError(f"{constant} is not strict JSON")
+
+    try:
+        return json.loads(path.read_text(), parse_constant=refuse)["epochs"] == checkpoint["epochs"]
+    except (OSError, ValueError, TypeError, KeyError):
+        return False
+
+
 def missing_checkpoint(method: Method, cfg: RunConfig, run_dir: Path, named: bool) -> UsageError:
     """--resume without a checkpoint: where it looked, and, for a default name, what made the name and which
     runs of this method the results folder holds."""
@@ -1076,6 +1088,12 @@ def run(method: Method, cfg: RunConfig, argv: list[str] | None = None) -> dict:
             done = plural(checkpoint["next_epoch"], "epoch")
             print(f"'{run_dir}' already finished {done}; pass a larger --epochs to extend it")
             summary = summarize(method, checkpoint["epochs"], cfg)
+            if not metrics_match(run_dir / "metrics.json", checkpoint):  # damaged or lost: made again from it
+                metrics = {key: checkpoint.get(key, []) for key in ("config", "provenance", "epochs")}
+                text = json_text({**metrics, "summary": summary})
+                with RunFolder(run_dir):
+                    write_atomic(run_dir / "metrics.json", lambda tmp: Path(tmp).write_text(text))
+                print("rewrote its damaged metrics.json from the checkpoint")
             print(summary_line(summary))
             return summary
     history: list[dict] = []

@@ -610,3 +610,14 @@ def test_a_batch_larger_than_the_training_set_is_refused(data_root, tmp_path):
         "--batch-size 1000000000000 is more than the 200 training images; choose at most 200",
     )
     assert not (tmp_path / "r").exists()
+
+
+def test_a_finished_run_with_damaged_metrics_gets_them_back_from_its_checkpoint(data_root, tmp_path):
+    flags = args(data_root, tmp_path, "--epochs", 1, "--limit-batches", 1, "--run-name", "cut")
+    assert run_main(single, *flags).returncode == 0
+    whole = strict_json(tmp_path / "cut" / "metrics.json")
+    (tmp_path / "cut" / "metrics.json").write_text(json.dumps(whole)[:300])
+    result = run_main(single, *flags, "--resume")
+    assert result.returncode == 0 and "rewrote its damaged metrics.json from the checkpoint" in result.stdout
+    assert strict_json(tmp_path / "cut" / "metrics.json") == whole
+    assert files_below(tmp_path / "cut") == ["checkpoint.pt", "log.txt", "metrics.json"]
