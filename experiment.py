@@ -10,8 +10,9 @@ A model script holds its method (networks, losses, steps, one epoch) and hands i
 `main` parses the flags of `Config` (a subclass of `RunConfig`: the experiment's fields, then these shared
 ones), refuses bad input in one line, and `run` trains: it takes the run folder and its lock, loads
 CIFAR-100, calls `build` once and `train_epoch` and `evaluate` every epoch, and after each epoch writes the
-checkpoint and metrics.json atomically; `--resume` continues exactly where a run stopped. Step functions
-take what they need from here by name (`batches`, `Meter`, `FiniteGuard`, `StepGraphs`, `autocast`).
+checkpoint and metrics.json atomically and the epoch's line to log.txt (with the run's provenance); `--resume`
+continues exactly where a run stopped. Step functions take what they need from here by name (`batches`, which
+also draws the progress line on a terminal, `Meter`, `FiniteGuard`, `StepGraphs`, `autocast`).
 This module imports no model script. Behaviour and every refusal: docs/reliability.md.
 """
 
