@@ -669,12 +669,13 @@ def summarize(method: Method, history: list[dict], cfg: RunConfig) -> dict:
     figures for this configuration, and whether this run is one they can be compared with."""
     accs = [100 * r["test_primary_acc"] for r in history]
     reasons = not_comparable(method, cfg, len(history))
+    published = method.published_accuracy(cfg)
     return {
         "epochs_completed": len(history),
         "final_test_primary_acc": accs[-1],
         "last5_mean_test_primary_acc": sum(accs[-5:]) / len(accs[-5:]),
-        "published_test_primary_acc": method.published_accuracy(cfg),
-        "unpublished_because": method.unpublished_because(cfg) if not method.published_accuracy(cfg) else "",
+        "published_test_primary_acc": published,
+        "unpublished_because": "" if published else method.unpublished_because(cfg),
         "comparable_with_published": not reasons,
         "not_comparable_because": reasons,
     }
@@ -980,7 +981,7 @@ def now() -> str:
 
 
 def provenance(device: torch.device, argv: list[str] | None = None) -> dict:
-    """Where, when and with what this session of the run runs."""
+    """Where, when and with what this start (or resume) of the run runs."""
     return {
         "code": code_version(),
         "host": socket.gethostname(),
@@ -1005,7 +1006,7 @@ def processor_name() -> str:
 
 
 class RunLog:
-    """The run folder's log.txt: a header with the session's provenance, then every line the run prints. Kept in
+    """The run folder's log.txt: a header with each start's provenance, then every line the run prints. Kept in
     memory until the run has results on disk (open()): a run that saves nothing leaves no log behind."""
 
     def __init__(self, path: Path, session: dict, title: str):
@@ -1097,22 +1098,22 @@ def run(method: Method, cfg: RunConfig, argv: list[str] | None = None) -> dict:
                 print("rewrote its damaged metrics.json from the checkpoint")
             print(summary_line(summary))
             return summary
+    sessions = [*(checkpoint or {}).get("provenance", []), provenance(device, argv)]
+    log = RunLog(run_dir / LOG_FILE, sessions[-1], f"{method.name}: {run_dir}")  # written once there are results
     history: list[dict] = []
-    saved_epochs, epoch, log = 0, 0, None  # the epochs the checkpoint on disk holds; the epoch under way
+    saved_epochs, epoch = 0, 0  # the epochs the checkpoint on disk holds; the epoch under way
     try:
         with signals_raise(), RunFolder(run_dir):
             previous_results(run_dir, cfg)
             configure_backends(cfg, device)
             loaders = make_loaders(cfg, device, method.held_out)
             state = method.build(cfg, device)
-            start_epoch, sessions = 0, []
+            start_epoch = 0
             if checkpoint is not None:
                 history, start_epoch = restore(state, loaders, checkpoint, run_dir / "checkpoint.pt")
-                saved_epochs, sessions = start_epoch, checkpoint.get("provenance", [])
-            sessions = [*sessions, provenance(device, argv)]
+                saved_epochs = start_epoch
             derived = {"method": method.name, "resolved_device": str(device), "torch": str(torch.__version__)}
             record_config = {**asdict(cfg), **method.derived_settings(cfg), **derived}
-            log = RunLog(run_dir / LOG_FILE, sessions[-1], f"{method.name}: {run_dir}")
             if checkpoint is not None:
                 log.open()
                 log.say(f"resuming {run_dir} at epoch {start_epoch + 1}")
@@ -1153,50 +1154,28 @@ def run(method: Method, cfg: RunConfig, argv: list[str] | None = None) -> dict:
             summary = summarize(method, history, cfg)
             log.say(summary_line(summary))
             return summary
-    except Interrupted as interrupt:
+    except (Interrupted, RunFault, NonFiniteLoss) as error:
         progress.clear()
+        kept = (
+            f"the checkpoint after epoch {saved_epochs} in {run_dir} is kept" if saved_epochs else "nothing was saved"
+        )
+        again = f"Resume with: {resume_command(cfg.run_name, argv)}"
+        if isinstance(error, NonFiniteLoss):
+            log.write(f"error: {error}; {kept}. {error.hint}")
+            raise UsageError(f"{error}; {kept}. {error.hint}") from None
+        if isinstance(error, RunFault):
+            log.say(f"error: {error}; {kept}" + (f". {again}" if saved_epochs else ""), stream=sys.stderr)
+            raise SystemExit(1) from None
         if saved_epochs:
             where = f"after epoch {epoch} was saved" if saved_epochs == epoch else f"in epoch {epoch}"
-            again = resume_command(cfg.run_name, argv)
-            line = (
-                f"interrupted {where}; the checkpoint after epoch {saved_epochs} is in {run_dir}. Resume with: {again}"
-            )
+            line = f"interrupted {where}; the checkpoint after epoch {saved_epochs} is in {run_dir}. {again}"
         else:
             line = f"interrupted{f' in epoch {epoch}' if epoch else ''}; no epoch was completed and nothing was saved"
-        if log:
-            log.say("\n" + line, stream=sys.stderr)
-        else:
-            with_stderr("\n" + line)
-        raise SystemExit(128 + interrupt.signum) from None
-    except RunFault as error:
-        progress.clear()
-        kept = (
-            f"the checkpoint after epoch {saved_epochs} in {run_dir} is kept" if saved_epochs else "nothing was saved"
-        )
-        again = f". Resume with: {resume_command(cfg.run_name, argv)}" if saved_epochs else ""
-        if log:
-            log.say(f"error: {error}; {kept}{again}", stream=sys.stderr)
-        else:
-            with_stderr(f"error: {error}; {kept}{again}")
-        raise SystemExit(1) from None
-    except NonFiniteLoss as error:
-        progress.clear()
-        kept = (
-            f"the checkpoint after epoch {saved_epochs} in {run_dir} is kept" if saved_epochs else "nothing was saved"
-        )
-        message = f"{error}; {kept}. {error.hint}"
-        if log:
-            log.write(f"error: {message}")
-        raise UsageError(message) from None
+        log.say("\n" + line, stream=sys.stderr)
+        raise SystemExit(128 + error.signum) from None
     finally:
         progress.start(None, 0)
-        if log:
-            log.close()
-
-
-def with_stderr(line: str) -> None:
-    with contextlib.suppress(OSError):
-        print(line, file=sys.stderr, flush=True)
+        log.close()
 
 
 def tensorboard_writer(run_dir: Path):

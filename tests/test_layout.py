@@ -153,6 +153,8 @@ def test_check_names_each_copy_that_differs_and_changes_nothing(repo_copy, capsy
     )
     edit(repo_copy / "model_vgg_wamal.py", "MASK_FLOOR = 1e-8", "MASK_FLOOR = 1e-9")
     before = {p.name: p.read_text() for p in repo_copy.iterdir()}
+    assert check_copies.main(["--check", "--repo", str(repo_copy)]) == 1
+    capsys.readouterr()
     assert check_copies.main(["--repo", str(repo_copy)]) == 1
     out = capsys.readouterr().out
     assert "model_vgg_maxl.py: focal_loss differs from model_vgg_single.py" in out

@@ -10,7 +10,7 @@ marked on the line above it with the script it was copied from:
 The source is the definition of the same name in that script, which must not be a marked copy itself (point
 the mark at the original). Edit the original, then
 
-    python tools/check_copies.py           # change nothing; exit 1 naming every copy that differs
+    python tools/check_copies.py           # change nothing; exit 1 naming every copy that differs (or --check)
     python tools/check_copies.py --fix     # rewrite every copy from its source; prints what changed
 
 The test suite runs the check. The run machinery is not copied: it lives once, in experiment.py.
@@ -112,7 +112,9 @@ def fix(repo: Path = REPO) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    parser.add_argument("--fix", action="store_true", help="rewrite the copies that differ from their source")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--check", action="store_true", help="change nothing, only compare (the default)")
+    mode.add_argument("--fix", action="store_true", help="rewrite the copies that differ from their source")
     parser.add_argument("--repo", type=Path, default=REPO, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:
