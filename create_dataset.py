@@ -1,4 +1,4 @@
-"""CIFAR-100 with the 4-level label hierarchy of MAXL (Liu, Davison, Johns, NeurIPS 2019).
+"""CIFAR-100 with the 4-level label hierarchy of MAXL (Liu, Davison, Johns, NeurIPS 2019), and six more datasets.
 
 Every image carries four labels, coarse to fine: 3, 10, 20 and 100 classes. The 20 classes
 are CIFAR-100's superclasses (``coarse_labels`` in the archive), the 100 its fine classes;
@@ -8,10 +8,16 @@ the 10- and 3-class levels group the superclasses further, as in the paper's App
     train_set = CIFAR100("dataset", train=True, transform=TRAIN_TRANSFORM, download=True)
     image, labels = train_set[0]      # labels[k], k = 0, 1, 2, 3: the 3-, 10-, 20-, 100-class label
 
-Also here: ``make_synthetic_cifar100`` (a small, learnable dataset in the archive's exact
-on-disk format, for tests and smoke runs; ``python create_dataset.py --synthetic DIR --train N --test M``
-writes one from the command line) and ``DeviceLoader`` (the whole dataset as one
-uint8 tensor on the GPU, augmented there, for fast CUDA runs).
+The other datasets (DATASETS: CIFAR-10, SVHN, Oxford-IIIT Pet, Food-101, CUB-200-2011 and a folder of
+one's own images, root/{train,test}/<class>/) have one label per image, labels of shape (N, 1):
+
+    train_transform, test_transform = dataset_transforms("food101", image_size=64)
+    train_set = open_dataset("food101", "dataset", train=True, transform=train_transform, download=True)
+
+Also here: ``make_synthetic`` (a small, learnable dataset in each dataset's exact on-disk format, for
+tests and smoke runs; ``python create_dataset.py --synthetic DIR [--dataset NAME] --train N --test M``
+writes one from the command line) and ``DeviceLoader`` (a 32x32 dataset as one uint8 tensor on the
+GPU, augmented there, for fast CUDA runs).
 """
 
 from __future__ import annotations
@@ -21,8 +27,10 @@ import contextlib
 import copy
 import functools
 import hashlib
+import io
 import itertools
 import json
+import os
 import pickle
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,8 +39,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
+from PIL import Image
 from torchvision import transforms
-from torchvision.datasets.utils import check_integrity
+from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.datasets.utils import check_integrity, download_and_extract_archive
 
 LEVELS = (3, 10, 20, 100)
 """Number of classes at each level of the hierarchy; ``labels[:, LEVELS.index(n)]``."""
@@ -86,6 +96,60 @@ SYNTHETIC_FILES = ("train", "test", "meta")
 CIFAR100_SIZES = {"train": 50_000, "test": 10_000}
 """Images in CIFAR-100's train and test sets: the most the command line writes."""
 
+DATASETS = ("cifar100", "cifar10", "svhn", "oxford-pet", "food101", "cub200", "folder")
+"""What ``open_dataset`` opens; "folder" is one's own images, root/train/<class>/ and root/test/<class>/."""
+SMALL_IMAGE_DATASETS = ("cifar100", "cifar10", "svhn")
+"""32x32 images held in memory as uint8 (``data``, (N, 32, 32, 3)): the paper's pipeline and DeviceLoader."""
+NUM_CLASSES = {"cifar100": 100, "cifar10": 10, "svhn": 10, "oxford-pet": 37, "food101": 101, "cub200": 200}
+"""Classes of each dataset ("folder": as many as root/train has class folders, see dataset_classes)."""
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+DATASET_FOLDERS = {
+    "cifar100": "cifar-100-python",
+    "cifar10": "cifar-10-batches-py",
+    "svhn": "svhn",
+    "oxford-pet": "oxford-iiit-pet",
+    "food101": "food-101",
+    "cub200": "CUB_200_2011",
+    "folder": ".",
+}
+"""Where each dataset's files live under its root (dataset_folder)."""
+SYNTHETIC_MARKERS = {
+    **{name: f"{folder}.synthetic.json" for name, folder in DATASET_FOLDERS.items()},
+    "folder": "synthetic.json",  # the folder dataset is the root itself: its marker is inside
+}
+"""The file make_synthetic writes under root beside each dataset's folder (is_synthetic)."""
+CIFAR10_FILES = (*(f"data_batch_{k}" for k in range(1, 6)), "test_batch", "batches.meta")
+SVHN_FILES = ("train_32x32.mat", "test_32x32.mat")
+
+CIFAR10_LABEL_NAMES = "airplane automobile bird cat deer dog frog horse ship truck".split()
+# The 37 breeds in class-id order (CLASS-ID 1..37 in the annotations); a capital first letter is a cat.
+PET_BREEDS = (
+    "Abyssinian american_bulldog american_pit_bull_terrier basset_hound beagle Bengal Birman Bombay boxer "
+    "British_Shorthair chihuahua Egyptian_Mau english_cocker_spaniel english_setter german_shorthaired "
+    "great_pyrenees havanese japanese_chin keeshond leonberger Maine_Coon miniature_pinscher newfoundland "
+    "Persian pomeranian pug Ragdoll Russian_Blue saint_bernard samoyed scottish_terrier shiba_inu Siamese "
+    "Sphynx staffordshire_bull_terrier wheaten_terrier yorkshire_terrier"
+).split()
+# Sorted as torchvision's Food101 numbers them (sorted meta/*.json keys).
+FOOD101_CLASSES = sorted(
+    "apple_pie baby_back_ribs baklava beef_carpaccio beef_tartare beet_salad beignets bibimbap bread_pudding "
+    "breakfast_burrito bruschetta caesar_salad cannoli caprese_salad carrot_cake ceviche cheesecake cheese_plate "
+    "chicken_curry chicken_quesadilla chicken_wings chocolate_cake chocolate_mousse churros clam_chowder "
+    "club_sandwich crab_cakes creme_brulee croque_madame cup_cakes deviled_eggs donuts dumplings edamame "
+    "eggs_benedict escargots falafel filet_mignon fish_and_chips foie_gras french_fries french_onion_soup "
+    "french_toast fried_calamari fried_rice frozen_yogurt garlic_bread gnocchi greek_salad grilled_cheese_sandwich "
+    "grilled_salmon guacamole gyoza hamburger hot_and_sour_soup hot_dog huevos_rancheros hummus ice_cream lasagna "
+    "lobster_bisque lobster_roll_sandwich macaroni_and_cheese macarons miso_soup mussels nachos omelette "
+    "onion_rings oysters pad_thai paella pancakes panna_cotta peking_duck pho pizza pork_chop poutine prime_rib "
+    "pulled_pork_sandwich ramen ravioli red_velvet_cake risotto samosa sashimi scallops seaweed_salad "
+    "shrimp_and_grits spaghetti_bolognese spaghetti_carbonara spring_rolls steak strawberry_shortcake sushi tacos "
+    "takoyaki tiramisu tuna_tartare waffles".split()
+)
+SYNTHETIC_FOLDER_CLASSES = ("apple", "banana", "cherry")
+"""The class folders make_synthetic("folder", ...) writes."""
+
 
 def level_index(num_classes: int) -> int:
     """Column of the label tensor holding the level with ``num_classes`` classes."""
@@ -122,8 +186,8 @@ def _md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 
 
-def _marker_checksums(marker: Path) -> dict[str, str]:
-    """The md5 of each of SYNTHETIC_FILES, as make_synthetic_cifar100 wrote them into `marker`.
+def _marker_checksums(marker: Path, names: tuple[str, ...] = SYNTHETIC_FILES) -> dict[str, str]:
+    """The md5 of each of `names`, as make_synthetic_cifar100 (or make_synthetic) wrote them into `marker`.
 
     A marker that does not hold them leaves nothing to check the files against: the folder is corrupt, and
     RuntimeError is what torchvision raises for a corrupt folder (the scripts say "not found or corrupted").
@@ -132,10 +196,9 @@ def _marker_checksums(marker: Path) -> dict[str, str]:
         md5 = json.loads(marker.read_text())
     except ValueError:  # not JSON, or not even text: JSONDecodeError and UnicodeDecodeError are ValueErrors
         md5 = None
-    if not (isinstance(md5, dict) and all(isinstance(md5.get(name), str) for name in SYNTHETIC_FILES)):
+    if not (isinstance(md5, dict) and all(isinstance(md5.get(name), str) for name in names)):
         raise RuntimeError(
-            f"Dataset not found or corrupted: the marker '{marker}' does not hold the md5 of "
-            f"{', '.join(SYNTHETIC_FILES)} as JSON"
+            f"Dataset not found or corrupted: the marker '{marker}' does not hold the md5 of {', '.join(names)} as JSON"
         )
     return md5
 
@@ -143,13 +206,52 @@ def _marker_checksums(marker: Path) -> dict[str, str]:
 _VERIFIED_FILES: set[tuple] = set()  # (path, md5, size, mtime) of dataset files whose md5 matched in this process
 
 
-class CIFAR100(torchvision.datasets.CIFAR100):
+def _verified(path: Path, md5: str) -> bool:
+    """torchvision's check_integrity of `path`, once per process for a file that has not changed since."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return False
+    key = (str(path.resolve()), md5, stat.st_size, stat.st_mtime_ns)
+    if key not in _VERIFIED_FILES:
+        if not check_integrity(str(path), md5):
+            return False
+        _VERIFIED_FILES.add(key)
+    return True
+
+
+class _Subsets:
+    """``subset`` for a dataset whose per-item state is ``labels`` plus the attributes named in _ITEMS."""
+
+    _ITEMS: tuple[str, ...] = ()
+
+    def subset(self, indices, transform=None):
+        """A dataset of the same kind holding the items at `indices`, in that order (transform None: this one's)."""
+        index = np.asarray(indices, dtype=np.int64).reshape(-1)
+        part = copy.copy(self)
+        for name in ("labels", *self._ITEMS):
+            value = getattr(self, name)
+            if isinstance(value, np.ndarray):
+                value = value[index]
+            elif isinstance(value, torch.Tensor):
+                value = value[torch.from_numpy(index)]
+            else:
+                value = [value[i] for i in index]
+            setattr(part, name, value)
+        if transform is not None:
+            part.transform = transform
+        return part
+
+
+class CIFAR100(_Subsets, torchvision.datasets.CIFAR100):
     """torchvision's CIFAR-100 (download, md5 checks) whose items are ``(image, labels)``.
 
     ``labels`` is a LongTensor of shape (4,): the 3-, 10-, 20- and 100-class labels.
     A folder written by ``make_synthetic_cifar100`` is accepted too: its marker file holds
     the md5 of each file, and torchvision checks the files against those instead.
     """
+
+    _ITEMS = ("data", "targets")
 
     def __init__(self, root: str | Path, train: bool = True, transform=None, download: bool = False):
         marker = Path(root) / SYNTHETIC_MARKER
@@ -172,18 +274,9 @@ class CIFAR100(torchvision.datasets.CIFAR100):
     def _check_integrity(self) -> bool:
         """torchvision's md5 check of the train and test files, once per process for a file that has not
         changed since: torchvision runs it up to three times to load the train and the test set (180 MB)."""
-        for name, md5 in self.train_list + self.test_list:
-            path = Path(self.root, self.base_folder, name)
-            try:
-                stat = path.stat()
-            except OSError:
-                return False
-            key = (str(path.resolve()), md5, stat.st_size, stat.st_mtime_ns)
-            if key not in _VERIFIED_FILES:
-                if not check_integrity(str(path), md5):
-                    return False
-                _VERIFIED_FILES.add(key)
-        return True
+        return all(
+            _verified(Path(self.root, self.base_folder, name), md5) for name, md5 in self.train_list + self.test_list
+        )
 
     def split(self, held_out: np.ndarray, held_out_transform=None) -> tuple[CIFAR100, CIFAR100]:
         """(the images not in `held_out`, the images in it), as two datasets; the second with its own transform."""
@@ -268,9 +361,9 @@ def _make_folders(folder: Path, made: list[Path]) -> None:
 
 
 def _remove_made(made: list[Path]) -> None:
-    """Remove what a failed make_synthetic_cifar100 made, newest first (files before their folders). A folder
-    is removed only when empty, so that what someone else put there meanwhile stays; a removal that fails
-    is skipped, so that the caller sees the error that stopped the writing."""
+    """Remove what a failed make_synthetic_cifar100 (or make_synthetic) made, newest first (files before their
+    folders). A folder is removed only when empty, so that what someone else put there meanwhile stays; a removal
+    that fails is skipped, so that the caller sees the error that stopped the writing."""
     for path in reversed(made):
         with contextlib.suppress(OSError):
             if path.is_dir():
@@ -279,31 +372,588 @@ def _remove_made(made: list[Path]) -> None:
                 path.unlink()
 
 
+# --------------------------------------------------------------------------- the other datasets
+
+
+class DatasetProblem(Exception):
+    """A dataset folder that cannot be used as it is (e.g. folder/ without train/, class lists of train/ and test/
+    differ, a class folder with no image): str(error) is one line saying what is wrong and how to fix it."""
+
+
+def _corrupted(what: str) -> RuntimeError:
+    """torchvision's error for a dataset that is not there or not whole (the scripts say "not found or corrupted")."""
+    return RuntimeError(f"Dataset not found or corrupted: {what}. You can use download=True to download it")
+
+
+def _check_files(paths: list[Path], listed_in: Path) -> None:
+    """RuntimeError unless every image `listed_in` names is there: better at the start than in epoch 30."""
+    missing = [path for path in paths if not os.path.isfile(path)]
+    if missing:
+        raise _corrupted(
+            f"{len(missing)} of the {len(paths)} images listed in '{listed_in}' are missing (the first: '{missing[0]}')"
+        )
+
+
+def _one_label(classes: list[int]) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(classes, dtype=np.int64).reshape(-1, 1))
+
+
+class CIFAR10(_Subsets, torchvision.datasets.CIFAR10):
+    """torchvision's CIFAR-10 (download, md5 checks) whose items are ``(image, labels)``, labels of shape (1,).
+
+    A folder written by ``make_synthetic("cifar10", ...)`` is accepted too: its marker beside
+    cifar-10-batches-py/ holds the md5 of each file, and torchvision checks the files against those.
+    """
+
+    _ITEMS = ("data", "targets")
+
+    def __init__(self, root: str | Path, train: bool = True, transform=None, download: bool = False):
+        marker = Path(root) / SYNTHETIC_MARKERS["cifar10"]
+        if marker.is_file():
+            md5 = _marker_checksums(marker, CIFAR10_FILES)
+            self.train_list = [[name, md5[name]] for name, _ in self.train_list]
+            self.test_list = [["test_batch", md5["test_batch"]]]
+            self.meta = {**self.meta, "md5": md5["batches.meta"]}
+            download = False  # never download the real archive over a synthetic folder
+        super().__init__(root, train=train, transform=transform, download=download)
+        self.labels = _one_label(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, _ = super().__getitem__(index)
+        return image, self.labels[index]
+
+    def _check_integrity(self) -> bool:
+        """torchvision's md5 check, once per process for an unchanged file (it runs it twice per split)."""
+        return all(
+            _verified(Path(self.root, self.base_folder, name), md5) for name, md5 in self.train_list + self.test_list
+        )
+
+
+class SVHN(_Subsets, torchvision.datasets.SVHN):
+    """torchvision's SVHN (root/svhn/{train,test}_32x32.mat; needs scipy), labels 0-9 of shape (N, 1).
+
+    ``data`` is uint8 (N, 32, 32, 3) as CIFAR's (torchvision keeps (N, 3, 32, 32)). A folder written by
+    ``make_synthetic("svhn", ...)`` is accepted too: its marker holds the md5 torchvision checks.
+    """
+
+    _ITEMS = ("data",)
+
+    def __init__(self, root: str | Path, train: bool = True, transform=None, download: bool = False):
+        split = "train" if train else "test"
+        marker = Path(root) / SYNTHETIC_MARKERS["svhn"]
+        if marker.is_file():
+            md5 = _marker_checksums(marker, SVHN_FILES)
+            url, filename, _ = self.split_list[split]
+            self.split_list = {**self.split_list, split: [url, filename, md5[filename]]}  # this instance's only
+            download = False  # never download the real files over a synthetic folder
+        super().__init__(Path(root) / DATASET_FOLDERS["svhn"], split=split, transform=transform, download=download)
+        self.data = np.ascontiguousarray(self.data.transpose(0, 2, 3, 1))
+        self.labels = _one_label(self.labels)  # torchvision has mapped the digit 0's label 10 to 0
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = Image.fromarray(self.data[index])
+        return (self.transform(image) if self.transform is not None else image), self.labels[index]
+
+    def _check_integrity(self) -> bool:
+        """torchvision's md5 check (the train file is 182 MB), once per process for an unchanged file."""
+        return _verified(Path(self.root, self.filename), self.split_list[self.split][2])
+
+
+class OxfordIIITPet(_Subsets, torchvision.datasets.OxfordIIITPet):
+    """torchvision's Oxford-IIIT Pet, 37 breeds: "trainval" for train, "test" for test; labels of shape (N, 1).
+
+    Also refused as "not found or corrupted" (RuntimeError): a missing or unreadable split list, and a listed
+    image that is not there. ``transform`` is read at every item, so it can be set after construction.
+    """
+
+    _ITEMS = ("_images", "_labels", "_bin_labels", "_segs")
+
+    def __init__(self, root: str | Path, train: bool = True, transform=None, download: bool = False):
+        if (Path(root) / SYNTHETIC_MARKERS["oxford-pet"]).is_file():
+            download = False  # never download the real archives over a synthetic folder
+        split = "trainval" if train else "test"
+        try:
+            super().__init__(root, split=split, target_types="category", download=download)
+        except ValueError as error:  # a line that is not "Image CLASS-ID SPECIES BREED-ID", or not text
+            raise _corrupted(f"annotations/{split}.txt cannot be read ({error})") from None
+        if not all(0 <= label < NUM_CLASSES["oxford-pet"] for label in self._labels):
+            raise _corrupted(f"annotations/{split}.txt has a CLASS-ID outside 1..37")
+        _check_files(self._images, self._anns_folder / f"{split}.txt")
+        self.transform = transform
+        self.labels = _one_label(self._labels)
+
+    def _check_exists(self) -> bool:
+        return super()._check_exists() and (self._anns_folder / f"{self._split}.txt").is_file()
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = Image.open(self._images[index]).convert("RGB")
+        return (self.transform(image) if self.transform is not None else image), self.labels[index]
+
+
+class Food101(_Subsets, torchvision.datasets.Food101):
+    """torchvision's Food-101, 101 classes; labels of shape (N, 1).
+
+    Also refused as "not found or corrupted" (RuntimeError): a missing or unreadable meta/<split>.json, one that
+    does not name the 101 classes, and a listed image that is not there.
+    """
+
+    _ITEMS = ("_image_files", "_labels")
+
+    def __init__(self, root: str | Path, train: bool = True, transform=None, download: bool = False):
+        if (Path(root) / SYNTHETIC_MARKERS["food101"]).is_file():
+            download = False  # never download the real archive over a synthetic folder
+        split = "train" if train else "test"
+        try:
+            super().__init__(root, split=split, transform=transform, download=download)
+        except (ValueError, TypeError, AttributeError) as error:  # not JSON, or not {class: [image, ...]}
+            raise _corrupted(f"meta/{split}.json cannot be read ({error})") from None
+        if len(self.classes) != NUM_CLASSES["food101"]:
+            raise _corrupted(f"meta/{split}.json names {len(self.classes)} classes, not Food-101's 101")
+        _check_files(self._image_files, self._meta_folder / f"{split}.json")
+        self.labels = _one_label(self._labels)
+
+    def _check_exists(self) -> bool:
+        return super()._check_exists() and (self._meta_folder / f"{self._split}.json").is_file()
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = self.loader(self._image_files[index])
+        return (self.transform(image) if self.transform is not None else image), self.labels[index]
+
+
+class CUB200(_Subsets, torch.utils.data.Dataset):
+    """Caltech-UCSD Birds-200-2011 (200 species) from the official CUB_200_2011.tgz; labels of shape (N, 1).
+
+    Reads root/CUB_200_2011/: images.txt ("<id> <class folder>/<file>.jpg"), image_class_labels.txt
+    ("<id> <class 1..200>"), train_test_split.txt ("<id> <1: train, 0: test>"), classes.txt and images/.
+    Missing or inconsistent files: RuntimeError, as torchvision's datasets raise.
+    """
+
+    base_folder = "CUB_200_2011"
+    url = "https://data.caltech.edu/records/65de6-vxr72/files/CUB_200_2011.tgz"
+    md5 = "97eceeb196236b17998738112f37df78"
+    _ITEMS = ("files",)
+
+    def __init__(self, root: str | Path, train: bool = True, transform=None, download: bool = False):
+        self.root, self.train, self.transform = Path(root), train, transform
+        folder = self.root / self.base_folder
+        if download and not folder.is_dir() and not (self.root / SYNTHETIC_MARKERS["cub200"]).is_file():
+            download_and_extract_archive(self.url, str(self.root), md5=self.md5)
+        paths = self._table(folder, "images.txt")
+        classes = self._table(folder, "image_class_labels.txt")
+        is_train = self._table(folder, "train_test_split.txt")
+        names = self._table(folder, "classes.txt")
+        if not paths.keys() == classes.keys() == is_train.keys():
+            raise _corrupted(f"images.txt, image_class_labels.txt and train_test_split.txt in '{folder}' differ")
+        if sorted(names, key=int) != [str(k) for k in range(1, 201)]:
+            raise _corrupted(f"'{folder / 'classes.txt'}' does not list the classes 1..200")
+        if not set(classes.values()) <= set(names) or not set(is_train.values()) <= {"0", "1"}:
+            raise _corrupted(f"a class outside 1..200 or a split other than 0/1 in '{folder}'")
+        ids = sorted((i for i in paths if is_train[i] == ("1" if train else "0")), key=int)
+        self.classes = [names[str(k)].split(".", 1)[-1] for k in range(1, 201)]  # "001.Black_footed_Albatross"
+        self.files = [folder / "images" / paths[i] for i in ids]
+        self.labels = _one_label([int(classes[i]) - 1 for i in ids])
+        _check_files(self.files, folder / "images.txt")
+
+    @staticmethod
+    def _table(folder: Path, name: str) -> dict[str, str]:
+        """{first column: second column} of one of the dataset's two-column text files."""
+        try:
+            rows = [line.split(maxsplit=1) for line in (folder / name).read_text().splitlines() if line.strip()]
+        except (OSError, ValueError) as error:
+            raise _corrupted(f"cannot read '{folder / name}' ({getattr(error, 'strerror', None) or error})") from None
+        if not all(len(row) == 2 and row[0].isdigit() for row in rows) or len({r[0] for r in rows}) != len(rows):
+            raise _corrupted(f"'{folder / name}' is not lines of '<id> <value>' with distinct ids")
+        return {key: value.strip() for key, value in rows}
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        with Image.open(self.files[index]) as image:
+            image = image.convert("RGB")  # a few CUB images are greyscale
+        return (self.transform(image) if self.transform is not None else image), self.labels[index]
+
+
+def _image_classes(folder: Path, images: bool) -> list[str]:
+    """The class folders of `folder` (train/ or test/), sorted by name as ImageFolder numbers them. With
+    `images`: DatasetProblem for a class folder holding no image ImageFolder reads."""
+    if not folder.is_dir():
+        root = folder.parent
+        raise DatasetProblem(
+            f"'{root}' has no {folder.name}/ folder: put the training images in {root / 'train'}/<class>/ "
+            f"and the test images in {root / 'test'}/<class>/"
+        )
+    classes = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
+    if not classes:
+        raise DatasetProblem(f"'{folder}' holds no class folder: put each class's images in {folder}/<class>/")
+    if images:
+        empty = [name for name in classes if not _holds_an_image(folder / name)]
+        if empty:
+            raise DatasetProblem(
+                f"the class folder '{folder / empty[0]}' holds no image{_and_more(empty)} (readable: "
+                f"{' '.join(IMG_EXTENSIONS)}); add images or remove the folder"
+            )
+    return classes
+
+
+def _holds_an_image(folder: Path) -> bool:
+    for _, _, files in os.walk(folder, followlinks=True):  # ImageFolder reads subfolders of a class too
+        if any(name.lower().endswith(IMG_EXTENSIONS) for name in files):
+            return True
+    return False
+
+
+def _and_more(names: list[str]) -> str:
+    return f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+
+
+def _listed(names: list[str] | set[str], most: int = 5) -> str:
+    names = sorted(names)
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+class FolderDataset(_Subsets, torchvision.datasets.ImageFolder):
+    """One's own images: torchvision's ImageFolder over root/train/<class>/ or root/test/<class>/; labels (N, 1).
+
+    Classes are numbered by sorted folder name; train/ and test/ must have the same class folders, each
+    with an image (else DatasetProblem). A missing root: RuntimeError, as for the other datasets.
+    """
+
+    _ITEMS = ("samples", "imgs", "targets")
+
+    def __init__(self, root: str | Path, train: bool = True, transform=None, download: bool = False):
+        root = Path(root)
+        if not root.is_dir():
+            raise RuntimeError(f"Dataset not found: there is no folder '{root}'")
+        mine, other = (root / "train", root / "test") if train else (root / "test", root / "train")
+        classes, other_classes = _image_classes(mine, images=True), _image_classes(other, images=False)
+        if classes != other_classes:
+            only_train, only_test = set(classes) - set(other_classes), set(other_classes) - set(classes)
+            if not train:
+                only_train, only_test = only_test, only_train
+            differences = [f"only in train/: {_listed(only_train)}"] * bool(only_train)
+            differences += [f"only in test/: {_listed(only_test)}"] * bool(only_test)
+            raise DatasetProblem(
+                f"the class folders of '{root / 'train'}' and '{root / 'test'}' differ ({'; '.join(differences)}); "
+                "give both the same class folders"
+            )
+        super().__init__(str(mine), transform=transform)  # download: there is nothing to download
+        self.labels = _one_label(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, _ = super().__getitem__(index)  # ImageFolder's loader converts to RGB
+        return image, self.labels[index]
+
+
+_DATASET_CLASSES = {
+    "cifar100": CIFAR100,
+    "cifar10": CIFAR10,
+    "svhn": SVHN,
+    "oxford-pet": OxfordIIITPet,
+    "food101": Food101,
+    "cub200": CUB200,
+    "folder": FolderDataset,
+}
+
+
+def _known(name: str) -> str:
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    return name
+
+
+def dataset_classes(name: str, root: str | Path) -> int:
+    """The number of classes: NUM_CLASSES[name]; for "folder" the class folders of root/train (DatasetProblem if
+    root/train is missing or holds none)."""
+    if _known(name) == "folder":
+        return len(_image_classes(Path(root) / "train", images=False))
+    return NUM_CLASSES[name]
+
+
+def dataset_transforms(name: str, image_size: int) -> tuple[transforms.Compose, transforms.Compose]:
+    """(train transform, test transform) for `name` at `image_size` pixels square.
+
+    CIFAR at 32: TRAIN_TRANSFORM and TEST_TRANSFORM themselves; SVHN the same without the flip (digits are not
+    mirror-symmetric); a 32x32 dataset at another size resizes after the crop. The large-image datasets:
+    ImageNet's RandomResizedCrop and flip for training, resize and centre crop (the 224/256 ratio) for testing.
+    """
+    if not (isinstance(image_size, int) and image_size >= 1):
+        raise ValueError(f"image_size must be a positive integer (got {image_size!r})")
+    if _known(name) in SMALL_IMAGE_DATASETS:
+        if image_size == 32 and name != "svhn":
+            return TRAIN_TRANSFORM, TEST_TRANSFORM
+        flip = [transforms.RandomHorizontalFlip()] if name != "svhn" else []
+        resize = [transforms.Resize(image_size)] if image_size != 32 else []
+        tensor = [transforms.ToTensor(), transforms.Normalize(MEAN, STD)]
+        train = transforms.Compose([transforms.RandomCrop(32, padding=4), *flip, *resize, *tensor])
+        return train, (transforms.Compose([*resize, *tensor]) if resize else TEST_TRANSFORM)
+    normalize_ = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    train = transforms.Compose(
+        [transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(), transforms.ToTensor(), normalize_]
+    )
+    test = transforms.Compose(
+        [
+            transforms.Resize(round(image_size * 256 / 224)),
+            transforms.CenterCrop(image_size),
+            transforms.ToTensor(),
+            normalize_,
+        ]
+    )
+    return train, test
+
+
+def dataset_folder(name: str, root: str | Path) -> Path:
+    """Where the dataset's files live under `root` (root itself for "folder"), for messages."""
+    return Path(root) if _known(name) == "folder" else Path(root) / DATASET_FOLDERS[name]
+
+
+def is_synthetic(name: str, root: str | Path) -> bool:
+    """Whether make_synthetic (or make_synthetic_cifar100) wrote the dataset under `root`: its marker is there."""
+    return (Path(root) / SYNTHETIC_MARKERS[_known(name)]).is_file()
+
+
+def open_dataset(name: str, root: str | Path, train: bool, transform, download: bool):
+    """The train or test split of dataset `name` under `root`; items ``(image, labels)``.
+
+    Raises what torchvision raises: RuntimeError for a dataset not found or corrupted, URLError/OSError for a
+    failed download, ImportError for SVHN without scipy; DatasetProblem for a "folder" laid out wrongly.
+    A synthetic dataset is never downloaded over; "folder" ignores `download`.
+    """
+    return _DATASET_CLASSES[_known(name)](root, train=train, transform=transform, download=download)
+
+
+# --------------------------------------------------------------------------- synthetic datasets in each real layout
+
+
+def _cycled(n: int, num_classes: int, rng: np.random.Generator | None = None) -> np.ndarray:
+    """Labels 0, 1, ..., num_classes - 1, 0, 1, ...: every class appears once n reaches num_classes (shuffled
+    with `rng` if given)."""
+    labels = np.arange(n) % num_classes
+    if rng is not None:
+        rng.shuffle(labels)
+    return labels
+
+
+def _small_images(rng: np.random.Generator, num_classes: int, labels: list[np.ndarray]) -> list[np.ndarray]:
+    """uint8 (N, 32, 32, 3) images for each array of `labels`: make_synthetic_cifar100's recipe, a class colour
+    plus a smooth 8x8 class pattern (survives random crops) plus noise; made in chunks to bound the memory."""
+    colour = rng.uniform(40, 215, size=(num_classes, 1, 1, 3))
+    pattern = rng.uniform(-40, 40, size=(num_classes, 8, 8, 3))
+    prototypes = np.repeat(np.repeat(pattern, 4, axis=1), 4, axis=2) + colour
+    out = []
+    for split in labels:
+        chunks = [
+            np.clip(prototypes[part] + rng.normal(0, 25, size=(len(part), 32, 32, 3)), 0, 255).astype(np.uint8)
+            for part in np.array_split(split, max(1, -(-len(split) // 10_000)))
+        ]
+        out.append(np.concatenate(chunks))
+    return out
+
+
+class _LargeImages:
+    """Encoded images of varying, non-square sizes (36-56 x 40-64 pixels): a class colour plus a smooth 4x4
+    class pattern, resized to the image, plus noise. Learnable at any crop size, and the resize path runs."""
+
+    def __init__(self, rng: np.random.Generator, num_classes: int, image_format: str = "JPEG"):
+        self.rng, self.format = rng, image_format
+        colour = rng.uniform(40, 215, size=(num_classes, 1, 1, 3))
+        self.prototypes = np.clip(colour + rng.uniform(-50, 50, size=(num_classes, 4, 4, 3)), 0, 255).astype(np.uint8)
+
+    def __call__(self, label: int) -> bytes:
+        height, width = (int(k) for k in self.rng.integers((36, 40), (57, 65)))
+        width += width == height  # never square
+        base = Image.fromarray(self.prototypes[label]).resize((width, height), Image.Resampling.BILINEAR)
+        pixels = np.asarray(base, dtype=np.float64) + self.rng.normal(0, 20, size=(height, width, 3))
+        buffer = io.BytesIO()
+        options = {"quality": 90} if self.format == "JPEG" else {}
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, format=self.format, **options)
+        return buffer.getvalue()
+
+
+def _lines(lines: list[str]) -> bytes:
+    return "".join(f"{line}\n" for line in lines).encode()
+
+
+def _synthetic_cifar10(rng: np.random.Generator, n_train: int, n_test: int) -> Iterator[tuple[str, bytes]]:
+    """CIFAR-10's pickles: data_batch_1..5 (the training images split in five), test_batch, batches.meta."""
+    labels = [_cycled(n_train, 10, rng), _cycled(n_test, 10, rng)]
+    train, test = _small_images(rng, 10, labels)
+
+    def batch(images: np.ndarray, classes: np.ndarray, name: str) -> bytes:
+        content = {
+            "batch_label": name,
+            "labels": classes.tolist(),
+            "data": images.transpose(0, 3, 1, 2).reshape(len(images), 3072),  # rows of R, G, B planes
+            "filenames": [f"synthetic_{i:06d}.png" for i in range(len(images))],
+        }
+        return pickle.dumps(content, protocol=2)
+
+    for k, part in enumerate(np.array_split(np.arange(n_train), 5), 1):
+        yield f"data_batch_{k}", batch(train[part], labels[0][part], f"training batch {k} of 5")
+    yield "test_batch", batch(test, labels[1], "testing batch 1 of 1")
+    meta = {"label_names": CIFAR10_LABEL_NAMES, "num_cases_per_batch": -(-n_train // 5), "num_vis": 3072}
+    yield "batches.meta", pickle.dumps(meta, protocol=2)
+
+
+def _synthetic_svhn(rng: np.random.Generator, n_train: int, n_test: int) -> Iterator[tuple[str, bytes]]:
+    """SVHN's cropped-digit .mat files: X uint8 (32, 32, 3, N), y uint8 (N, 1) with 10 for the digit 0."""
+    import scipy.io  # SVHN's optional dependency, as in torchvision: imported before anything is written
+
+    labels = [_cycled(n_train, 10, rng), _cycled(n_test, 10, rng)]
+    for filename, classes, images in zip(SVHN_FILES, labels, _small_images(rng, 10, labels)):
+        buffer = io.BytesIO()
+        y = np.where(classes == 0, 10, classes).astype(np.uint8).reshape(-1, 1)
+        scipy.io.savemat(buffer, {"X": np.ascontiguousarray(images.transpose(1, 2, 3, 0)), "y": y})
+        yield filename, buffer.getvalue()
+
+
+def _synthetic_pet(rng: np.random.Generator, n_train: int, n_test: int) -> Iterator[tuple[str, bytes]]:
+    """The two Pet archives extracted: images/<Breed_Name>_<k>.jpg, annotations/{trainval,test,list}.txt with
+    lines "Image CLASS-ID SPECIES BREED-ID" (species 1: cat, 2: dog; breed ids count within a species)."""
+    image = _LargeImages(rng, len(PET_BREEDS))
+    counts = [0] * len(PET_BREEDS)
+    everything = []
+    for split, n in (("trainval", n_train), ("test", n_test)):
+        lines = []
+        for label in _cycled(n, len(PET_BREEDS)):
+            breed = PET_BREEDS[label]
+            counts[label] += 1
+            cat = breed[0].isupper()
+            breed_id = [b for b in PET_BREEDS if b[0].isupper() == cat].index(breed) + 1
+            lines.append(f"{breed}_{counts[label]} {label + 1} {1 if cat else 2} {breed_id}")
+            yield f"images/{breed}_{counts[label]}.jpg", image(label)
+        yield f"annotations/{split}.txt", _lines(lines)
+        everything += lines
+    header = ["#Image CLASS-ID SPECIES BREED ID", "#ID: 1:37 Class ids", "#SPECIES: 1:Cat 2:Dog"]
+    header += ["#BREED ID: 1-12:Cat 1-25:Dog", "#All images with 1st letter as capital are cat images"]
+    header += ["#images with small first letter are dog images"]
+    yield "annotations/list.txt", _lines(header + sorted(everything))
+
+
+def _synthetic_food101(rng: np.random.Generator, n_train: int, n_test: int) -> Iterator[tuple[str, bytes]]:
+    """The Food-101 archive extracted: images/<class>/<id>.jpg and meta/ with {train,test}.{json,txt}, classes.txt
+    and labels.txt. Every class is a key of each json, as in the real files (torchvision numbers the keys)."""
+    image = _LargeImages(rng, len(FOOD101_CLASSES))
+    number = 100_000
+    for split, n in (("train", n_train), ("test", n_test)):
+        listed: dict[str, list[str]] = {name: [] for name in FOOD101_CLASSES}
+        for label in _cycled(n, len(FOOD101_CLASSES)):
+            number += 1
+            listed[FOOD101_CLASSES[label]].append(f"{FOOD101_CLASSES[label]}/{number}")
+            yield f"images/{FOOD101_CLASSES[label]}/{number}.jpg", image(label)
+        yield f"meta/{split}.json", json.dumps(listed).encode()
+        yield f"meta/{split}.txt", _lines([path for paths in listed.values() for path in paths])
+    yield "meta/classes.txt", _lines(FOOD101_CLASSES)
+    yield "meta/labels.txt", _lines([name.replace("_", " ").capitalize() for name in FOOD101_CLASSES])
+
+
+def _synthetic_cub200(rng: np.random.Generator, n_train: int, n_test: int) -> Iterator[tuple[str, bytes]]:
+    """CUB_200_2011.tgz's layout: images/<NNN.Name>/<file>.jpg and the id-keyed lists, sorted by class as the
+    real ones are."""
+    image = _LargeImages(rng, 200)
+    names = [f"Synthetic_Bird_{k:03d}" for k in range(1, 201)]
+    folders = [f"{k:03d}.{name}" for k, name in enumerate(names, 1)]
+    entries = [(c, 1) for c in _cycled(n_train, 200)] + [(c, 0) for c in _cycled(n_test, 200)]
+    entries.sort(key=lambda entry: entry[0])
+    paths, classes, split = [], [], []
+    for image_id, (label, is_train) in enumerate(entries, 1):
+        path = f"{folders[label]}/{names[label]}_{image_id:04d}.jpg"
+        yield f"images/{path}", image(label)
+        paths.append(f"{image_id} {path}")
+        classes.append(f"{image_id} {label + 1}")
+        split.append(f"{image_id} {is_train}")
+    yield "images.txt", _lines(paths)
+    yield "image_class_labels.txt", _lines(classes)
+    yield "train_test_split.txt", _lines(split)
+    yield "classes.txt", _lines([f"{k} {folder}" for k, folder in enumerate(folders, 1)])
+
+
+def _synthetic_folder(rng: np.random.Generator, n_train: int, n_test: int) -> Iterator[tuple[str, bytes]]:
+    """One's own images as FolderDataset reads them: train/<class>/<k>.png and test/<class>/<k>.png."""
+    image = _LargeImages(rng, len(SYNTHETIC_FOLDER_CLASSES), "PNG")
+    for split, n in (("train", n_train), ("test", n_test)):
+        for k, label in enumerate(_cycled(n, len(SYNTHETIC_FOLDER_CLASSES))):
+            yield f"{split}/{SYNTHETIC_FOLDER_CLASSES[label]}/{k:05d}.png", image(label)
+
+
+_SYNTHETIC_WRITERS = {
+    "cifar10": _synthetic_cifar10,
+    "svhn": _synthetic_svhn,
+    "oxford-pet": _synthetic_pet,
+    "food101": _synthetic_food101,
+    "cub200": _synthetic_cub200,
+    "folder": _synthetic_folder,
+}
+
+
+def make_synthetic(name: str, root: str | Path, n_train: int, n_test: int, seed: int = 0) -> Path:
+    """Write a small, learnable dataset `name` under `root` in the real dataset's on-disk layout; returns root.
+
+    Classes cycle, so every class appears once n_train reaches the class count. A marker (SYNTHETIC_MARKERS)
+    makes is_synthetic true and keeps open_dataset from downloading over it; for cifar10 and svhn it holds
+    the md5 torchvision checks. On any error what this call made is removed again. cifar100:
+    make_synthetic_cifar100.
+    """
+    if _known(name) == "cifar100":
+        return make_synthetic_cifar100(root, n_train=n_train, n_test=n_test, seed=seed)
+    if n_train < 0 or n_test < 0:
+        raise ValueError(f"n_train and n_test must not be negative (got {n_train}, {n_test})")
+    root = Path(root)
+    folder = dataset_folder(name, root)
+    rng = np.random.default_rng(seed)
+    made: list[Path] = []  # folders and files this call has made, in order
+    try:
+        md5 = {}
+        for relative, content in _SYNTHETIC_WRITERS[name](rng, n_train, n_test):
+            path = folder / relative
+            if not path.parent.is_dir():
+                _make_folders(path.parent, made)
+            with open(path, "wb") as f:
+                made.append(path)  # opened for writing, its old content (if any) is gone: ours to remove
+                f.write(content)
+            if name in ("cifar10", "svhn"):
+                md5[path.name] = hashlib.md5(content).hexdigest()
+        marker = md5 or {"dataset": name, "train": n_train, "test": n_test, "seed": seed}
+        _make_folders(root, made)  # n_train = n_test = 0 for "folder" writes no image
+        with open(root / SYNTHETIC_MARKERS[name], "w") as f:
+            made.append(root / SYNTHETIC_MARKERS[name])
+            f.write(json.dumps(marker, indent=1) + "\n")
+    except BaseException:
+        _remove_made(made)
+        raise
+    return root
+
+
 def crop_flip_indices(
-    n: int, generator: torch.Generator, device: torch.device, size: int = 32, padding: int = 4
+    n: int, generator: torch.Generator, device: torch.device, size: int = 32, padding: int = 4, flip: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Row and column indices into a zero-padded image for a random crop then a random flip.
 
     One crop offset in [0, 2 * padding] per axis and one fair coin per image, as
-    RandomCrop(size, padding) followed by RandomHorizontalFlip draw them.
-    Returns rows (n, size) and cols (n, size).
+    RandomCrop(size, padding) followed by RandomHorizontalFlip draw them; ``flip=False``: the crop
+    alone, as RandomCrop draws it (no coin is drawn). Returns rows (n, size) and cols (n, size).
     """
     offsets = torch.randint(0, 2 * padding + 1, (n, 2), generator=generator, device=device)
-    flip = torch.rand(n, generator=generator, device=device) < 0.5
     ramp = torch.arange(size, device=device)
     rows = offsets[:, :1] + ramp
-    cols = offsets[:, 1:] + torch.where(flip[:, None], size - 1 - ramp, ramp)
+    if not flip:
+        return rows, offsets[:, 1:] + ramp
+    flipped = torch.rand(n, generator=generator, device=device) < 0.5
+    cols = offsets[:, 1:] + torch.where(flipped[:, None], size - 1 - ramp, ramp)
     return rows, cols
 
 
-def augment_on_device(images: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
-    """Random crop with zero padding and horizontal flip of uint8 (N, 3, H, W) images, per image.
+def augment_on_device(
+    images: torch.Tensor, generator: torch.Generator, padding: int = 4, flip: bool = True
+) -> torch.Tensor:
+    """Random crop with zero padding and horizontal flip (unless ``flip=False``) of uint8 (N, 3, H, W) images,
+    per image.
 
     Zero padding happens on the uint8 image, before normalisation, as in torchvision.
     """
     n, _, size, _ = images.shape
     padded = F.pad(images, (padding,) * 4)
-    rows, cols = crop_flip_indices(n, generator, images.device, size, padding)
+    rows, cols = crop_flip_indices(n, generator, images.device, size, padding, flip)
     batch = torch.arange(n, device=images.device)[:, None, None]
     # Advanced indexing puts the indexed dims first: (N, H, W, C) -> back to (N, C, H, W).
     return padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
@@ -326,16 +976,24 @@ class DeviceLoader:
     """The whole dataset as one uint8 tensor on ``device``; shuffles and augments there.
 
     Yields ``(images, labels)`` batches like a DataLoader over CIFAR100 with TRAIN_TRANSFORM
-    (``augment=True``) or TEST_TRANSFORM (``augment=False``). Its randomness comes from
-    its own ``generator`` (on ``device``), whose state a checkpoint saves.
+    (``augment=True``) or TEST_TRANSFORM (``augment=False``); any of SMALL_IMAGE_DATASETS (``data``,
+    uint8 (N, 32, 32, 3)) will do. ``flip=False`` augments without the horizontal flip (SVHN's digits).
+    Its randomness comes from its own ``generator`` (on ``device``), whose state a checkpoint saves.
     """
 
     def __init__(
-        self, dataset: CIFAR100, batch_size: int, device: torch.device, shuffle: bool, augment: bool, seed: int
+        self,
+        dataset: CIFAR100,
+        batch_size: int,
+        device: torch.device,
+        shuffle: bool,
+        augment: bool,
+        seed: int,
+        flip: bool = True,
     ):
         self.images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous().to(device)
         self.labels = dataset.labels.to(device)
-        self.batch_size, self.shuffle, self.augment = batch_size, shuffle, augment
+        self.batch_size, self.shuffle, self.augment, self.flip = batch_size, shuffle, augment, flip
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
 
@@ -354,8 +1012,29 @@ class DeviceLoader:
             index = order[start : start + self.batch_size]
             images = self.images[index]
             if self.augment:
-                images = augment_on_device(images, self.generator)
+                images = augment_on_device(images, self.generator, flip=self.flip)
             yield normalize(images), self.labels[index]
+
+
+# The command line's limits: the real sets' sizes (no script needs more), and their names for its messages.
+_REAL_SIZES = {
+    "cifar100": ("CIFAR-100", CIFAR100_SIZES["train"], CIFAR100_SIZES["test"]),
+    "cifar10": ("CIFAR-10", 50_000, 10_000),
+    "svhn": ("SVHN", 73_257, 26_032),
+    "oxford-pet": ("Oxford-IIIT Pet", 3_680, 3_669),
+    "food101": ("Food-101", 75_750, 25_250),
+    "cub200": ("CUB-200-2011", 5_994, 5_794),
+}
+_FOLDER_MOST = 10_000  # images per split of a synthetic "folder" dataset
+
+
+def _default_sizes(name: str) -> tuple[int, int]:
+    """(train, test) images written when --train/--test are not given: a 32x32 set's own sizes (it is held in
+    memory anyway); for the others 10 and 5 per class, enough to try a script in minutes."""
+    if name in SMALL_IMAGE_DATASETS:
+        return _REAL_SIZES[name][1:]
+    classes = NUM_CLASSES.get(name, len(SYNTHETIC_FOLDER_CLASSES))
+    return 10 * classes, 5 * classes
 
 
 def _folder(text: str) -> Path:
@@ -365,48 +1044,75 @@ def _folder(text: str) -> Path:
     return Path(text)
 
 
+def _sizes_help(split: int) -> str:
+    defaults = "; ".join(f"{name} {_default_sizes(name)[split]:,}" for name in DATASETS)
+    most = "; ".join(f"{name} {sizes[split + 1]:,}" for name, sizes in _REAL_SIZES.items())
+    per_class = (10, 5)[split]
+    return (
+        f"default: {defaults} ({per_class} per class beyond the 32x32 sets). At most the real set's size: {most}; "
+        f"folder {_FOLDER_MOST:,}"
+    )
+
+
 def _command_line() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Write a synthetic CIFAR-100 in the real archive's format, to try the scripts without the "
-        "download: python model_vgg_maxl.py --data-root DIR --no-download",
+        description="Write a synthetic dataset in the real dataset's on-disk format (learnable images: a class "
+        "colour and pattern plus noise), to try the scripts without the download: python model_vgg_maxl.py "
+        "--data-root DIR --no-download (with --dataset NAME for a dataset other than cifar100)",
         allow_abbrev=False,
     )
     parser.error = lambda message: parser.exit(2, f"error: {message} (see --help)\n")  # one line, no usage dump
     parser.add_argument("--synthetic", type=_folder, required=True, metavar="DIR", help="folder to write it into")
-    parser.add_argument("--train", type=int, default=50_000, help="training images, 1 to 50,000 (CIFAR-100 has 50,000)")
-    parser.add_argument("--test", type=int, default=10_000, help="test images, 1 to 10,000 (CIFAR-100 has 10,000)")
+    parser.add_argument(
+        "--dataset",
+        choices=DATASETS,
+        default="cifar100",
+        help="which dataset's layout (default: cifar100); folder: DIR/{train,test}/<class>/*.png with "
+        f"{len(SYNTHETIC_FOLDER_CLASSES)} classes, as one's own images are laid out",
+    )
+    parser.add_argument("--train", type=int, help=f"training images; {_sizes_help(0)}")
+    parser.add_argument("--test", type=int, help=f"test images; {_sizes_help(1)}")
     parser.add_argument("--seed", type=int, default=0, help="seed of the images and labels")
     return parser
 
 
 def _refusal(args: argparse.Namespace) -> str | None:
     """Why the parsed command line cannot be run, or None. Checked before anything is written."""
-    for name, most in CIFAR100_SIZES.items():
+    title, *sizes = _REAL_SIZES.get(args.dataset, (None, _FOLDER_MOST, _FOLDER_MOST))
+    for name, most in zip(("train", "test"), sizes):
         count = getattr(args, name)
         if count < 1:
             return f"--{name} must be at least 1 (got {count})"
-        # All images are made in memory first (3.2 GB at CIFAR-100's own sizes): a size beyond those is refused
-        # here rather than left to run out of memory; no script needs more images than CIFAR-100 has.
+        # All 32x32 images are made in memory first (3.2 GB at CIFAR-100's own sizes): a size beyond the real
+        # set's is refused here rather than left to run out of memory; no script needs more images than that.
         if count > most:
-            return f"--{name} must be at most {most}, the size of CIFAR-100's {name} set (got {count})"
+            if title is None:
+                return f"--{name} must be at most {most} for --dataset {args.dataset} (got {count})"
+            return f"--{name} must be at most {most}, the size of {title}'s {name} set (got {count})"
     if not 0 <= args.seed < 2**32:
         return f"--seed must be between 0 and {2**32 - 1}"
     return None
 
 
 def main(argv: list[str] | None = None) -> None:
-    """python create_dataset.py --synthetic DIR [--train N] [--test M]: a synthetic dataset for trying the scripts.
-    A refusal is one line on stderr and exit code 2, with nothing written."""
+    """python create_dataset.py --synthetic DIR [--dataset NAME] [--train N] [--test M]: a synthetic dataset for
+    trying the scripts. A refusal is one line on stderr and exit code 2, with nothing written."""
     parser = _command_line()
     args = parser.parse_args(argv)
+    defaults = _default_sizes(args.dataset)
+    args.train = defaults[0] if args.train is None else args.train
+    args.test = defaults[1] if args.test is None else args.test
     if refusal := _refusal(args):
         parser.exit(2, f"error: {refusal}\n")
-    folder = args.synthetic / CIFAR100.base_folder
+    folder = dataset_folder(args.dataset, args.synthetic)
+    # The folder dataset is the root itself: what must not be there yet is its train/ and test/.
+    targets = [folder / "train", folder / "test"] if args.dataset == "folder" else [folder]
     try:
-        if folder.exists():
-            parser.exit(2, f"error: '{folder}' exists already; choose another folder\n")
-        make_synthetic_cifar100(args.synthetic, n_train=args.train, n_test=args.test, seed=args.seed)
-    except OSError as error:  # a folder not writable, a full disk, a name too long: make_synthetic_cifar100 cleaned up
+        for target in targets:
+            if target.exists():
+                parser.exit(2, f"error: '{target}' exists already; choose another folder\n")
+        make_synthetic(args.dataset, args.synthetic, n_train=args.train, n_test=args.test, seed=args.seed)
+    except OSError as error:  # a folder not writable, a full disk, a name too long: make_synthetic cleaned up
         parser.exit(
             2,
             f"error: cannot write to '{args.synthetic}' ({error.strerror or error}); nothing was left behind; "
@@ -418,6 +1124,8 @@ def main(argv: list[str] | None = None) -> None:
             f"error: not enough memory to make {args.train} train and {args.test} test images; nothing was "
             "left behind; ask for fewer with --train and --test\n",
         )
+    except ImportError as error:  # SVHN's .mat files need scipy; it is imported before anything is written
+        parser.exit(2, f"error: writing SVHN's .mat files needs scipy ({error}); pip install scipy\n")
     print(f"wrote {args.train} train and {args.test} test images to {folder}")
 
 

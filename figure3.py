@@ -22,6 +22,10 @@ scripts need; submit and the picture need the extras (pip install -r requirement
 
 Cost, projected from benchmarks/README.md (one H100, 200 epochs: about 6 minutes for Single or Human, 31 for
 MAXL): about 4 hours per seed for the 15 runs one at a time; --gpus and --runs-per-gpu run several at once.
+
+The runner (a grid's runs read from their folders, plan, run with its job pool and job logs, submit, the runs
+found by their recorded settings, the cells' numbers) is this module's; tables.py, the datasets x backbones
+tables, is the same runner on another grid.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ import sys
 import tempfile
 import textwrap
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -104,6 +108,7 @@ AUTHORS_WORDS = (
 FIGURE3_SETS = {
     "primary_level": "use --pairs",
     "aux_level": "use --pairs",
+    "dataset": "Figure 3 is CIFAR-100's hierarchy; tables.py runs the other datasets",
     "seed": "use --seeds",
     "results_dir": "use figure3's --results-dir, before --",
     "run_name": "figure3 finds every run by its default name",
@@ -120,6 +125,9 @@ MAX_TIMEOUT_REQUEUES = 20  # a run longer than --time goes on in further jobs, e
 IN_USE = re.compile(r"^error: '.*' is in use by another run \((?P<holder>[^)]*)\)", re.MULTILINE)
 # Recorded settings that say where a run was written, not what it computed: not shown as a difference.
 BOOKKEEPING = {"run_name", "results_dir", "resume", "overwrite", "smoke", "download", "workers", "tensorboard"}
+# The data and network settings as a run recorded before they existed ran them: the paper's.
+RECORDED_DEFAULTS = {"dataset": "cifar100", "backbone": "vgg16", "stem": None, "pretrained": False}
+RECORDED_DEFAULTS |= {"image_size": 32, "train_fraction": 1.0}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,19 +154,40 @@ class Run:
     epochs: int  # what the run asks for
     run_dir: Path
     published: tuple[tuple[str, float], ...]  # (source, %) as the script reports them for this configuration
+    dataset: str = "cifar100"  # its recorded --dataset and --backbone (figure3's grid: the paper's, or -- --backbone)
+    backbone: str = "vgg16"
+    folder: str = REPORT_FOLDER  # the grid's own folder in --results-dir, which holds the job logs
 
     @property
     def name(self) -> str:
         return self.run_dir.name
 
     @property
-    def slot(self) -> tuple[str, int, int | None, int]:
-        """Its place in the grid, whatever its settings: (method, primary level, auxiliary level, seed)."""
-        return self.method, self.primary, self.aux, self.seed
+    def slot(self) -> tuple[str, str, str, int, int | None, int]:
+        """Its place in a grid, whatever its other settings: (method, dataset, backbone, primary level, auxiliary
+        level, seed), as its metrics.json records them (recorded_slot)."""
+        return self.method, self.dataset, self.backbone, self.primary, self.aux, self.seed
+
+    @property
+    def place(self) -> str:
+        """Its place in words: the pair (CIFAR-100) or the dataset, and a backbone other than VGG-16."""
+        if self.dataset == "cifar100":
+            where = f"{self.primary} → {self.aux}" if self.aux is not None else f"primary {self.primary}"
+        else:
+            where = self.dataset
+        return where + ("" if self.backbone == "vgg16" else f", {self.backbone}")
+
+    @property
+    def timed_as(self) -> str:
+        """Whose epochs its time left is estimated from: its method's, on the same data and network (an epoch of
+        Food-101 at 224 pixels takes many of CIFAR-10's)."""
+        if (self.dataset, self.backbone) == ("cifar100", "vgg16"):
+            return self.method
+        return f"{self.method} on {self.dataset} with {self.backbone}"
 
     @property
     def job_log(self) -> Path:
-        return self.run_dir.parent / REPORT_FOLDER / JOBS_FOLDER / f"{self.name}.log"
+        return self.run_dir.parent / self.folder / JOBS_FOLDER / f"{self.name}.log"
 
     def serves(self, pair: tuple[int, int]) -> bool:
         return self.primary == pair[0] and self.aux in (None, pair[1])
@@ -221,8 +250,11 @@ def flag_spellings(module: ModuleType) -> dict[str, tuple[str, bool]]:
     return spellings
 
 
-def split_script_flags(tokens: Sequence[str], spellings: dict[str, tuple[str, bool]]) -> list[list[str]]:
-    """The flags after `--`, one group of tokens per flag (`--lr 0.1`, `--lr=0.1`, `--amp`)."""
+def split_script_flags(
+    tokens: Sequence[str], spellings: dict[str, tuple[str, bool]], sets: dict[str, str] = FIGURE3_SETS, who="figure3"
+) -> list[list[str]]:
+    """The flags after `--`, one group of tokens per flag (`--lr 0.1`, `--lr=0.1`, `--amp`); a flag the runner `who`
+    sets itself (`sets`: its field -> what to use instead) is refused."""
     groups, i = [], 0
     while i < len(tokens):
         flag = tokens[i].split("=", 1)[0]
@@ -230,8 +262,8 @@ def split_script_flags(tokens: Sequence[str], spellings: dict[str, tuple[str, bo
             hint = "flags of the model scripts start with --" if not flag.startswith("-") else "see their --help"
             raise UsageError(f"after --: {flag!r} is not a flag of the selected model scripts ({hint})")
         field, takes_value = spellings[flag]
-        if field in FIGURE3_SETS:
-            raise UsageError(f"after --: figure3 sets {flag} itself ({FIGURE3_SETS[field]})")
+        if field in sets:
+            raise UsageError(f"after --: {who} sets {flag} itself ({sets[field]})")
         if takes_value and "=" not in tokens[i]:
             if i + 1 == len(tokens) or tokens[i + 1].startswith("--"):
                 raise UsageError(f"after --: {flag} needs a value")
@@ -294,8 +326,14 @@ def build_grid(selection: Selection) -> list[Run]:
                     epochs=cfg.epochs,
                     run_dir=selection.results_dir / experiment.default_run_name(module.METHOD, cfg),
                     published=tuple(module.METHOD.published_accuracy(cfg).items()),
+                    **data_and_network(cfg),
                 )
     return list(runs.values())
+
+
+def data_and_network(cfg) -> dict[str, str]:
+    """A checked config's dataset and backbone (a script without those settings runs the paper's)."""
+    return {name: getattr(cfg, name, RECORDED_DEFAULTS[name]) for name in ("dataset", "backbone")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -638,11 +676,12 @@ class Job:
 
 
 def seconds_per_epoch(states: dict[Run, RunState]) -> dict[str, float]:
-    """Per method, the mean time of the epochs its runs have finished (their metrics record each epoch's)."""
-    by_method: dict[str, list[float]] = {}
+    """Per kind of run (Run.timed_as: the method, and the data and network where not the paper's), the mean time of
+    the epochs its runs have finished (their metrics record each epoch's)."""
+    by_kind: dict[str, list[float]] = {}
     for run, state in states.items():
-        by_method.setdefault(run.method, []).extend(state.metrics.epoch_seconds if state.metrics else ())
-    return {method: statistics.fmean(seconds) for method, seconds in by_method.items() if seconds}
+        by_kind.setdefault(run.timed_as, []).extend(state.metrics.epoch_seconds if state.metrics else ())
+    return {kind: statistics.fmean(seconds) for kind, seconds in by_kind.items() if seconds}
 
 
 def duration_text(seconds: float) -> str:
@@ -655,11 +694,13 @@ def duration_text(seconds: float) -> str:
 
 def time_left(remaining: Sequence[tuple[Run, int]], per_epoch: dict[str, float], parallel: int) -> str:
     """The grid's time left, from (run, epochs done) of every run still to finish: the work of its epochs left, shared
-    by `parallel` slots, and never less than its longest run's. Methods with no epoch timed yet are named."""
+    by `parallel` slots, and never less than its longest run's. Kinds of run (Run.timed_as, as `per_epoch` is keyed)
+    with no epoch timed yet are named."""
     left = [(run, max(0, run.epochs - done)) for run, done in remaining]
     left = [(run, epochs) for run, epochs in left if epochs]
-    timed = [epochs * per_epoch[run.method] for run, epochs in left if run.method in per_epoch]
-    untimed = sorted({run.method for run, _ in left if run.method not in per_epoch}, key=list(METHODS).index)
+    timed = [epochs * per_epoch[run.timed_as] for run, epochs in left if run.timed_as in per_epoch]
+    order = {run.timed_as: (list(METHODS).index(run.method), run.timed_as) for run, _ in left}
+    untimed = sorted({run.timed_as for run, _ in left if run.timed_as not in per_epoch}, key=order.get)
     if not left:
         return "no epoch left"
     if not timed:
@@ -778,7 +819,11 @@ class GridRun:
         return f"going {going}; grid: {time_left(remaining, seconds_per_epoch(self.states), self.parallel)}"
 
 
-def run_grid(selection: Selection, runs: Sequence[Run], slots: list[int | None]) -> int:
+# A grid's results table of its runs as they are: (runs, their states) -> the table and its notes.
+ResultsTable = Callable[[Sequence[Run], dict[Run, RunState]], str]
+
+
+def run_grid(runs: Sequence[Run], slots: list[int | None], table: ResultsTable) -> int:
     """Run what is missing and resume what stopped, len(slots) at a time, then print the results table; returns the
     exit code: 0 when no run failed (a run going elsewhere is no failure), 1 when one did, 128 + the signal when
     interrupted."""
@@ -790,7 +835,7 @@ def run_grid(selection: Selection, runs: Sequence[Run], slots: list[int | None])
     else:
         grid = GridRun(runs, todo, slots)
         grid.go()
-    print_results(selection, runs)
+    print_results(runs, table)
     failed = [(run, reason, run.run_dir / "metrics.json") for run, reason in refused]
     failed += [(run, reason, run.job_log) for run, reason in (grid.failed if grid else [])]
     for run, reason, see in failed:
@@ -805,11 +850,11 @@ def run_grid(selection: Selection, runs: Sequence[Run], slots: list[int | None])
     return 1 if failed else 0
 
 
-def print_results(selection: Selection, runs: Sequence[Run]) -> None:
+def print_results(runs: Sequence[Run], table: ResultsTable) -> None:
     """The results table, as `report` prints it, once some run has an epoch."""
     states = {run: read_state(run) for run in runs}
     if any(state.epochs_done for state in states.values()):
-        print(f"\n{report_table(selection, runs, states)}", flush=True)
+        print(f"\n{table(runs, states)}", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -898,8 +943,9 @@ def import_extra(name: str, purpose: str, otherwise: str = "") -> ModuleType:
         raise UsageError(f"{purpose} needs {name.split('.')[0]}, an optional extra: {EXTRAS}{otherwise}") from None
 
 
-def submit_grid(runs: Sequence[Run], args: argparse.Namespace) -> int:
-    """One array job of the runs still to do, one GPU each; with --cluster local, waits for them."""
+def submit_grid(runs: Sequence[Run], args: argparse.Namespace, folder_name: str = REPORT_FOLDER) -> int:
+    """One array job of the runs still to do, one GPU each, named and logged (submitit's logs) as the grid's folder
+    `folder_name`; with --cluster local, waits for them."""
     submitit = import_extra("submitit", "submit")
     timeout_min = parse_time(args.time)
     slurm_parameters = parse_slurm_parameters(args.slurm)
@@ -914,7 +960,7 @@ def submit_grid(runs: Sequence[Run], args: argparse.Namespace) -> int:
         if not refused:
             print("nothing to submit: every run of the grid is finished or running")
         return 1 if refused else 0
-    folder = args.results_dir / REPORT_FOLDER / "submitit"
+    folder = args.results_dir / folder_name / "submitit"
     executor = submitit.AutoExecutor(
         folder=folder,
         cluster=args.cluster,
@@ -922,7 +968,7 @@ def submit_grid(runs: Sequence[Run], args: argparse.Namespace) -> int:
         local_max_num_timeout=MAX_TIMEOUT_REQUEUES,
     )
     executor.update_parameters(
-        name="figure3",
+        name=folder_name,
         timeout_min=timeout_min,
         gpus_per_node=1,
         tasks_per_node=1,
@@ -970,15 +1016,24 @@ def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def recorded_slot(config: dict) -> tuple[str, int, int | None, int] | None:
-    """The place in the grid of a run with these recorded settings (method, levels, seed), or None."""
+def recorded(config: dict, name: str):
+    """A recorded setting; one a run recorded before the setting existed ran as RECORDED_DEFAULTS says."""
+    return config.get(name, RECORDED_DEFAULTS.get(name))
+
+
+def recorded_slot(config: dict) -> tuple[str, str, str, int, int | None, int] | None:
+    """The place in a grid of a run with these recorded settings (method, dataset, backbone, levels, seed), as
+    Run.slot, or None. The auxiliary level of a method that takes one may be None: a dataset without a hierarchy."""
     method = config.get("method")
     if method not in METHODS:
         return None
     primary, aux, seed = config.get("primary_level"), config.get("aux_level"), config.get("seed")
-    if not (is_int(primary) and is_int(seed)) or (METHODS[method].takes_aux and not is_int(aux)):
+    dataset, backbone = recorded(config, "dataset"), recorded(config, "backbone")
+    if not (is_int(primary) and is_int(seed) and isinstance(dataset, str) and isinstance(backbone, str)):
         return None
-    return method, primary, aux if METHODS[method].takes_aux else None, seed
+    if METHODS[method].takes_aux and not (is_int(aux) or aux is None):
+        return None
+    return method, dataset, backbone, primary, aux if METHODS[method].takes_aux else None, seed
 
 
 def recorded_folders(results_dir: Path) -> dict[tuple, list[Recorded]]:
@@ -1031,7 +1086,7 @@ def as_recorded(run: Run, recorded: Recorded) -> Run:
 def differing_settings(method: str, configs: Sequence[dict]) -> list[str]:
     """The script's settings (in its order) whose recorded values differ between these runs."""
     names = [f.name for f in dataclasses.fields(SCRIPTS[method].Config) if f.name not in BOOKKEEPING]
-    return [name for name in names if len({json.dumps(c.get(name), sort_keys=True) for c in configs}) > 1]
+    return [name for name in names if len({json.dumps(recorded(c, name), sort_keys=True) for c in configs}) > 1]
 
 
 def setting_flag(name: str, value) -> str:
@@ -1041,13 +1096,13 @@ def setting_flag(name: str, value) -> str:
 
 
 def ambiguity_note(run: Run, candidates: Sequence[Recorded], named: Recorded | None) -> str:
-    where = f"{run.primary} → {run.aux}" if run.aux is not None else f"primary {run.primary}"
+    where = run.place
     names = differing_settings(run.method, [c.config for c in candidates if c.config])
 
     def settings(config: dict | None) -> str:
         if config is None:
             return "settings unreadable"
-        return " ".join(setting_flag(name, config.get(name)) for name in names) or "the same settings"
+        return " ".join(setting_flag(name, recorded(config, name)) for name in names) or "the same settings"
 
     folders = ", ".join(f"{c.folder.name} ({settings(c.config)})" for c in candidates)
     used = f"the report uses {named.folder.name}, the grid's own name for it" if named else "none of them is reported"
@@ -1097,14 +1152,18 @@ def runs_at(runs: Sequence[Run], method: str, pair: tuple[int, int]) -> list[Run
 
 
 def cell(runs: Sequence[Run], states: dict[Run, RunState], method: str, pair: tuple[int, int]) -> Cell:
-    at_pair = runs_at(runs, method, pair)
-    done = [run for run in at_pair if states[run].epochs_done]  # a damaged run has no epochs to use
+    return cell_of(runs_at(runs, method, pair), states)
+
+
+def cell_of(runs: Sequence[Run], states: dict[Run, RunState]) -> Cell:
+    """The cell of these runs (one place of a grid, one run per seed)."""
+    done = [run for run in runs if states[run].epochs_done]  # a damaged run has no epochs to use
     return Cell(
         values=tuple(last_epochs_mean(states[run].accuracies) for run in done),
         epochs_done=tuple(states[run].epochs_done for run in done),
         running=sum(states[run].running_pid is not None for run in done),
         unfinished=sum(states[run].running_pid is None and not finished(run, states[run]) for run in done),
-        damaged=sum(states[run].damaged is not None for run in at_pair),
+        damaged=sum(states[run].damaged is not None for run in runs),
     )
 
 
@@ -1112,15 +1171,16 @@ def paired_differences(
     runs: Sequence[Run], states: dict[Run, RunState], method: str, other: str, pair: tuple[int, int]
 ) -> list[float]:
     """Per seed where both have epochs: last-5 mean of `method` minus that of `other`."""
-    by_seed = {
-        name: {
-            run.seed: last_epochs_mean(states[run].accuracies)
-            for run in runs_at(runs, name, pair)
-            if states[run].epochs_done
-        }
-        for name in (method, other)
-    }
-    return [by_seed[method][seed] - by_seed[other][seed] for seed in sorted(by_seed[method]) if seed in by_seed[other]]
+    return differences_by_seed(runs_at(runs, method, pair), runs_at(runs, other, pair), states)
+
+
+def differences_by_seed(mine: Sequence[Run], theirs: Sequence[Run], states: dict[Run, RunState]) -> list[float]:
+    """Per seed where both have epochs, in seed order: the last-5 mean of the run in `mine` minus that in `theirs`."""
+    by_seed = [
+        {run.seed: last_epochs_mean(states[run].accuracies) for run in group if states[run].epochs_done}
+        for group in (mine, theirs)
+    ]
+    return [by_seed[0][seed] - by_seed[1][seed] for seed in sorted(by_seed[0]) if seed in by_seed[1]]
 
 
 def published_text(runs: Sequence[Run], pair: tuple[int, int], sources: list[str]) -> str:
@@ -1366,28 +1426,17 @@ def mean_curve(seed_curves: Sequence[Sequence[float]]) -> tuple[list[int], list[
 def report(selection: Selection, runs: Sequence[Run], draw: bool, out: Path | None = None) -> int:
     """Print the table; write report.md and (draw) figure3.png into `out`, by default <results-dir>/figure3/.
     Without flags after --, each run is found by the settings its metrics.json records."""
-    grid_size, notes = len(runs), []
-    if not selection.script_flags:
-        runs, notes = runs_as_recorded(runs)
-    states = {run: read_state(run) for run in runs}
+    grid_size = len(runs)
+    runs, states, notes = runs_and_states(runs, selection.script_flags)
     if not any(state.epochs_done for state in states.values()):
         for note in notes:
             show(note)
-        raise UsageError(nothing_to_report(selection, runs, states, grid_size))
+        raise UsageError(nothing_to_report(selection.results_dir, runs, states, grid_size))
     table = report_table(selection, runs, states, notes)
     show(table)
     if draw:
         import_extra("matplotlib.figure", "the picture figure3.png", " (or --no-figure: the table and report.md only)")
-    folder = out if out is not None else selection.results_dir / REPORT_FOLDER
-    reason = unwritable_because(folder)
-    if reason and out is None:
-        raise UsageError(
-            f"report: cannot write report.md and figure3.png into '{folder}' ({reason}); "
-            f"give --out DIR to write them elsewhere"
-        )
-    if reason:
-        raise UsageError(f"report --out: cannot write into '{folder}' ({reason}); choose another --out")
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = report_folder(out, selection.results_dir / REPORT_FOLDER, "report.md and figure3.png")
     markdown = report_markdown(selection, runs, states, table, draw)
     experiment.write_atomic(folder / "report.md", lambda tmp: Path(tmp).write_text(markdown))
     written = [folder / "report.md"]
@@ -1397,6 +1446,32 @@ def report(selection: Selection, runs: Sequence[Run], draw: bool, out: Path | No
         written.append(folder / "figure3.png")
     show(f"\nwrote {' and '.join(map(str, written))}")
     return 0
+
+
+def report_folder(out: Path | None, default: Path, files: str) -> Path:
+    """The folder `report` writes `files` into (--out, else `default`), created; refused in one line when this
+    process cannot write there."""
+    folder = out if out is not None else default
+    reason = unwritable_because(folder)
+    if reason and out is None:
+        raise UsageError(
+            f"report: cannot write {files} into '{folder}' ({reason}); give --out DIR to write them elsewhere"
+        )
+    if reason:
+        raise UsageError(f"report --out: cannot write into '{folder}' ({reason}); choose another --out")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def runs_and_states(
+    runs: Sequence[Run], script_flags: Sequence[str]
+) -> tuple[list[Run], dict[Run, RunState], list[str]]:
+    """What `report` reports: without flags after --, the runs found by their recorded settings (and the notes on
+    places several folders hold); with them, the runs they name."""
+    notes: list[str] = []
+    if not script_flags:
+        runs, notes = runs_as_recorded(runs)
+    return list(runs), {run: read_state(run) for run in runs}, notes
 
 
 def show(text: str) -> None:
@@ -1413,7 +1488,9 @@ def silence_stdout() -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
-def nothing_to_report(selection: Selection, runs: Sequence[Run], states: dict[Run, RunState], grid_size: int) -> str:
+def nothing_to_report(
+    results_dir: Path, runs: Sequence[Run], states: dict[Run, RunState], grid_size: int, program: str = "figure3.py"
+) -> str:
     example = f" (e.g. '{runs[0].run_dir}')" if runs else ""
     damaged = [run for run in runs if states[run].damaged]
     if damaged:
@@ -1421,8 +1498,8 @@ def nothing_to_report(selection: Selection, runs: Sequence[Run], states: dict[Ru
         example += f"; {plural(len(damaged), 'run')} with damaged metrics ({first.name}: {states[first].damaged})"
     none = f"none of the grid's {grid_size} runs has a" if grid_size > 1 else "the grid's one run has no"
     return (
-        f"report: {none} finished epoch in '{selection.results_dir}'{example}; "
-        f"run `python figure3.py run` first, with the same selection and flags after --"
+        f"report: {none} finished epoch in '{results_dir}'{example}; "
+        f"run `python {program} run` first, with the same selection and flags after --"
     )
 
 
@@ -1486,14 +1563,32 @@ def command_line() -> OneLineParser:
     )
     grid.add_argument("--seeds", default="0", help="comma list of seeds (default: %(default)s)")
     grid.add_argument("--results-dir", type=Path, default=Path("results"), help="as the scripts' (default: results)")
+    subcommand = runner_subcommands(parser, grid, SCRIPT_FLAGS_HELP, "report.md and figure3.png", REPORT_FOLDER)
+    subcommand["report"].add_argument(
+        "--no-figure", dest="figure", action="store_false", help="only the table and report.md (no matplotlib needed)"
+    )
+    return parser
+
+
+def runner_subcommands(
+    parser: argparse.ArgumentParser,
+    grid: argparse.ArgumentParser,
+    epilog: str,
+    report_files: str,
+    folder: str,
+    table: str = "the table",
+) -> dict[str, argparse.ArgumentParser]:
+    """The runner's subcommands plan, run, submit and report, each with the grid's selection flags (`grid`) and its
+    own: run's GPUs, submit's SLURM settings, report's --out (where `report_files` go instead of
+    <results-dir>/`folder`)."""
     commands = parser.add_subparsers(dest="command", required=True, metavar="{plan,run,submit,report}")
     subcommand = {
-        name: commands.add_parser(name, parents=[grid], allow_abbrev=False, epilog=SCRIPT_FLAGS_HELP, help=text)
+        name: commands.add_parser(name, parents=[grid], allow_abbrev=False, epilog=epilog, help=text)
         for name, text in (
             ("plan", "every run: its state and exact command"),
             ("run", "run what is missing, resume what stopped"),
             ("submit", "the same grid as a SLURM job array (submitit)"),
-            ("report", "the table, report.md and figure3.png"),
+            ("report", f"{table}, {report_files}"),
         )
     }
     run = subcommand["run"]
@@ -1512,29 +1607,36 @@ def command_line() -> OneLineParser:
         default="slurm",
         help="local: submitit's local executor on this machine, waiting for the jobs (a test without a cluster)",
     )
-    report = subcommand["report"]
-    report.add_argument(
-        "--no-figure", dest="figure", action="store_false", help="only the table and report.md (no matplotlib needed)"
+    subcommand["report"].add_argument(
+        "--out", type=Path, metavar="DIR", help=f"write {report_files} here (default: <results-dir>/{folder})"
     )
-    report.add_argument(
-        "--out", type=Path, metavar="DIR", help="write report.md and figure3.png here (default: <results-dir>/figure3)"
-    )
-    return parser
+    return subcommand
 
 
 def main(argv: list[str] | None = None) -> None:
+    runner_main(argv, command_line, selection_of, dispatch)
+
+
+def selection_of(args: argparse.Namespace, script_flags: tuple[str, ...]) -> Selection:
+    return Selection(
+        methods=parse_methods(args.methods),
+        pairs=parse_pairs(args.pairs),
+        seeds=parse_seeds(args.seeds),
+        results_dir=args.results_dir,
+        script_flags=script_flags,
+    )
+
+
+def runner_main(argv: list[str] | None, command_line: Callable, selection_of: Callable, dispatch: Callable) -> None:
+    """A runner's command line: its flags, then after `--` the scripts'; `selection_of(args, script_flags)` makes the
+    grid's selection and `dispatch(args, selection)` does the subcommand's work and returns its exit code. A refusal
+    is one line on stderr, exit code 2."""
     argv = sys.argv[1:] if argv is None else list(argv)
     split = argv.index("--") if "--" in argv else len(argv)
     args = None
     try:
         args = command_line().parse_args(argv[:split])
-        selection = Selection(
-            methods=parse_methods(args.methods),
-            pairs=parse_pairs(args.pairs),
-            seeds=parse_seeds(args.seeds),
-            results_dir=args.results_dir,
-            script_flags=tuple(argv[split + 1 :]),
-        )
+        selection = selection_of(args, tuple(argv[split + 1 :]))
         code = dispatch(args, selection)
         sys.stdout.flush()  # a reader that has gone shows here, not in the interpreter's last flush
     except UsageError as error:
@@ -1555,16 +1657,26 @@ def dispatch(args: argparse.Namespace, selection: Selection) -> int:
     if args.command == "plan":
         print("\n".join(plan_lines(runs, [read_state(run) for run in runs])))
         return 0
-    if args.command == "run":
-        if args.gpus is not None and any(token.split("=")[0] == "--device" for token in selection.script_flags):
-            raise UsageError("after --: figure3 run --gpus sets each run's --device itself")
-        slots = check_gpus(args.gpus, args.runs_per_gpu)
-        check_writable(selection.results_dir)
-        return run_grid(selection, runs, slots)
-    if args.command == "submit":
-        check_writable(selection.results_dir)
-        return submit_grid(runs, args)
+    if args.command in ("run", "submit"):
+        table = lambda runs, states: report_table(selection, runs, states)
+        return run_or_submit(args, runs, selection.script_flags, table)
     return report(selection, runs, draw=args.figure, out=args.out)
+
+
+def run_or_submit(
+    args: argparse.Namespace, runs: Sequence[Run], script_flags: Sequence[str], table: ResultsTable, who="figure3"
+) -> int:
+    """`run` (the runs on this machine, then the results `table`) or `submit` (SLURM), into args.results_dir; the
+    grid's own folder there is the runs' Run.folder."""
+    folder = runs[0].folder if runs else REPORT_FOLDER
+    if args.command == "run":
+        if args.gpus is not None and any(token.split("=")[0] == "--device" for token in script_flags):
+            raise UsageError(f"after --: {who} run --gpus sets each run's --device itself")
+        slots = check_gpus(args.gpus, args.runs_per_gpu)
+        check_writable(args.results_dir)
+        return run_grid(runs, slots, table)
+    check_writable(args.results_dir)
+    return submit_grid(runs, args, folder)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,9 @@ from experiment import (
     UsageError,
     autocast,
     batches,
+    make_backbone,
     option,
+    paper_data,
     require,
 )
 
@@ -45,7 +47,13 @@ class Config(RunConfig):
     """The experiment: the paper's settings (edit here or pass the flag). The data and run settings are
     RunConfig's, in experiment.py."""
 
-    primary_level: int = option(20, "primary task: number of classes in the hierarchy", choices=(3, 10, 20))
+    primary_level: int | None = option(
+        20,
+        "primary task on CIFAR-100: number of classes in the hierarchy (other datasets: their classes)",
+        choices=(3, 10, 20),
+        type=int,
+        reset_by=("dataset",),
+    )
     aux_level: int = option(100, "auxiliary task: a finer level of the hierarchy", choices=(10, 20, 100))
     epochs: int = option(200, "training epochs")
     batch_size: int = option(100, "images per batch, train and test")
@@ -83,13 +91,17 @@ def conv_block(in_channels: int, out_channels: int, num_convs: int) -> nn.Sequen
 
 
 # Copied from model_vgg_single.py
-def head(num_classes: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(512, 512), nn.ReLU(inplace=True), nn.Linear(512, num_classes))
+def head(num_classes: int, num_features: int = 512) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(num_features, 512), nn.ReLU(inplace=True), nn.Linear(512, num_classes))
 
 
 # Copied from model_vgg_single.py
 def init_weights(module: nn.Module, weight_init) -> None:
-    for m in module.modules():
+    """The paper's initialisation of the VGG-16 blocks and the heads; a torchvision backbone keeps its own (or its
+    ImageNet weights)."""
+    for name, m in module.named_modules():
+        if name.startswith("backbone"):
+            continue
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             weight_init(m.weight)
             nn.init.zeros_(m.bias)
@@ -99,34 +111,42 @@ def init_weights(module: nn.Module, weight_init) -> None:
 
 
 # Copied from model_vgg_single.py
-class VGGTrunk(nn.Module):
-    """VGG-16's 13 conv layers in five blocks (64, 128, 256, 512, 512 channels): 32x32 -> 512 features."""
+class Trunk(nn.Module):
+    """The features every head shares: VGG-16's 13 conv layers in five blocks (64, 128, 256, 512, 512 channels:
+    32x32 -> 512 features), or a headless torchvision `backbone` (make_backbone)."""
 
-    def __init__(self):
+    def __init__(self, backbone: nn.Module | None = None):
         super().__init__()
-        self.block1 = conv_block(3, 64, 2)
-        self.block2 = conv_block(64, 128, 2)
-        self.block3 = conv_block(128, 256, 3)
-        self.block4 = conv_block(256, 512, 3)
-        self.block5 = conv_block(512, 512, 3)
+        if backbone is None:
+            self.block1 = conv_block(3, 64, 2)
+            self.block2 = conv_block(64, 128, 2)
+            self.block3 = conv_block(128, 256, 3)
+            self.block4 = conv_block(256, 512, 3)
+            self.block5 = conv_block(512, 512, 3)
+        self.backbone = backbone
+        self.num_features = 512 if backbone is None else backbone.num_features
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backbone is not None:
+            return self.backbone(x)
         for block in (self.block1, self.block2, self.block3, self.block4, self.block5):
             x = block(x)
+        if x.shape[-1] > 1:  # inputs larger than 32x32: the last feature map averaged, as torchvision's VGG pools
+            x = F.adaptive_avg_pool2d(x, 1)
         return x.flatten(1)
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """The trunk's parameters (those every head shares)."""
-        return [p for name, p in self.named_parameters() if name.startswith("block")]
+        return [p for name, p in self.named_parameters() if name.startswith(("block", "backbone."))]
 
 
-class VGG16(VGGTrunk):
+class VGG16(Trunk):
     """Multi-task VGG-16: primary head `classifier1`, auxiliary head `classifier2`. Returns logits."""
 
-    def __init__(self, num_primary: int, num_auxiliary: int):
-        super().__init__()
-        self.classifier1 = head(num_primary)
-        self.classifier2 = head(num_auxiliary)
+    def __init__(self, num_primary: int, num_auxiliary: int, backbone: nn.Module | None = None):
+        super().__init__(backbone)
+        self.classifier1 = head(num_primary, self.num_features)
+        self.classifier2 = head(num_auxiliary, self.num_features)
         init_weights(self, nn.init.xavier_uniform_)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,7 +230,7 @@ def eval_step(state: dict, images: torch.Tensor, labels: torch.Tensor, cfg: Conf
 def build(cfg: Config, device: torch.device) -> dict:
     """Network, optimiser and scheduler. Keys without 'forward_' are saved in the checkpoint."""
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model = VGG16(cfg.primary_level, cfg.aux_level).to(device, memory_format=memory_format)
+    model = VGG16(cfg.primary_level, cfg.aux_level, make_backbone(cfg)).to(device, memory_format=memory_format)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
     return {
         "model": model,
@@ -267,7 +287,7 @@ def derived_settings(cfg: Config) -> dict:
 
 def published_accuracy(cfg: Config) -> dict[str, float]:
     """Published test accuracy (%) for this configuration, where one exists."""
-    if cfg.primary_level == 20 and cfg.aux_level == 100:
+    if paper_data(cfg) and cfg.primary_level == 20 and cfg.aux_level == 100:
         return {"WAMAL authors' README": 75.7, "derived from the WAMAL paper's abstract": 74.6}
     return {}
 
@@ -293,6 +313,7 @@ METHOD = Method(
     derived_settings=derived_settings,
     published_accuracy=published_accuracy,
     unpublished_because=unpublished_because,
+    cifar100_only="its auxiliary task is the finer level of CIFAR-100's hierarchy, --aux-level",
 )
 
 

@@ -24,8 +24,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import experiment
-from create_dataset import level_index
-from experiment import FiniteGuard, Loaders, Meter, Method, RunConfig, StepGraphs, autocast, batches, option, require
+from experiment import (
+    FiniteGuard,
+    Loaders,
+    Meter,
+    Method,
+    RunConfig,
+    StepGraphs,
+    autocast,
+    batches,
+    make_backbone,
+    option,
+    primary_labels,
+    require,
+)
 
 
 @dataclass
@@ -33,7 +45,13 @@ class Config(RunConfig):
     """The experiment: the paper's settings (edit here or pass the flag). The data and run settings are
     RunConfig's, in experiment.py."""
 
-    primary_level: int = option(20, "primary task: number of classes in the hierarchy", choices=(3, 10, 20))
+    primary_level: int | None = option(
+        20,
+        "primary task on CIFAR-100: number of classes in the hierarchy (other datasets: their classes)",
+        choices=(3, 10, 20),
+        type=int,
+        reset_by=("dataset",),
+    )
     epochs: int = option(200, "training epochs")
     batch_size: int = option(100, "images per batch, train and test")
     lr: float = option(0.01, "SGD learning rate, no momentum, no weight decay")
@@ -67,12 +85,16 @@ def conv_block(in_channels: int, out_channels: int, num_convs: int) -> nn.Sequen
     return nn.Sequential(*layers, nn.MaxPool2d(kernel_size=2, stride=2))
 
 
-def head(num_classes: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(512, 512), nn.ReLU(inplace=True), nn.Linear(512, num_classes))
+def head(num_classes: int, num_features: int = 512) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(num_features, 512), nn.ReLU(inplace=True), nn.Linear(512, num_classes))
 
 
 def init_weights(module: nn.Module, weight_init) -> None:
-    for m in module.modules():
+    """The paper's initialisation of the VGG-16 blocks and the heads; a torchvision backbone keeps its own (or its
+    ImageNet weights)."""
+    for name, m in module.named_modules():
+        if name.startswith("backbone"):
+            continue
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             weight_init(m.weight)
             nn.init.zeros_(m.bias)
@@ -81,33 +103,41 @@ def init_weights(module: nn.Module, weight_init) -> None:
             nn.init.zeros_(m.bias)
 
 
-class VGGTrunk(nn.Module):
-    """VGG-16's 13 conv layers in five blocks (64, 128, 256, 512, 512 channels): 32x32 -> 512 features."""
+class Trunk(nn.Module):
+    """The features every head shares: VGG-16's 13 conv layers in five blocks (64, 128, 256, 512, 512 channels:
+    32x32 -> 512 features), or a headless torchvision `backbone` (make_backbone)."""
 
-    def __init__(self):
+    def __init__(self, backbone: nn.Module | None = None):
         super().__init__()
-        self.block1 = conv_block(3, 64, 2)
-        self.block2 = conv_block(64, 128, 2)
-        self.block3 = conv_block(128, 256, 3)
-        self.block4 = conv_block(256, 512, 3)
-        self.block5 = conv_block(512, 512, 3)
+        if backbone is None:
+            self.block1 = conv_block(3, 64, 2)
+            self.block2 = conv_block(64, 128, 2)
+            self.block3 = conv_block(128, 256, 3)
+            self.block4 = conv_block(256, 512, 3)
+            self.block5 = conv_block(512, 512, 3)
+        self.backbone = backbone
+        self.num_features = 512 if backbone is None else backbone.num_features
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backbone is not None:
+            return self.backbone(x)
         for block in (self.block1, self.block2, self.block3, self.block4, self.block5):
             x = block(x)
+        if x.shape[-1] > 1:  # inputs larger than 32x32: the last feature map averaged, as torchvision's VGG pools
+            x = F.adaptive_avg_pool2d(x, 1)
         return x.flatten(1)
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """The trunk's parameters (those every head shares)."""
-        return [p for name, p in self.named_parameters() if name.startswith("block")]
+        return [p for name, p in self.named_parameters() if name.startswith(("block", "backbone."))]
 
 
-class VGG16(VGGTrunk):
-    """Single-task VGG-16: one head `classifier`. Returns logits."""
+class VGG16(Trunk):
+    """Single-task VGG-16 (or another backbone): one head `classifier`. Returns logits."""
 
-    def __init__(self, num_classes: int):
-        super().__init__()
-        self.classifier = head(num_classes)
+    def __init__(self, num_classes: int, backbone: nn.Module | None = None):
+        super().__init__(backbone)
+        self.classifier = head(num_classes, self.num_features)
         init_weights(self, nn.init.xavier_uniform_)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -136,7 +166,7 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -
 def train_step(state: dict, images: torch.Tensor, labels: torch.Tensor, cfg: Config) -> dict:
     """One batch: an SGD step on the primary focal loss. Returns metrics as tensors."""
     optimizer = state["optimizer"]
-    primary = labels[:, level_index(cfg.primary_level)]
+    primary = primary_labels(labels, cfg)
     with autocast(cfg, images.device):
         primary_logits = state["forward_model"](images)
     primary_loss = focal_loss(primary_logits, F.one_hot(primary, cfg.primary_level).float(), cfg.focal_gamma)
@@ -170,7 +200,7 @@ def train_epoch(
 
 def eval_step(state: dict, images: torch.Tensor, labels: torch.Tensor, cfg: Config) -> dict:
     """Test metrics of one batch, as tensors."""
-    primary = labels[:, level_index(cfg.primary_level)]
+    primary = primary_labels(labels, cfg)
     with autocast(cfg, images.device):
         primary_logits = state["forward_model"](images)
     return {
@@ -182,7 +212,7 @@ def eval_step(state: dict, images: torch.Tensor, labels: torch.Tensor, cfg: Conf
 def build(cfg: Config, device: torch.device) -> dict:
     """Network, optimiser and scheduler. Keys without 'forward_' are saved in the checkpoint."""
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model = VGG16(cfg.primary_level).to(device, memory_format=memory_format)
+    model = VGG16(cfg.primary_level, make_backbone(cfg)).to(device, memory_format=memory_format)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
     return {
         "model": model,

@@ -34,9 +34,10 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import experiment
-from create_dataset import LEVELS, hierarchy_psi, level_index
+from create_dataset import LEVELS, hierarchy_psi
 from experiment import (
     FiniteGuard,
     Loaders,
@@ -47,7 +48,10 @@ from experiment import (
     UsageError,
     autocast,
     batches,
+    make_backbone,
     option,
+    paper_data,
+    primary_labels,
     require,
 )
 
@@ -56,6 +60,8 @@ META_GRADIENT_METHODS = ("second-order", "finite-difference", "double-backward")
 WEIGHTINGS = ("sample", "batch")
 # Copied from model_vgg_maxl.py
 MAX_AUX_CLASSES = 10_000  # 100 times the paper's; the auxiliary heads grow with it (about 8 kB a class)
+# Copied from model_vgg_maxl.py
+DEFAULT_PSI = 5  # auxiliary classes per class on datasets without a hierarchy, as the WAMAL authors' CIFAR-10 runs
 
 # Forward-mode AD through BatchNorm (the meta-gradient) makes torch import its JVP decompositions, which call
 # the deprecated torch.jit.script: a note on torch's own internals, of no use to whoever runs this script.
@@ -67,7 +73,13 @@ class Config(RunConfig):
     """The experiment: the paper's settings (edit here or pass the flag). The data and run settings are
     RunConfig's, in experiment.py."""
 
-    primary_level: int = option(20, "primary task: number of classes in the hierarchy", choices=(3, 10, 20))
+    primary_level: int | None = option(
+        20,
+        "primary task on CIFAR-100: number of classes in the hierarchy (other datasets: their classes)",
+        choices=(3, 10, 20),
+        type=int,
+        reset_by=("dataset",),
+    )
     aux_level: int | None = option(
         None,
         "auxiliary task from the hierarchy: psi[i] = the number of classes of this finer level inside "
@@ -79,10 +91,10 @@ class Config(RunConfig):
     psi: list[int] | str | None = option(
         [5] * 20,
         "auxiliary classes per primary class: k (k for every class) or a comma list, one per class; "
-        "given --primary-level or --aux-level without --psi, psi is the hierarchy's (--aux-level, default 100) "
-        "(default: [5] * 20)",
+        "given --primary-level or --aux-level without --psi, psi is the hierarchy's (--aux-level, default 100); "
+        "on the other datasets, 5 per class (default: [5] * 20)",
         type=str,
-        reset_by=("primary_level", "aux_level"),
+        reset_by=("primary_level", "aux_level", "dataset"),
     )
     epochs: int = option(200, "training epochs")
     batch_size: int = option(100, "images per batch, train and test")
@@ -144,13 +156,17 @@ def conv_block(in_channels: int, out_channels: int, num_convs: int) -> nn.Sequen
 
 
 # Copied from model_vgg_single.py
-def head(num_classes: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(512, 512), nn.ReLU(inplace=True), nn.Linear(512, num_classes))
+def head(num_classes: int, num_features: int = 512) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(num_features, 512), nn.ReLU(inplace=True), nn.Linear(512, num_classes))
 
 
 # Copied from model_vgg_single.py
 def init_weights(module: nn.Module, weight_init) -> None:
-    for m in module.modules():
+    """The paper's initialisation of the VGG-16 blocks and the heads; a torchvision backbone keeps its own (or its
+    ImageNet weights)."""
+    for name, m in module.named_modules():
+        if name.startswith("backbone"):
+            continue
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             weight_init(m.weight)
             nn.init.zeros_(m.bias)
@@ -160,35 +176,43 @@ def init_weights(module: nn.Module, weight_init) -> None:
 
 
 # Copied from model_vgg_single.py
-class VGGTrunk(nn.Module):
-    """VGG-16's 13 conv layers in five blocks (64, 128, 256, 512, 512 channels): 32x32 -> 512 features."""
+class Trunk(nn.Module):
+    """The features every head shares: VGG-16's 13 conv layers in five blocks (64, 128, 256, 512, 512 channels:
+    32x32 -> 512 features), or a headless torchvision `backbone` (make_backbone)."""
 
-    def __init__(self):
+    def __init__(self, backbone: nn.Module | None = None):
         super().__init__()
-        self.block1 = conv_block(3, 64, 2)
-        self.block2 = conv_block(64, 128, 2)
-        self.block3 = conv_block(128, 256, 3)
-        self.block4 = conv_block(256, 512, 3)
-        self.block5 = conv_block(512, 512, 3)
+        if backbone is None:
+            self.block1 = conv_block(3, 64, 2)
+            self.block2 = conv_block(64, 128, 2)
+            self.block3 = conv_block(128, 256, 3)
+            self.block4 = conv_block(256, 512, 3)
+            self.block5 = conv_block(512, 512, 3)
+        self.backbone = backbone
+        self.num_features = 512 if backbone is None else backbone.num_features
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backbone is not None:
+            return self.backbone(x)
         for block in (self.block1, self.block2, self.block3, self.block4, self.block5):
             x = block(x)
+        if x.shape[-1] > 1:  # inputs larger than 32x32: the last feature map averaged, as torchvision's VGG pools
+            x = F.adaptive_avg_pool2d(x, 1)
         return x.flatten(1)
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """The trunk's parameters (those every head shares)."""
-        return [p for name, p in self.named_parameters() if name.startswith("block")]
+        return [p for name, p in self.named_parameters() if name.startswith(("block", "backbone."))]
 
 
 # Copied from model_vgg_maxl.py
-class VGG16(VGGTrunk):
+class VGG16(Trunk):
     """The multi-task network theta_1: primary head `classifier1`, auxiliary head `classifier2`. Returns logits."""
 
-    def __init__(self, psi: list[int]):
-        super().__init__()
-        self.classifier1 = head(len(psi))
-        self.classifier2 = head(sum(psi))
+    def __init__(self, psi: list[int], backbone: nn.Module | None = None):
+        super().__init__(backbone)
+        self.classifier1 = head(len(psi), self.num_features)
+        self.classifier2 = head(sum(psi), self.num_features)
         init_weights(self, nn.init.xavier_uniform_)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,25 +241,25 @@ def mask_softmax(logits: torch.Tensor, log_mask: torch.Tensor) -> torch.Tensor:
     return torch.softmax(at_least_float32(logits) + log_mask, dim=1)
 
 
-def weight_head() -> nn.Sequential:
+def weight_head(num_features: int = 512) -> nn.Sequential:
     """The generator's second head: one weight in (0, 1) per image."""
-    return nn.Sequential(nn.Linear(512, 512), nn.ReLU(inplace=True), nn.Linear(512, 1), nn.Sigmoid())
+    return nn.Sequential(nn.Linear(num_features, 512), nn.ReLU(inplace=True), nn.Linear(512, 1), nn.Sigmoid())
 
 
-class LabelGenerator(VGGTrunk):
+class LabelGenerator(Trunk):
     """The label-generation network theta_2: its own VGG-16, head `classifier` with sum(psi) outputs, and
     `weight_head`, one weight per image (the WAMAL authors' names)."""
 
-    def __init__(self, psi: list[int]):
-        super().__init__()
-        self.classifier = head(sum(psi))
+    def __init__(self, psi: list[int], backbone: nn.Module | None = None):
+        super().__init__(backbone)
+        self.classifier = head(sum(psi), self.num_features)
         # Not persistent: the state dict keeps the reference's keys.
         self.register_buffer("log_mask", block_log_mask(psi), persistent=False)
         init_weights(self, nn.init.xavier_normal_)
         # Made last, so the trunk and the label head draw the same random numbers as MAXL's generator (with the
         # same seed the two methods start from the same networks). PyTorch's default init, as in the authors'
         # WAMAL script: xavier_normal would start the multipliers between about 2^-6 and 2^10 instead of near 1.
-        self.weight_head = weight_head()
+        self.weight_head = weight_head(self.num_features)
 
     def forward(self, x: torch.Tensor, y_primary: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Auxiliary label distribution (N, sum(psi)), confined to the block of each sample's primary class,
@@ -463,6 +487,34 @@ def path_tangent(
     return tangent
 
 
+# Copied from model_vgg_maxl.py
+def tangent_path(model: VGG16, images: torch.Tensor) -> list[tuple[str, nn.Module]]:
+    """The layers path_tangent follows: VGG-16's at 32x32, which apply one after another; none for another
+    backbone or larger images (whose VGG features are pooled), which take network_tangent."""
+    return auxiliary_path(model) if model.backbone is None and images.shape[-1] == 32 else []
+
+
+# Copied from model_vgg_maxl.py
+def network_tangent(
+    model: VGG16,
+    params: dict[str, torch.Tensor],
+    direction: dict[str, torch.Tensor],
+    buffers: dict[str, torch.Tensor],
+    images: torch.Tensor,
+) -> torch.Tensor:
+    """Forward-mode derivative of the auxiliary logits along `direction` through any network: one forward pass
+    with dual parameters. A layer that has no forward-mode rule is refused in one line."""
+    try:
+        with fwAD.dual_level():
+            dual = {name: fwAD.make_dual(p, direction[name]) for name, p in params.items()}
+            return fwAD.unpack_dual(functional_call(model, (dual, buffers), (images,))[1]).tangent
+    except NotImplementedError as error:
+        raise UsageError(
+            f"--meta-grad second-order: torch {torch.__version__} has no forward-mode rule for a layer of this "
+            f"network ({str(error).splitlines()[0]}); use --meta-grad double-backward (exact, slower)"
+        ) from None
+
+
 # Every method takes the same keywords and returns grad_theta_2 J (one tensor per generator parameter, both heads)
 # and the primary logits at theta_1 and at theta_1^+.
 
@@ -480,7 +532,8 @@ def second_order(
     weight_range: float,
     weighting: str,
 ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """Exact: the directional derivative by forward-mode AD (path_tangent), reusing the forward pass at theta_1.
+    """Exact: the directional derivative by forward-mode AD: path_tangent on VGG-16, reusing the forward pass at
+    theta_1; network_tangent through any other backbone.
 
     The derivation. With f_ik(theta_1) = -(1 - q_ik)^gamma log q_ik the auxiliary head's focal terms (q its
     softmax) and c_i = m_i (sample) or mean(m) (batch), the inner loss is
@@ -499,7 +552,7 @@ def second_order(
     `fd_step` is unused (the signature is every method's)."""
     labels, weights = generated_labels_and_weights(label_generator, images, primary)
     multipliers = aux_multipliers(weights, weight_range)
-    path = auxiliary_path(model)
+    path = tangent_path(model, images)
     primary_target = F.one_hot(primary, model.classifier1[-1].out_features).float()
     step = inner_step(
         model,
@@ -513,7 +566,10 @@ def second_order(
         tuple(layer for _, layer in path),
     )
     with torch.no_grad():
-        aux_tangent = path_tangent(path, step.layer_inputs, step.theta1, step.direction, step.buffers)
+        if path:
+            aux_tangent = path_tangent(path, step.layer_inputs, step.theta1, step.direction, step.buffers)
+        else:
+            aux_tangent = network_tangent(model, step.theta1, step.direction, step.buffers, images)
         with fwAD.dual_level():
             aux_dual = fwAD.make_dual(step.aux_logits.detach(), aux_tangent)
             slope = fwAD.unpack_dual(focal_terms(aux_dual, focal_gamma)).tangent
@@ -617,18 +673,20 @@ def meta_gradients(
         raise ValueError(f"unknown meta-gradient method {method!r}; one of {META_GRADIENT_METHODS}")
     if weighting not in WEIGHTINGS:
         raise ValueError(f"unknown weighting {weighting!r}; one of {WEIGHTINGS}")
-    grads, primary_logits, primary_plus = methods[method](
-        model=model,
-        label_generator=label_generator,
-        images=images,
-        primary=primary,
-        inner_lr=inner_lr,
-        entropy_weight=entropy_weight,
-        focal_gamma=focal_gamma,
-        fd_step=fd_step,
-        weight_range=weight_range,
-        weighting=weighting,
-    )
+    # Attention's fused kernels have neither forward-mode rules nor second derivatives: the math kernel has both.
+    with sdpa_kernel(SDPBackend.MATH):
+        grads, primary_logits, primary_plus = methods[method](
+            model=model,
+            label_generator=label_generator,
+            images=images,
+            primary=primary,
+            inner_lr=inner_lr,
+            entropy_weight=entropy_weight,
+            focal_gamma=focal_gamma,
+            fd_step=fd_step,
+            weight_range=weight_range,
+            weighting=weighting,
+        )
     primary_target = F.one_hot(primary, model.classifier1[-1].out_features).float()
     with torch.no_grad():
         stats = {
@@ -652,7 +710,7 @@ def train_step(state: dict, images: torch.Tensor, labels: torch.Tensor, cfg: Con
     Returns the batch's metrics as tensors (no host sync).
     """
     model, optimizer = state["model"], state["optimizer"]
-    primary = labels[:, level_index(cfg.primary_level)]
+    primary = primary_labels(labels, cfg)
     with autocast(cfg, images.device):
         with torch.no_grad():  # phase 1 does not train the generator: no graph for it
             aux_targets, aux_weights = state["forward_generator"](images, primary)
@@ -693,7 +751,7 @@ def meta_step(state: dict, images: torch.Tensor, labels: torch.Tensor, cfg: Conf
     Returns the primary loss and accuracy before and after the virtual step (tensors).
     """
     label_generator = state["label_generator"]
-    primary = labels[:, level_index(cfg.primary_level)]
+    primary = primary_labels(labels, cfg)
     inner_lr = state["optimizer"].param_groups[0]["lr"]
     # Always fp32, also with --amp: the meta-gradient is a small difference of large terms, and in
     # bf16 it is noise (cosine 0.29 to the float64 gradient on a random batch; fp32: 0.986).
@@ -766,7 +824,7 @@ def train_epoch(
 # Copied from model_vgg_maxl.py
 def eval_step(state: dict, images: torch.Tensor, labels: torch.Tensor, cfg: Config) -> dict:
     """Test metrics of one batch, as tensors."""
-    primary = labels[:, level_index(cfg.primary_level)]
+    primary = primary_labels(labels, cfg)
     with autocast(cfg, images.device):
         primary_logits, _ = state["forward_model"](images)
     return {
@@ -779,8 +837,8 @@ def eval_step(state: dict, images: torch.Tensor, labels: torch.Tensor, cfg: Conf
 def build(cfg: Config, device: torch.device) -> dict:
     """Networks, optimisers and schedulers. Keys without 'forward_' are saved in the checkpoint."""
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model = VGG16(cfg.psi).to(device, memory_format=memory_format)
-    label_generator = LabelGenerator(cfg.psi).to(device, memory_format=memory_format)
+    model = VGG16(cfg.psi, make_backbone(cfg)).to(device, memory_format=memory_format)
+    label_generator = LabelGenerator(cfg.psi, make_backbone(cfg)).to(device, memory_format=memory_format)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
     gen_optimizer = torch.optim.SGD(label_generator.parameters(), lr=cfg.gen_lr, weight_decay=cfg.gen_weight_decay)
     return {
@@ -875,6 +933,9 @@ def check_config(cfg: Config) -> Config:
             f"--aux-level {cfg.aux_level} must be finer than --primary-level {cfg.primary_level} "
             f"(choose from {', '.join(str(n) for n in LEVELS if n > cfg.primary_level)})"
         )
+    if cfg.dataset != "cifar100":  # no hierarchy: psi alone says how many auxiliary classes each class has
+        psi = check_aux_classes(parse_psi(str(DEFAULT_PSI) if cfg.psi is None else cfg.psi, cfg.primary_level))
+        return dataclasses.replace(cfg, psi=psi, aux_level=None)
     if cfg.psi is None:
         aux_level = cfg.aux_level or 100
         return dataclasses.replace(cfg, aux_level=aux_level, psi=hierarchy_psi(cfg.primary_level, aux_level))
@@ -899,7 +960,9 @@ def paper_settings(cfg: Config) -> dict:
 
     A fixed record, not Config's defaults: a run whose settings differ gets a hash of them in its name."""
     paper = {
-        "psi": hierarchy_psi(cfg.primary_level, cfg.aux_level or 100),
+        "psi": hierarchy_psi(cfg.primary_level, cfg.aux_level or 100)
+        if cfg.dataset == "cifar100"
+        else [DEFAULT_PSI] * cfg.primary_level,
         "batch_size": 100,
         "lr": 0.01,
         "lr_step": 50,
@@ -928,7 +991,7 @@ def derived_settings(cfg: Config) -> dict:
 
 def published_accuracy(cfg: Config) -> dict[str, float]:
     """Published test accuracy (%) for this configuration, where one exists."""
-    if cfg.primary_level == 20 and cfg.psi == [5] * 20:
+    if paper_data(cfg) and cfg.primary_level == 20 and cfg.psi == [5] * 20:
         return {"WAMAL paper's abstract": 80.2, "WAMAL authors' README": 81.5}
     return {}
 

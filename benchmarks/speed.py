@@ -1,4 +1,4 @@
-"""Speed benchmark of the training iteration of every method (VGG-16 on CIFAR-100-shaped batches).
+"""Speed benchmark of the training iteration of every method (VGG-16 or --backbones, CIFAR-100-shaped batches).
 
 One iteration is what one batch costs in a real epoch of the scripts:
   single, human   one `train_step` (forward, backward, SGD step).
@@ -9,12 +9,22 @@ One iteration is what one batch costs in a real epoch of the scripts:
                   (lambda's implicit hypergradient on a developing batch), which runs every 20th batch:
                   both are timed every iteration, the second counted at its share (phase_weights).
 The networks, optimisers and step functions are the scripts' own (`build`, `train_step`,
-`meta_step`), configured from each script's `Config` with only the speed flags changed. The
-batch is random: uint8 pixels normalised as the loaders do, consistent 4-level hierarchy labels.
+`meta_step`), configured from each script's `Config` with only the speed flags and the backbone
+changed, and resolved by `experiment.check_settings(script.METHOD, cfg)` as a run resolves them.
+The batch is random: uint8 pixels normalised as the loaders do, consistent 4-level hierarchy labels.
+
+--backbones (default vgg16) measures each method on each backbone the scripts take: vgg16 (the
+paper's, the rows named by the method alone), resnet18, resnet50, vit_b_16 (torchvision's, headless,
+from scratch; rows named e.g. "maxl-second-order/resnet18"). The data stay CIFAR-100 (the default
+--dataset), so the batches are 32x32 for every backbone: image size 32, hence the ResNets' CIFAR stem
+(3x3 stride-1 first convolution, no max-pool) and ViT-B/16 on 2x2 patches of 16 pixels (4 tokens and
+the class token), exactly as `--backbone X` trains on CIFAR-100. A method whose script is not defined
+on a backbone (maoal: vgg16 only, its METHOD.backbones) is skipped there, with a note.
 
     python benchmarks/speed.py                                    # every method on the default device
     python benchmarks/speed.py --device cpu --reference-style --markdown
     python benchmarks/speed.py --device cuda --amp --compile --json results/speed-cuda.json
+    python benchmarks/speed.py --device cuda --backbones vgg16,resnet18,resnet50,vit_b_16 --markdown
 
 Columns: ms per iteration (median and min over the timed iterations; "epoch mean" is what an
 average iteration of an epoch costs when one in cossim_every carries the cosine diagnostic:
@@ -22,12 +32,14 @@ median plain + (median with cosine - median plain) / cossim_every; the same as t
 images per second and projected hours for the paper's 200 epochs of 50,000 images (both from the
 epoch mean; training only, without evaluation or data loading), the per-phase medians, peak
 memory above the level before the networks were built, and the matmul/conv FLOPs of one iteration
-(torch.utils.flop_counter, counted once in an untimed iteration on the uncompiled networks).
+(torch.utils.flop_counter, counted once in an untimed iteration on the uncompiled networks; ViT's
+attention included: PyTorch counts its fused CUDA kernels, this benchmark adds the CPU one's formula).
 
 --reference-style adds a row "maxl-second-order (reference-style)": the same MAXL iteration done
 the way the authors' reference scripts do it, wasted passes included (see `reference_train_step`
 and `reference_meta_gradients`), so the saving of this project's implementation is measured in one
-run. This code exists only here; the model scripts never run it.
+run. This code exists only here; the model scripts never run it. It is VGG-16 only, whatever
+--backbones says (it is added on vgg16 when --backbones leaves vgg16 out).
 
 On CPU the timings need an otherwise idle machine: other processes competing for the cores slow
 PyTorch's OpenMP kernels several-fold. The notes under the table give the share of CPU time other
@@ -67,6 +79,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
+from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 REPO = Path(__file__).resolve().parent.parent
@@ -108,6 +121,7 @@ class Method:
     script: str  # module name of the model script
     meta_grad: str | None = None  # MAXL and WAMAL: Config.meta_grad
     reference_style: bool = False  # MAXL only: the reference's wasted passes re-enabled
+    backbone: str = "vgg16"  # Config.backbone
 
     @property
     def is_maxl(self) -> bool:
@@ -120,13 +134,18 @@ class Method:
         return self.script == "model_vgg_maoal"
 
 
-def method_spec(name: str) -> Method:
+def method_spec(name: str, backbone: str = "vgg16") -> Method:
+    """The method `name` (one of METHODS, or REFERENCE_STYLE) on `backbone`; its row is named
+    "name/backbone", or "name" alone on vgg16."""
+    label = name if backbone == "vgg16" else f"{name}/{backbone}"
     if name == REFERENCE_STYLE:
+        if backbone != "vgg16":
+            raise ValueError(f"{REFERENCE_STYLE} is VGG-16 only (got backbone {backbone})")
         return Method(name, "model_vgg_maxl", "double-backward", reference_style=True)
     for method in ("maxl", "wamal"):
         if name.startswith(f"{method}-"):
-            return Method(name, f"model_vgg_{method}", name.removeprefix(f"{method}-"))
-    return Method(name, f"model_vgg_{name}")
+            return Method(label, f"model_vgg_{method}", name.removeprefix(f"{method}-"), backbone=backbone)
+    return Method(label, f"model_vgg_{name}", backbone=backbone)
 
 
 SCRIPTS = {  # Method.script -> the model script (importing one never trains or writes anything)
@@ -135,8 +154,8 @@ SCRIPTS = {  # Method.script -> the model script (importing one never trains or 
 }
 # Everything this benchmark uses of the model scripts, in one place: the scripts are programs, not a library,
 # so a renamed function there must fail here in one clear line, not deep inside a measurement. The run
-# machinery (configure_backends, StepGraphs, autocast) is experiment.py's.
-STEP_NAMES = ("Config", "check_config", "build", "train_step")
+# machinery (check_settings, configure_backends, StepGraphs, autocast) is experiment.py's.
+STEP_NAMES = ("Config", "METHOD", "build", "train_step")
 SCRIPT_NAMES = {
     "model_vgg_single": STEP_NAMES,
     "model_vgg_human": STEP_NAMES,
@@ -248,10 +267,17 @@ def reference_meta_step(module, state: dict, images: torch.Tensor, labels: torch
 # Configuration, data, the iteration
 
 
+def defined_on(method: Method) -> bool:
+    """Whether the method's script is defined on the method's backbone (its METHOD.backbones)."""
+    return method.backbone in script(method).METHOD.backbones
+
+
 def make_config(method: Method, device: torch.device, args: argparse.Namespace):
-    """The script's Config with its defaults, only the speed-related fields replaced."""
+    """The script's Config with its defaults, only the speed-related fields and the backbone replaced, checked
+    and resolved by experiment.check_settings as a run is (image size 32 on CIFAR-100, the ResNets' stem)."""
     module = script(method)
     overrides = dict(
+        backbone=method.backbone,
         device=str(device),
         batch_size=args.batch_size,
         amp=args.amp,
@@ -267,11 +293,14 @@ def make_config(method: Method, device: torch.device, args: argparse.Namespace):
             overrides["cossim_every"] = 1  # the reference computes the diagnostic on every step
         elif args.cossim_every is not None:
             overrides["cossim_every"] = args.cossim_every
-    return module.check_config(dataclasses.replace(module.Config(), **overrides))
+    try:
+        return experiment.check_settings(module.METHOD, dataclasses.replace(module.Config(), **overrides))
+    except experiment.UsageError as error:
+        raise SystemExit(f"error: {method.name}: {method.script}.py refuses these settings: {error}") from None
 
 
 def random_batch(batch_size: int, device: torch.device, channels_last: bool, seed: int = 0) -> tuple:
-    """Images normalised from random uint8 pixels, and consistent (N, 4) hierarchy labels."""
+    """32x32 images normalised from random uint8 pixels, and consistent (N, 4) hierarchy labels (CIFAR-100's)."""
     generator = torch.Generator().manual_seed(seed)
     pixels = torch.randint(0, 256, (batch_size, 3, 32, 32), dtype=torch.uint8, generator=generator)
     fine = torch.randint(0, 100, (batch_size,), generator=generator).numpy()
@@ -368,11 +397,34 @@ def uncompiled(state: dict):
         state.update(saved)
 
 
+def _cpu_attention_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_attention_backward_flop(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+    return flop_counter.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+def extra_flop_formulas() -> dict:
+    """The CPU's fused attention kernel (ViT-B/16's scaled_dot_product_attention on CPU), which
+    torch.utils.flop_counter counts only for the CUDA kernels: the same formulas (QK^T and AV, and
+    their backward), where this torch has the op and does not count it already."""
+    formulas = {}
+    for name, formula in (
+        ("_scaled_dot_product_flash_attention_for_cpu", _cpu_attention_flop),
+        ("_scaled_dot_product_flash_attention_for_cpu_backward", _cpu_attention_backward_flop),
+    ):
+        op = getattr(torch.ops.aten, name, None)
+        if op is not None and op not in flop_counter.flop_registry:
+            formulas[op] = formula
+    return formulas
+
+
 def count_flops(method: Method, phases, cfg, state: dict) -> float:
     """Matmul/conv FLOPs of one iteration, as an epoch averages them (diagnostic amortised)."""
 
     def flops(run: Callable[[], object]) -> float:
-        counter = FlopCounterMode(display=False)
+        counter = FlopCounterMode(display=False, custom_mapping=extra_flop_formulas())
         with counter:
             run()
         return float(counter.get_total_flops())
@@ -544,14 +596,14 @@ def measure(method: Method, device: torch.device, args: argparse.Namespace) -> d
     return row
 
 
-def warm_runtime(device: torch.device, args: argparse.Namespace) -> None:
-    """One untimed Single step at the benchmark's shapes before the first row on a device.
+def warm_runtime(device: torch.device, args: argparse.Namespace, backbone: str = "vgg16") -> None:
+    """One untimed Single step at the benchmark's shapes before the first row of a backbone on a device.
 
     The first network run in a process pays one-time costs (thread pool, oneDNN/cuDNN primitives
-    for VGG-16's layer shapes, allocator growth); without this they would land in the first
+    for the backbone's layer shapes, allocator growth); without this they would land in the first
     row's memory and warm-up alone.
     """
-    method = method_spec("single")
+    method = method_spec("single", backbone)
     module = script(method)
     cfg = make_config(method, device, args)
     images, labels = random_batch(args.batch_size, device, cfg.channels_last)
@@ -584,6 +636,9 @@ def summarize(method: Method, device, cfg, phase_names, times, first, flops, pea
     iters_per_epoch = math.ceil(TRAIN_IMAGES / cfg.batch_size)
     return {
         "method": method.name,
+        "backbone": cfg.backbone,
+        "stem": cfg.stem,
+        "image_size": cfg.image_size,
         "device": str(device),
         "batch_size": cfg.batch_size,
         "warmup": warmup,
@@ -707,13 +762,33 @@ def ratio_line(ratio: dict) -> str:
     return line
 
 
-def report(device: torch.device, rows: list[dict], args: argparse.Namespace) -> str:
+def backbone_line(rows: list[dict]) -> str | None:
+    """How the rows' backbones other than vgg16 were resolved (as `--backbone X` on CIFAR-100); None if none."""
+    resolved = {}
+    for row in rows:
+        if row.get("backbone", "vgg16") != "vgg16":
+            stem = f", {row['stem']} stem" if row["stem"] else ""
+            patches = f", {(row['image_size'] // 16) ** 2} patches of 16x16" if row["backbone"] == "vit_b_16" else ""
+            resolved[row["backbone"]] = f"{row['backbone']} (image size {row['image_size']}{stem}{patches})"
+    if not resolved:
+        return None
+    return (
+        "backbones as the scripts resolve them for CIFAR-100 (experiment.check_settings; torchvision's, headless, "
+        "from scratch; random 32x32 batches): " + "; ".join(resolved.values())
+    )
+
+
+def report(device: torch.device, rows: list[dict], args: argparse.Namespace, skipped: tuple[str, ...] = ()) -> str:
     lines = [header_line(device, args), format_table(rows)]
     notes = [
         f"one iteration = one batch of one epoch (MAXL: phase 1 + phase 2); hours = epoch-mean ms x "
         f"{math.ceil(TRAIN_IMAGES / args.batch_size)} iterations x {PAPER_EPOCHS} epochs, training only",
         memory_label(device) + "; FLOPs: matmul/conv ops by torch.utils.flop_counter",
     ]
+    backbones = backbone_line(rows)
+    if backbones is not None:
+        notes.append(backbones)
+    notes += list(skipped)
     if device.type == "cpu":
         shares = ", ".join(f"{row['method']} {max(0.0, 100 * row['other_processes_cpu_share']):.0f}%" for row in rows)
         notes.append(f"CPU time taken by other processes during each row (should be ~0%): {shares}")
@@ -744,6 +819,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "Default: cuda if available, else cpu",
     )
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(DEFAULT_METHODS))
+    parser.add_argument(
+        "--backbones",
+        nargs="+",
+        default=["vgg16"],
+        metavar="BACKBONE",
+        help=f"measure each method on each of these, comma- or space-separated: {', '.join(experiment.BACKBONES)} "
+        "(rows of vgg16, the paper's, are named by the method alone, the others method/backbone)",
+    )
     parser.add_argument("--batch-size", type=int, default=100, help="images per batch (the paper: 100)")
     parser.add_argument(
         "--warmup", type=int, default=None, help="untimed iterations first (default: 1 on CPU, 50 on CUDA)"
@@ -779,6 +862,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.warmup is not None and args.warmup < 0:
         parser.error("--warmup must be 0 or more")
+    args.backbones = list(dict.fromkeys(name for value in args.backbones for name in value.split(",") if name))
+    unknown = [name for name in args.backbones if name not in experiment.BACKBONES]
+    if unknown or not args.backbones:
+        parser.error(
+            f"--backbones: {', '.join(unknown) or 'none given'}; choose from {', '.join(experiment.BACKBONES)}"
+        )
     return args
 
 
@@ -803,14 +892,34 @@ def resolve_devices(names: list[str] | None) -> list[torch.device]:
     return devices
 
 
-def method_list(args: argparse.Namespace) -> list[Method]:
+def method_list(args: argparse.Namespace) -> tuple[list[Method], list[str]]:
+    """The rows to measure, grouped by backbone in --backbones order, and a note for each one skipped.
+
+    The reference-style row is VGG-16's only; with --reference-style, maxl-second-order on vgg16 (what
+    it is compared with) is measured whatever --methods and --backbones say."""
     names = list(dict.fromkeys(args.methods))
+    backbones = list(args.backbones)
     if args.reference_style:
-        if "maxl-second-order" not in names:
+        if "vgg16" not in backbones:
+            print("note: --reference-style is VGG-16 only: maxl-second-order on vgg16 is added", file=sys.stderr)
+            backbones.insert(0, "vgg16")
+        elif "maxl-second-order" not in names:
             print("note: --reference-style compares with maxl-second-order, which is added", file=sys.stderr)
-            names.append("maxl-second-order")
-        names.insert(names.index("maxl-second-order") + 1, REFERENCE_STYLE)
-    return [method_spec(name) for name in names]
+    methods, skipped = [], []
+    for backbone in backbones:
+        chosen = names if backbone in args.backbones else []
+        if args.reference_style and backbone == "vgg16":
+            chosen = [*chosen, "maxl-second-order"] if "maxl-second-order" not in chosen else list(chosen)
+            chosen.insert(chosen.index("maxl-second-order") + 1, REFERENCE_STYLE)
+        for name in chosen:
+            method = method_spec(name, backbone)
+            if not defined_on(method):
+                defined = ", ".join(script(method).METHOD.backbones)
+                skipped.append(f"{method.name} skipped: {method.script}.py is defined on {defined} only")
+                print(f"note: {skipped[-1]}", file=sys.stderr)
+                continue
+            methods.append(method)
+    return methods, skipped
 
 
 def finite_or_null(obj):
@@ -827,19 +936,29 @@ def finite_or_null(obj):
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     devices = resolve_devices(args.device)
-    methods = method_list(args)
+    methods, skipped = method_list(args)
+    if not methods:
+        raise SystemExit("error: nothing to measure: " + "; ".join(skipped))
     results = []
     for device in devices:
         if device.type == "cpu" and args.amp:
             print("note: the scripts apply --amp on CUDA only; on CPU it changes nothing")
-        warm_runtime(device, args)
         rows = []
-        for method in methods:
+        for i, method in enumerate(methods):
+            if i == 0 or method.backbone != methods[i - 1].backbone:
+                warm_runtime(device, args, method.backbone)
             started = time.perf_counter()
             rows.append(measure(method, device, args))
             print(f"  {method.name} on {device}: done in {time.perf_counter() - started:.0f}s", flush=True)
-        print("\n" + report(device, rows, args) + "\n", flush=True)
-        results.append({"header": header_line(device, args), "rows": rows, "reference_ratio": reference_ratio(rows)})
+        print("\n" + report(device, rows, args, tuple(skipped)) + "\n", flush=True)
+        results.append(
+            {
+                "header": header_line(device, args),
+                "rows": rows,
+                "reference_ratio": reference_ratio(rows),
+                "skipped": skipped,
+            }
+        )
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         document = {"argv": sys.argv[1:], "devices": results}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import conftest  # noqa: F401  (puts the repository root on sys.path)
@@ -52,6 +53,52 @@ def test_benchmark_runs_and_prints_the_table(tmp_path, one_thread, capsys):
     assert maoal["ms_median"] == pytest.approx(phase1 + phase2 / 20, rel=1e-6)  # the meta step every 20 batches
 
 
+def test_benchmark_runs_on_another_backbone(tmp_path, one_thread, capsys):
+    """Rows per backbone (here resnet18, batch 2, one timed iteration): named method/backbone, resolved as a run
+    resolves --backbone (CIFAR stem at 32x32), finite numbers; maoal, VGG-16 only, skipped with a note."""
+    out_json = tmp_path / "speed.json"
+    flags = ("--batch-size", "2", "--warmup", "0", "--iters", "1", "--device", "cpu", "--backbones", "resnet18")
+    speed.main(["--methods", "single", "maxl-second-order", "maoal", *flags, "--json", str(out_json)])
+    stdout = capsys.readouterr().out
+    names = ("single/resnet18", "maxl-second-order/resnet18")
+    lines = {line.split("  ")[0].strip(): line for line in stdout.splitlines() if line.startswith(names)}
+    assert set(names) <= set(lines), stdout
+    for name in names:
+        numbers = [float(v) for v in re.findall(r"(?<![\w(-])\d+(?:\.\d+)?", lines[name].removeprefix(name))]
+        assert len(numbers) >= 8 and all(v > 0 for v in numbers), lines[name]
+    assert "maoal/resnet18 skipped: model_vgg_maoal.py is defined on vgg16 only" in stdout
+    assert "resnet18 (image size 32, cifar stem)" in stdout
+    document = json.loads(out_json.read_text())["devices"][0]
+    rows = {row["method"]: row for row in document["rows"]}
+    assert set(rows) == set(names)
+    assert document["skipped"] == ["maoal/resnet18 skipped: model_vgg_maoal.py is defined on vgg16 only"]
+    for name, row in rows.items():
+        assert (row["backbone"], row["stem"], row["image_size"]) == ("resnet18", "cifar", 32)
+        for key in ("ms_median", "ms_min", "ms_epoch_mean", "images_per_s", "tflop_per_iter", "peak_mib"):
+            assert row[key] is not None and math.isfinite(row[key]) and row[key] > 0, (name, key)
+    assert set(rows["maxl-second-order/resnet18"]["phase_ms_median"]) == {"phase 1", "phase 2"}
+    # ResNet-18 with the CIFAR stem (not the ImageNet stem's 16x fewer pixels): 0.56 GMAC = 1.1 GFLOP per 32x32
+    # image forward, forward and backward about 3x that.
+    assert 2 * 2.5e-3 < rows["single/resnet18"]["tflop_per_iter"] < 2 * 4.5e-3
+
+
+def test_backbones_flag_and_row_order(capsys):
+    """--backbones takes commas or spaces; rows grouped by backbone; reference-style stays VGG-16's."""
+    args = speed.parse_args(["--methods", "single", "maoal", "--backbones", "resnet18,vit_b_16", "vgg16"])
+    assert args.backbones == ["resnet18", "vit_b_16", "vgg16"]
+    methods, skipped = speed.method_list(args)
+    assert [m.name for m in methods] == ["single/resnet18", "single/vit_b_16", "single", "maoal"]
+    assert [m.backbone for m in methods] == ["resnet18", "vit_b_16", "vgg16", "vgg16"]
+    assert len(skipped) == 2 and skipped[0].startswith("maoal/resnet18 skipped")
+    assert [m.name for m in speed.method_list(speed.parse_args([]))[0]] == list(speed.DEFAULT_METHODS)
+    args = speed.parse_args(["--methods", "single", "--backbones", "resnet50", "--reference-style"])
+    names = [m.name for m in speed.method_list(args)[0]]
+    assert names == ["maxl-second-order", speed.REFERENCE_STYLE, "single/resnet50"]
+    assert "VGG-16 only" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        speed.parse_args(["--backbones", "vgg19"])
+
+
 def small_maxl_state(batch_size: int = 4):
     method = speed.method_spec(speed.REFERENCE_STYLE)
     module = speed.script(method)
@@ -77,7 +124,7 @@ def test_reference_style_matches_the_script(step, one_thread):
             torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
         assert all(p.grad is None for p in state["label_generator"].parameters())
         return
-    primary = labels[:, module.level_index(cfg.primary_level)]
+    primary = labels[:, speed.level_index(cfg.primary_level)]
     inner_lr = state["optimizer"].param_groups[0]["lr"]
     expected, _ = module.meta_gradients(
         model=state["model"],

@@ -21,13 +21,21 @@ from create_dataset import CIFAR100, TEST_TRANSFORM
 from tools import check_copies
 
 EVERY_SCRIPT = sorted(path.stem.removeprefix("model_vgg_") for path in REPO.glob("model_vgg_*.py"))
-TRUNK_AND_LOSS = ("conv_block", "head", "init_weights", "VGGTrunk", "at_least_float32", "focal_terms", "focal_loss")
+TRUNK_AND_LOSS = (
+    "conv_block",
+    "head",
+    "init_weights",
+    "Trunk",
+    "at_least_float32",
+    "focal_terms",
+    "focal_loss",
+)
 # The first definition that is the method's own, and the most lines each script may take.
 FIRST_OF_THE_METHOD = {
     "single": ("train_step", 330),
     "human": ("VGG16", 350),
-    "maxl": ("mask_softmax", 820),
-    "wamal": ("weight_head", 1000),
+    "maxl": ("mask_softmax", 860),
+    "wamal": ("weight_head", 1030),
     "maoal": ("ModuleWeights", 650),
 }
 
@@ -166,18 +174,18 @@ def test_check_names_each_copy_that_differs_and_changes_nothing(repo_copy, capsy
 def test_fix_copies_the_source_into_every_copy_and_says_what_changed(repo_copy, capsys):
     edit(
         repo_copy / "model_vgg_single.py",
-        "    return nn.Sequential(nn.Linear(512, 512),",
-        "    # new\n    return nn.Sequential(nn.Linear(512, 512),",
+        "    return nn.Sequential(nn.Linear(num_features, 512),",
+        "    # new\n    return nn.Sequential(nn.Linear(num_features, 512),",
     )
     edit(
         repo_copy / "model_vgg_maxl.py",
-        "        super().__init__()\n        self.block1",
-        "        super().__init__()  # drift\n        self.block1",
+        "        super().__init__()\n        if backbone is None:",
+        "        super().__init__()  # drift\n        if backbone is None:",
     )
     maxl_before = (repo_copy / "model_vgg_maxl.py").read_text()
     assert check_copies.main(["--fix", "--repo", str(repo_copy)]) == 0
     out = capsys.readouterr().out
-    assert "model_vgg_maxl.py: rewrote head, VGGTrunk" in out and "model_vgg_human.py: rewrote head" in out
+    assert "model_vgg_maxl.py: rewrote head, Trunk" in out and "model_vgg_human.py: rewrote head" in out
     assert check_copies.check(repo_copy) == []
     fixed = (repo_copy / "model_vgg_maxl.py").read_text()
     assert "    # new\n" in fixed and "# drift" not in fixed
@@ -219,8 +227,9 @@ def test_a_held_out_developing_set_is_removed_from_training_and_loaded_apart(dat
     """Method.held_out: no held-out image is trained on; the dev loader has them all, unaugmented."""
     held = np.arange(0, 200, 10)
     for data_path in ("loader", "device"):
-        cfg = single.check_config(
-            single.Config(data_root=str(data_root), download=False, device="cpu", workers=0, batch_size=30)
+        cfg = experiment.check_method(
+            single.METHOD,
+            single.Config(data_root=str(data_root), download=False, device="cpu", workers=0, batch_size=30),
         )
         cfg = dataclasses.replace(cfg, data_path=data_path)
         loaders = experiment.make_loaders(cfg, torch.device("cpu"), held_out=lambda train_set, cfg: held)

@@ -204,8 +204,9 @@ def test_module_cosines_take_each_modules_tensors_as_one_vector():
 class TinyVGG(maoal.VGG16):
     """The VGG16 class's layout (block1..block5, classifier1, classifier2, its forward) at a few channels."""
 
-    def __init__(self, num_primary: int, num_auxiliary: int, channels: int = 2):
+    def __init__(self, num_primary: int, num_auxiliary: int, backbone: None = None, channels: int = 2):
         nn.Module.__init__(self)
+        self.backbone, self.num_features = None, channels
         self.block1 = maoal.conv_block(3, channels, 1)
         for i in range(2, 6):
             setattr(self, f"block{i}", maoal.conv_block(channels, channels, 1))
@@ -240,7 +241,9 @@ def batch(n: int, seed: int, primary_level: int = 3, aux_level: int = 10, dtype=
     return images, labels
 
 
-TINY = maoal.check_config(maoal.Config(primary_level=3, aux_level=10, lr=0.1, lambda_lr=0.05, channels_last=False))
+TINY = experiment.check_method(
+    maoal.METHOD, maoal.Config(primary_level=3, aux_level=10, lr=0.1, lambda_lr=0.05, channels_last=False)
+)
 
 
 def expected_step(state: dict, images, labels, cfg, weights_of) -> tuple[dict, torch.Tensor]:
@@ -388,10 +391,10 @@ def test_the_meta_step_moves_rho_by_the_clipped_hypergradient_and_nothing_else(h
 
 def real_states(mode: str, other) -> tuple[dict, dict, object, object]:
     """Our state in `mode` and the other script's, with the same initial network."""
-    cfg = maoal.check_config(maoal.Config(mode=mode, primary_level=20, aux_level=100, batch_size=4))
+    cfg = experiment.check_method(maoal.METHOD, maoal.Config(mode=mode, primary_level=20, aux_level=100, batch_size=4))
     torch.manual_seed(0)
     ours = maoal.build(cfg, torch.device("cpu"))
-    other_cfg = other.check_config(other.Config(batch_size=4))
+    other_cfg = experiment.check_method(other.METHOD, other.Config(batch_size=4))
     theirs = other.build(other_cfg, torch.device("cpu"))
     state_dict = ours["model"].state_dict()
     if other is single:
@@ -492,8 +495,9 @@ def test_the_developing_set_is_stratified_and_drawn_from_the_seed(train_set, pri
 
 
 def test_the_developing_set_is_out_of_the_training_batches(data_root, train_set):
-    cfg = maoal.check_config(
-        maoal.Config(data_root=str(data_root), download=False, device="cpu", workers=0, batch_size=30, dev_size=45)
+    cfg = experiment.check_method(
+        maoal.METHOD,
+        maoal.Config(data_root=str(data_root), download=False, device="cpu", workers=0, batch_size=30, dev_size=45),
     )
     loaders = experiment.make_loaders(cfg, torch.device("cpu"), maoal.METHOD.held_out)
     dev_rows = {row.tobytes() for row in train_set.data[maoal.held_out(train_set, cfg)]}
@@ -600,8 +604,9 @@ def test_a_baseline_mode_trains_as_the_other_script_on_the_same_images(data_root
 
 def test_the_developing_set_is_held_out_in_every_mode(data_root):
     for mode in maoal.MODES:
-        cfg = maoal.check_config(
-            maoal.Config(mode=mode, data_root=str(data_root), download=False, workers=0, dev_size=30, batch_size=50)
+        cfg = experiment.check_method(
+            maoal.METHOD,
+            maoal.Config(mode=mode, data_root=str(data_root), download=False, workers=0, dev_size=30, batch_size=50),
         )
         loaders = experiment.make_loaders(cfg, torch.device("cpu"), maoal.METHOD.held_out)
         assert len(loaders.train.dataset) == 170 and len(loaders.dev.dataset) == 30, mode
@@ -672,7 +677,11 @@ RUN_ONLY = {
     "limit_batches",
     "tensorboard",
 }
+# What MAOAL refuses to change (CIFAR-100 and VGG-16 only), or a setting for ResNets: never in its names.
+FIXED = {"dataset", "backbone", "stem", "pretrained"}
 EDITS = {
+    "image_size": 64,
+    "train_fraction": 0.5,
     "primary_level": 10,
     "aux_level": 20,
     "mode": "gcs",
@@ -695,7 +704,7 @@ UPPER_LEVEL = {"meta_every", "neumann_terms", "neumann_alpha", "lambda_lr", "lam
 
 
 def name(**changes) -> str:
-    return experiment.default_run_name(maoal.METHOD, maoal.check_config(maoal.Config(**changes)))
+    return experiment.default_run_name(maoal.METHOD, experiment.check_method(maoal.METHOD, maoal.Config(**changes)))
 
 
 def test_the_default_names_carry_the_mode():
@@ -709,7 +718,7 @@ def test_every_setting_is_in_the_name_or_never_changes_it(mode):
     """In maoal mode every setting that changes the result changes the name; the baselines ignore the upper
     level's settings, so those leave their names alone. dev_size counts in every mode."""
     for field in dataclasses.fields(maoal.Config):
-        if field.name in RUN_ONLY or field.name == "mode":
+        if field.name in RUN_ONLY | FIXED or field.name == "mode":
             continue
         assert field.name in EDITS, f"no test value for {field.name}"
         base = {"mode": mode} | ({"primary_level": 3} if field.name == "aux_level" else {})
@@ -721,9 +730,9 @@ def test_edited_settings_add_a_stable_hash():
     edited = name(neumann_alpha=0.1)
     assert re.fullmatch(r"maoal-maoal-pri20-aux100-seed0-[0-9a-f]{8}", edited)
     assert name(neumann_alpha=0.1) == edited and name(neumann_alpha=0.2) != edited
-    assert experiment.edited_settings(maoal.METHOD, maoal.check_config(maoal.Config(dev_size=100, mode="equal"))) == {
-        "dev_size": 100
-    }
+    assert experiment.edited_settings(
+        maoal.METHOD, experiment.check_method(maoal.METHOD, maoal.Config(dev_size=100, mode="equal"))
+    ) == {"dev_size": 100}
 
 
 def test_settings_that_cannot_change_the_result_never_change_the_name():
@@ -733,7 +742,7 @@ def test_settings_that_cannot_change_the_result_never_change_the_name():
 
 
 def test_config_defaults_are_the_recorded_settings():
-    cfg = maoal.check_config(maoal.Config())
+    cfg = experiment.check_method(maoal.METHOD, maoal.Config())
     for key, value in maoal.paper_settings(cfg).items():
         assert getattr(cfg, key) == value, key
     assert UPPER_LEVEL <= set(maoal.paper_settings(cfg)) and "dev_size" in maoal.paper_settings(cfg)
@@ -750,8 +759,8 @@ def test_a_default_edited_in_the_file_gives_a_new_name(tmp_path):
     sys.modules[spec.name] = module  # dataclasses looks the module up while building Config
     try:
         spec.loader.exec_module(module)
-        assert experiment.default_run_name(module.METHOD, module.check_config(module.Config())) == name(
-            hypergrad_clip=5.0
-        )
+        assert experiment.default_run_name(
+            module.METHOD, experiment.check_method(module.METHOD, module.Config())
+        ) == name(hypergrad_clip=5.0)
     finally:
         del sys.modules[spec.name]

@@ -515,7 +515,7 @@ def test_gradient_cosine_is_the_references_per_output_channel_mean():
 
 def test_train_step_cosine_and_update_match_a_direct_computation():
     """Phase 1's cosine diagnostic is the reference's (two separate gradients); it does not change the step."""
-    cfg = maxl.check_config(maxl.Config(device="cpu", primary_level=3, psi="2,3,1", cossim_every=1))
+    cfg = experiment.check_method(maxl.METHOD, maxl.Config(device="cpu", primary_level=3, psi="2,3,1", cossim_every=1))
     torch.manual_seed(0)
     state = maxl.build(cfg, torch.device("cpu"))
     images = torch.randn(6, 3, 32, 32)
@@ -553,7 +553,9 @@ def test_train_step_cosine_and_update_match_a_direct_computation():
 @pytest.mark.parametrize("pair", [(3, 10), (3, 20), (3, 100), (10, 20), (10, 100), (20, 100)])
 def test_aux_level_sets_psi_from_the_hierarchy(pair):
     primary_level, aux_level = pair
-    cfg = maxl.check_config(experiment.make_config(maxl.METHOD, primary_level=primary_level, aux_level=aux_level))
+    cfg = experiment.check_method(
+        maxl.METHOD, experiment.make_config(maxl.METHOD, primary_level=primary_level, aux_level=aux_level)
+    )
     assert cfg.psi == hierarchy_psi(primary_level, aux_level) and cfg.aux_level == aux_level
     assert maxl.derived_settings(cfg) == {"psi_list": cfg.psi, "aux_classes": aux_level}
     assert maxl.run_name_stem(cfg) == f"maxl-second-order-pri{primary_level}-aux{aux_level}-seed0"
@@ -562,17 +564,19 @@ def test_aux_level_sets_psi_from_the_hierarchy(pair):
 
 
 def test_the_default_is_the_papers_psi_and_psi_5_is_the_same_run():
-    default = maxl.check_config(maxl.Config())
+    default = experiment.check_method(maxl.METHOD, maxl.Config())
     assert default.psi == [5] * 20 and default.aux_level == 100
-    given = maxl.check_config(maxl.Config(psi="5"))
+    given = experiment.check_method(maxl.METHOD, maxl.Config(psi="5"))
     assert given == default  # the same settings: the same run name, resumable either way
-    assert maxl.check_config(default) == default  # a checked config passes again unchanged
+    assert experiment.check_method(maxl.METHOD, default) == default  # a checked config passes again unchanged
 
 
 def test_a_psi_outside_the_hierarchy_has_no_aux_level():
-    cfg = maxl.check_config(maxl.Config(primary_level=3, psi="2,3,4"))
+    cfg = experiment.check_method(maxl.METHOD, maxl.Config(primary_level=3, psi="2,3,4"))
     assert cfg.psi == [2, 3, 4] and cfg.aux_level is None
-    assert maxl.check_config(maxl.Config(primary_level=3, psi=[2, 3, 4])) == cfg  # as written in the file
+    assert (
+        experiment.check_method(maxl.METHOD, maxl.Config(primary_level=3, psi=[2, 3, 4])) == cfg
+    )  # as written in the file
 
 
 def test_psi_is_a_list_in_the_file_and_follows_the_levels_given_on_the_command_line():
@@ -583,9 +587,9 @@ def test_psi_is_a_list_in_the_file_and_follows_the_levels_given_on_the_command_l
         (["--primary-level", "3", "--aux-level", "10"], [5, 1, 4]),
         (["--primary-level", "3", "--psi", "2,3,4"], [2, 3, 4]),
     ]:
-        assert maxl.check_config(experiment.parse_config(maxl.METHOD, argv)).psi == psi, argv
+        assert experiment.check_method(maxl.METHOD, experiment.parse_config(maxl.METHOD, argv)).psi == psi, argv
     with pytest.raises(experiment.UsageError, match="--psi has 20 entries but the primary task has 10 classes"):
-        maxl.check_config(maxl.Config(primary_level=10))  # a psi given in Python is taken as given
+        experiment.check_method(maxl.METHOD, maxl.Config(primary_level=10))  # a psi given in Python is taken as given
 
 
 @pytest.mark.parametrize(
@@ -599,4 +603,4 @@ def test_psi_is_a_list_in_the_file_and_follows_the_levels_given_on_the_command_l
 )
 def test_psi_and_aux_level_refusals(changes, message):
     with pytest.raises(experiment.UsageError, match=re.escape(message)):
-        maxl.check_config(maxl.Config(**changes))
+        experiment.check_method(maxl.METHOD, maxl.Config(**changes))

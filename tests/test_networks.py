@@ -311,7 +311,8 @@ def test_focal_loss_is_the_same_function_in_every_script(focal_inputs):
 # The shared Config fields (the layout: tests/test_layout.py)
 
 
-DATA_FIELDS = ["data_root", "download", "data_path", "workers"]
+DATA_FIELDS = ["dataset", "data_root", "download", "train_fraction", "image_size", "backbone", "stem", "pretrained"]
+DATA_FIELDS += ["data_path", "workers"]
 RUN_FIELDS = [
     "device",
     "seed",
@@ -352,7 +353,10 @@ def test_run_name_help_examples_match_each_scripts_default_run_name():
     for module in SCRIPTS.values():
         (action,) = [a for a in experiment.command_line(module.METHOD)._actions if a.dest == "run_name"]
         example = action.help.split("(e.g. ")[1].rstrip(")")
-        assert experiment.default_run_name(module.METHOD, module.check_config(module.Config())) == example
+        assert (
+            experiment.default_run_name(module.METHOD, experiment.check_method(module.METHOD, module.Config()))
+            == example
+        )
 
 
 def test_shared_experiment_defaults_agree():

@@ -63,9 +63,22 @@ EDITS = {
 }
 
 
+# The data and network settings: a value other than the paper's for each, and what it needs beside it.
+DATA_EDITS = {"dataset": "cifar10", "backbone": "resnet18", "stem": "imagenet", "pretrained": True}
+DATA_EDITS |= {"image_size": 64, "train_fraction": 0.5}
+DATA_BASE = {"stem": {"backbone": "resnet18"}, "pretrained": {"backbone": "resnet18"}}
+
+
+def accepts(module, field: str) -> bool:
+    """Whether the method takes a value of this data or network setting other than the paper's."""
+    if field == "dataset":
+        return not module.METHOD.cifar100_only
+    return field not in ("backbone", "stem", "pretrained") or "resnet18" in module.METHOD.backbones
+
+
 def name(module, **changes) -> str:
     return experiment.default_run_name(
-        module.METHOD, module.check_config(experiment.make_config(module.METHOD, **changes))
+        module.METHOD, experiment.check_method(module.METHOD, experiment.make_config(module.METHOD, **changes))
     )
 
 
@@ -79,12 +92,13 @@ def test_every_setting_is_in_the_name_or_never_changes_it(script):
     """Each field either never enters the name (RUN_ONLY) or, changed alone, gives a new name."""
     module = SCRIPTS[script]
     for field in dataclasses.fields(module.Config):
-        if field.name in RUN_ONLY:
+        if field.name in RUN_ONLY or not accepts(module, field.name):
             continue
-        assert field.name in EDITS, f"{script}: no test value for {field.name}"
+        assert field.name in EDITS | DATA_EDITS, f"{script}: no test value for {field.name}"
         base = {"primary_level": 3} if field.name == "aux_level" else {}  # at 20 only 100 is finer
         base |= {"meta_grad": "finite-difference"} if field.name == "fd_step" else {}  # fd_step is used there only
-        changed = name(module, **base, **{field.name: EDITS[field.name]})
+        base |= DATA_BASE.get(field.name, {})
+        changed = name(module, **base, **{field.name: (EDITS | DATA_EDITS)[field.name]})
         assert changed != name(module, **base), (script, field.name)
 
 
@@ -104,7 +118,9 @@ def test_edited_settings_add_a_stable_hash():
     assert name(maxl, lr=0.03) != edited
     assert name(maxl, lr=0.02, gen_lr=1e-4) not in (edited, name(maxl, gen_lr=1e-4))
     # The hash is of the edited settings' values: known value, so it stays the same across versions.
-    assert experiment.edited_settings(maxl.METHOD, maxl.check_config(maxl.Config(lr=0.02))) == {"lr": 0.02}
+    assert experiment.edited_settings(maxl.METHOD, experiment.check_method(maxl.METHOD, maxl.Config(lr=0.02))) == {
+        "lr": 0.02
+    }
 
 
 def test_psi_is_compared_as_the_parsed_list():
@@ -133,9 +149,9 @@ def test_a_default_edited_in_the_file_gives_a_new_name(tmp_path):
     sys.modules[spec.name] = module  # dataclasses looks the module up while building Config
     try:
         spec.loader.exec_module(module)
-        assert experiment.default_run_name(module.METHOD, module.check_config(module.Config())) == name(
-            maxl, entropy_weight=0.4
-        )
+        assert experiment.default_run_name(
+            module.METHOD, experiment.check_method(module.METHOD, module.Config())
+        ) == name(maxl, entropy_weight=0.4)
     finally:
         del sys.modules[spec.name]
 
@@ -144,6 +160,6 @@ def test_a_default_edited_in_the_file_gives_a_new_name(tmp_path):
 def test_config_defaults_are_the_papers_settings(script):
     """The defaults in the file are the paper's record (a user who edits them gets new run names, as above)."""
     module = SCRIPTS[script]
-    cfg = module.check_config(module.Config())
+    cfg = experiment.check_method(module.METHOD, module.Config())
     for key, value in module.paper_settings(cfg).items():
         assert getattr(cfg, key) == value, key

@@ -228,7 +228,7 @@ def test_the_same_psi_written_differently_resumes(data_root, tmp_path):
 
 def test_a_checkpoint_of_psi_as_text_compares_as_the_list(tmp_path):
     """Older checkpoints hold psi as its text ('5'): it compares equal to the parsed list of this run."""
-    cfg = maxl.check_config(maxl.Config(primary_level=3, psi="5,5,5"))
+    cfg = experiment.check_method(maxl.METHOD, maxl.Config(primary_level=3, psi="5,5,5"))
     saved = {**dataclasses.asdict(cfg), "psi": " 5 ", "aux_level": None}
     assert experiment.settings_as_checked(maxl.METHOD, saved) == dataclasses.asdict(cfg)
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from conftest import FAST, REPO, run_main
-from test_run_names import EDITS, RUN_ONLY
+from test_run_names import DATA_BASE, DATA_EDITS, EDITS, RUN_ONLY
 from torch.func import functional_call
 
 import experiment
@@ -75,7 +75,7 @@ def built() -> dict:
     states = {}
     for module in (maxl, wamal):
         torch.manual_seed(0)
-        cfg = module.check_config(module.Config(**EQUAL_START_SETTINGS))
+        cfg = experiment.check_method(module.METHOD, module.Config(**EQUAL_START_SETTINGS))
         states[module.METHOD.name] = module.build(cfg, torch.device("cpu"))
     return states
 
@@ -93,7 +93,7 @@ def test_an_epoch_with_unit_multipliers_is_maxls(built, method):
     loaders = experiment.Loaders(train=[(images, labels)], test=[])
     results = {}
     for module in (maxl, wamal):
-        cfg = module.check_config(module.Config(**EQUAL_START_SETTINGS, meta_grad=method))
+        cfg = experiment.check_method(module.METHOD, module.Config(**EQUAL_START_SETTINGS, meta_grad=method))
         state = copy.deepcopy(built[module.METHOD.name])
         if module is wamal:
             state["label_generator"].weight_head[-1] = HalfWeight()
@@ -389,11 +389,11 @@ def test_the_generator_gives_labels_and_a_weight_per_image(setup):
 
 def name(**changes) -> str:
     return experiment.default_run_name(
-        wamal.METHOD, wamal.check_config(experiment.make_config(wamal.METHOD, **changes))
+        wamal.METHOD, experiment.check_method(wamal.METHOD, experiment.make_config(wamal.METHOD, **changes))
     )
 
 
-WAMAL_EDITS = {**EDITS, "weight_range": 10.0, "weighting": "batch"}
+WAMAL_EDITS = {**EDITS, **DATA_EDITS, "weight_range": 10.0, "weighting": "batch"}
 
 
 def test_the_papers_configuration_keeps_its_readable_name():
@@ -410,6 +410,7 @@ def test_every_setting_is_in_the_name_or_never_changes_it():
         assert field.name in WAMAL_EDITS, f"no test value for {field.name}"
         base = {"primary_level": 3} if field.name == "aux_level" else {}
         base |= {"meta_grad": "finite-difference"} if field.name == "fd_step" else {}
+        base |= DATA_BASE.get(field.name, {})
         assert name(**base, **{field.name: WAMAL_EDITS[field.name]}) != name(**base), field.name
     run_only = dict(epochs=3, workers=0, data_root="elsewhere", download=False, cuda_graphs=False, device="cpu")
     run_only |= dict(deterministic=True, compile=True, channels_last=False, data_path="loader", results_dir="r")
@@ -421,7 +422,7 @@ def test_the_new_settings_add_a_stable_hash():
     assert re.fullmatch(PAPER_NAME + r"-[0-9a-f]{8}", batch)
     assert name(weighting="batch") == batch and name(weight_range=10.0) not in (batch, PAPER_NAME)
     assert experiment.edited_settings(
-        wamal.METHOD, wamal.check_config(wamal.Config(weighting="batch", weight_range=10.0))
+        wamal.METHOD, experiment.check_method(wamal.METHOD, wamal.Config(weighting="batch", weight_range=10.0))
     ) == {
         "weight_range": 10.0,
         "weighting": "batch",
@@ -430,7 +431,7 @@ def test_the_new_settings_add_a_stable_hash():
 
 
 def test_config_defaults_are_the_papers_settings():
-    cfg = wamal.check_config(wamal.Config())
+    cfg = experiment.check_method(wamal.METHOD, wamal.Config())
     paper = wamal.paper_settings(cfg)
     assert paper["weight_range"] == 15.0 and paper["weighting"] == "sample"
     for key, value in paper.items():
@@ -450,19 +451,19 @@ def test_a_weight_range_edited_in_the_file_gives_a_new_name(tmp_path):
     sys.modules[spec.name] = module  # dataclasses looks the module up while building Config
     try:
         spec.loader.exec_module(module)
-        assert experiment.default_run_name(module.METHOD, module.check_config(module.Config())) == name(
-            weight_range=10.0
-        )
+        assert experiment.default_run_name(
+            module.METHOD, experiment.check_method(module.METHOD, module.Config())
+        ) == name(weight_range=10.0)
     finally:
         del sys.modules[spec.name]
 
 
 def test_published_accuracy_and_derived_settings():
-    cfg = wamal.check_config(wamal.Config())
+    cfg = experiment.check_method(wamal.METHOD, wamal.Config())
     assert wamal.published_accuracy(cfg) == {"WAMAL paper's abstract": 80.2, "WAMAL authors' README": 81.5}
     assert (
         wamal.published_accuracy(
-            wamal.check_config(experiment.make_config(wamal.METHOD, primary_level=10, aux_level=100))
+            experiment.check_method(wamal.METHOD, experiment.make_config(wamal.METHOD, primary_level=10, aux_level=100))
         )
         == {}
     )
@@ -530,9 +531,9 @@ def test_bad_weight_settings_are_refused(data_root, tmp_path, extra, phrase):
 @pytest.mark.parametrize("value", [0.0, -1.0, math.inf, math.nan, 200.0])
 def test_check_config_refuses_a_weight_range_outside_the_open_interval(value):
     with pytest.raises(experiment.UsageError, match="--weight-range must be positive and below 128"):
-        wamal.check_config(wamal.Config(weight_range=value))
+        experiment.check_method(wamal.METHOD, wamal.Config(weight_range=value))
 
 
 def test_check_config_refuses_an_unknown_weighting_written_into_the_file():
     with pytest.raises(experiment.UsageError, match="--weighting 'Sample' is not one of sample, batch"):
-        wamal.check_config(wamal.Config(weighting="Sample"))
+        experiment.check_method(wamal.METHOD, wamal.Config(weighting="Sample"))
