@@ -156,6 +156,20 @@ def level_index(num_classes: int) -> int:
     return LEVELS.index(num_classes)
 
 
+def domain_classes(domain: int) -> tuple[int, ...]:
+    """The fine classes of CIFAR-100 superclass `domain` (0-19), ascending: a domain task's labels 0-4 in order."""
+    return tuple(fine for fine, coarse in enumerate(FINE_TO_COARSE) if coarse == domain)
+
+
+DOMAIN_LABEL = tuple(domain_classes(FINE_TO_COARSE[fine]).index(fine) for fine in range(100))
+"""Fine class -> its label (0-4) in its superclass's 5-way task, the fine labels renumbered in ascending order."""
+
+
+def domain_indices(labels, domain: int) -> np.ndarray:
+    """Indices of the images of superclass `domain` among (N, 4) hierarchy labels, in their order."""
+    return np.flatnonzero(np.asarray(labels)[:, LEVELS.index(20)] == domain)
+
+
 def coarser_class(label: int, level: int, coarser_level: int) -> int:
     """The class at `coarser_level` that contains class `label` of `level` (levels as class counts: 3, 10, 20, 100)."""
     maps = {100: FINE_TO_COARSE, 20: COARSE_TO_10, 10: TEN_TO_3}

@@ -9,7 +9,7 @@ A model script holds its method (networks, losses, steps, one epoch) and hands i
 
 `main` parses the flags of `Config` (a subclass of `RunConfig`: the experiment's fields, then these shared
 ones), refuses bad input in one line, and `run` trains: it takes the run folder and its lock, loads
-CIFAR-100, calls `build` once and `train_epoch` and `evaluate` every epoch, and after each epoch writes the
+--dataset, calls `build` once and `train_epoch` and `evaluate` every epoch, and after each epoch writes the
 checkpoint and metrics.json atomically and the epoch's line to log.txt (with the run's provenance); `--resume`
 continues exactly where a run stopped. Step functions take what they need from here by name (`batches`, which
 also draws the progress line on a terminal, `Meter`, `FiniteGuard`, `StepGraphs`, `autocast`).
@@ -198,8 +198,12 @@ class Method:
     published_accuracy: Callable  # (cfg) -> {source: published test accuracy in %} for this configuration
     unpublished_because: Callable  # (cfg) -> why no figure is published for it (read where there is none)
     held_out: Callable | None = None  # (train_set, cfg) -> indices of a developing set kept out of training
+    # (train_set, test_set, cfg) -> (train_set, test_set, [auxiliary train sets]): the method's own tasks cut from
+    # the data before held_out (MAOAL's CIFAR-100 domains), or None: the data as loaded
+    split_data: Callable | None = None
     cifar100_only: str = ""  # why the method runs on CIFAR-100 only (it needs the hierarchy's finer labels), or ""
     backbones: tuple[str, ...] = BACKBONES  # the backbones the method is defined on
+    backbones_because: str = ""  # why only those (shown when another is asked for)
 
 
 class UsageError(Exception):
@@ -303,8 +307,8 @@ def check_data(method: Method, cfg: RunConfig) -> RunConfig:
         raise UsageError(f"--dataset {cfg.dataset!r} is not one of {', '.join(DATASETS)}")
     if cfg.backbone not in method.backbones:
         raise UsageError(
-            f"--backbone {cfg.backbone}: {method.name} is defined on {', '.join(method.backbones)} only "
-            f"(choose from {', '.join(method.backbones)})"
+            f"--backbone {cfg.backbone}: {method.name} is defined on {', '.join(method.backbones)} only"
+            + (f" ({method.backbones_because})" if method.backbones_because else "")
         )
     if cfg.dataset != "cifar100" and method.cifar100_only:
         raise UsageError(f"--dataset {cfg.dataset}: {method.name} runs on cifar100 only ({method.cifar100_only})")
@@ -561,6 +565,7 @@ class Loaders:
     train: object
     test: object
     dev: object | None = None
+    auxiliary: list = field(default_factory=list)  # split_data's auxiliary train sets, each shuffled by its own RNG
 
 
 def default_workers() -> int:
@@ -569,31 +574,36 @@ def default_workers() -> int:
     return min(4, cpus)
 
 
-def make_loaders(cfg: RunConfig, device: torch.device, held_out: Callable | None = None) -> Loaders:
+def make_loaders(
+    cfg: RunConfig, device: torch.device, held_out: Callable | None = None, split_data: Callable | None = None
+) -> Loaders:
     """Batches of (images, labels[N, 4]); every shuffled loader carries its RNG as `.generator`. `held_out`
-    (train_set, cfg) -> indices: training images kept apart as the developing set, unaugmented."""
+    (train_set, cfg) -> indices: training images kept apart as the developing set, unaugmented. `split_data`
+    (Method.split_data): the method's own train and test sets and its auxiliary train sets (augmented, shuffled)."""
     train_set, test_set = load_datasets(cfg)
     if cfg.train_fraction < 1:  # stratified by the finest labels, so every level keeps its class balance
         train_set = train_set.subset(stratified_fraction(train_set.labels[:, -1].numpy(), cfg.train_fraction, cfg.seed))
+    auxiliary_sets = []
+    if split_data is not None:
+        train_set, test_set, auxiliary_sets = split_data(train_set, test_set, cfg)
     dev_set = None
     if held_out is not None and len(dev_indices := held_out(train_set, cfg)):
         train_set, dev_set = train_set.split(dev_indices, held_out_transform=test_set.transform)
-    if cfg.batch_size > len(train_set):
+    smallest = min([len(train_set), *(len(s) for s in auxiliary_sets)])
+    if cfg.batch_size > smallest:
         raise UsageError(
-            f"--batch-size {cfg.batch_size} is more than the {plural(len(train_set), 'training image')}; "
-            f"choose at most {len(train_set)}"
+            f"--batch-size {cfg.batch_size} is more than the {plural(smallest, 'training image')}"
+            f"{' of the smallest training set' if auxiliary_sets else ''}; choose at most {smallest}"
         )
     fits = cfg.dataset in SMALL_IMAGE_DATASETS and cfg.image_size == 32  # check_data refused device otherwise
     on_device = cfg.data_path == "device" or (cfg.data_path == "auto" and device.type == "cuda" and fits)
     flip = cfg.dataset != "svhn"  # digits are not mirror-symmetric
 
-    def loader(dataset, shuffle: bool, augment: bool):
+    def loader(dataset, shuffle: bool, augment: bool, seed: int = cfg.seed):
         if on_device:
-            return DeviceLoader(
-                dataset, cfg.batch_size, device, shuffle=shuffle, augment=augment, seed=cfg.seed, flip=flip
-            )
+            return DeviceLoader(dataset, cfg.batch_size, device, shuffle=shuffle, augment=augment, seed=seed, flip=flip)
         generator = torch.Generator()
-        generator.manual_seed(cfg.seed)
+        generator.manual_seed(seed)
         # Workers are re-seeded from `generator` every epoch (no persistent workers) so a resumed run repeats exactly.
         workers = default_workers() if cfg.workers is None else cfg.workers
         common = dict(batch_size=cfg.batch_size, num_workers=workers, pin_memory=device.type == "cuda")
@@ -602,7 +612,12 @@ def make_loaders(cfg: RunConfig, device: torch.device, held_out: Callable | None
         return torch.utils.data.DataLoader(dataset, shuffle=True, generator=generator, **common)
 
     dev = loader(dev_set, shuffle=True, augment=False) if dev_set is not None else None
-    return Loaders(loader(train_set, shuffle=True, augment=True), loader(test_set, shuffle=False, augment=False), dev)
+    # Each auxiliary set its own stream of shuffles, not the train loader's seed (equal sizes would shuffle alike).
+    seeds = [int(np.random.SeedSequence([cfg.seed, i]).generate_state(1)[0]) for i in range(1, len(auxiliary_sets) + 1)]
+    auxiliary = [loader(s, shuffle=True, augment=True, seed=seed) for s, seed in zip(auxiliary_sets, seeds)]
+    return Loaders(
+        loader(train_set, shuffle=True, augment=True), loader(test_set, shuffle=False, augment=False), dev, auxiliary
+    )
 
 
 def batches(loader, cfg: RunConfig, device: torch.device, phase: str | None = "train"):
@@ -848,6 +863,8 @@ def rng_state(loaders: Loaders) -> dict:
     }
     if loaders.dev is not None:
         state["dev_loader"] = loaders.dev.generator.get_state()
+    if loaders.auxiliary:
+        state["auxiliary_loaders"] = [loader.generator.get_state() for loader in loaders.auxiliary]
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -860,6 +877,8 @@ def set_rng_state(state: dict, loaders: Loaders) -> None:
     loaders.train.generator.set_state(state["loader"])
     if loaders.dev is not None:
         loaders.dev.generator.set_state(state["dev_loader"])
+    for loader, saved in zip(loaders.auxiliary, state.get("auxiliary_loaders", []), strict=True):
+        loader.generator.set_state(saved)
     if "cuda" in state:
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -1320,7 +1339,7 @@ def run(method: Method, cfg: RunConfig, argv: list[str] | None = None) -> dict:
         with signals_raise(), RunFolder(run_dir):
             previous_results(run_dir, cfg)
             configure_backends(cfg, device)
-            loaders = make_loaders(cfg, device, method.held_out)
+            loaders = make_loaders(cfg, device, method.held_out, method.split_data)
             state = method.build(cfg, device)
             start_epoch = 0
             if checkpoint is not None:

@@ -267,7 +267,12 @@ def expected_step(state: dict, images, labels, cfg, weights_of) -> tuple[dict, t
             for b in range(1, 6)
         ]
     )
-    weights = weights_of(cosines)
+    global_cosine = F.cosine_similarity(
+        flat(primary_grads[k] for k in named if k.startswith("block")),
+        flat(aux_grads[k] for k in named if k.startswith("block")),
+        dim=0,
+    )
+    weights = weights_of(cosines, global_cosine)
     after = {}
     for name, p in named.items():
         if name.startswith("block"):
@@ -275,27 +280,49 @@ def expected_step(state: dict, images, labels, cfg, weights_of) -> tuple[dict, t
         else:
             g = primary_grads[name] if name.startswith("classifier1") else aux_grads[name]
         after[name] = (p - cfg.lr * g).detach()
-    return after, cosines
+    return after, weights
 
 
-@pytest.mark.parametrize("mode", ["maoal", "gcs"])
-def test_the_lower_step_adds_each_modules_auxiliary_gradient_weighted(mode):
+WEIGHTS_OF = {
+    "maoal": lambda cos, whole: F.softplus(torch.tensor([-2.0, 0.0, 0.5, 1.0, 3.0], dtype=F64)),
+    # the paper's rule: one cosine over all the trunk's parameters decides for every module
+    "gcs": lambda cos, whole: (whole > 0).to(F64).expand(5),
+    "gcs-block": lambda cos, whole: (cos > 0).to(F64),  # each module's own cosine
+}
+
+
+@pytest.mark.parametrize("mode, seed", [("maoal", 5), ("gcs", 5), ("gcs", 7), ("gcs-block", 5)])
+def test_the_lower_step_adds_each_modules_auxiliary_gradient_weighted(mode, seed):
     """maoal: g = grad L_pri + lambda_b grad L_aux in module b (lambda = softplus(rho), here unequal); gcs: the
-    auxiliary gradient of a module added exactly where its cosine with the primary one is positive."""
+    auxiliary gradient added in every module when its cosine with the primary one over the whole trunk is
+    positive, in none otherwise; gcs-block: in exactly the modules whose own cosine is positive."""
     cfg = dataclasses.replace(TINY, mode=mode)
-    rho = [[-2.0, 0.0, 0.5, 1.0, 3.0]]
-    state = tiny_state(cfg, rho=rho)
-    images, labels = batch(6, seed=5)
-    lam = F.softplus(torch.tensor(rho[0], dtype=F64))
-    weights_of = (lambda cos: lam) if mode == "maoal" else (lambda cos: (cos > 0).to(F64))
-    expected, cosines = expected_step(state, images, labels, cfg, weights_of)
+    state = tiny_state(cfg, rho=[[-2.0, 0.0, 0.5, 1.0, 3.0]])
+    images, labels = batch(6, seed=seed)
+    expected, weights = expected_step(state, images, labels, cfg, WEIGHTS_OF[mode])
     out = maoal.train_step(state, images, labels, cfg)
     for name, p in state["model"].named_parameters():
         torch.testing.assert_close(p.detach(), expected[name], rtol=1e-12, atol=1e-14, msg=name)
     reported = torch.stack([out[f"lambda_{m}"] for m in maoal.MODULES])
-    torch.testing.assert_close(reported, weights_of(cosines))
-    if mode == "gcs":
-        assert 0 < int((cosines > 0).sum()) < 5, cosines  # this batch has both kinds of module
+    torch.testing.assert_close(reported, weights)
+    if mode == "gcs-block":
+        assert 0 < int(weights.sum()) < 5, weights  # this batch has both kinds of module: the two rules differ
+
+
+def test_the_gcs_gate_is_one_cosine_per_auxiliary_loss_by_hand():
+    """Two modules, two auxiliary losses, by hand. Both auxiliary gradients point against the primary one in
+    module 0 and with it in module 1 (cosines -1, +1). Over the whole trunk, loss 1's dot product is -4 + 3 < 0:
+    off in every module; loss 2's is -1 + 15 > 0: on in every module. Per block both would be on in module 1 only."""
+    primary = [torch.tensor([1.0, 0.0]), torch.tensor([3.0, 0.0])]  # module 0, module 1
+    aux1 = [torch.tensor([-4.0, 0.0]), torch.tensor([1.0, 0.0])]
+    aux2 = [torch.tensor([-1.0, 0.0]), torch.tensor([5.0, 0.0])]
+    gates = maoal.gcs_gates(primary, [aux1, aux2], [0, 1], 2)
+    assert gates.tolist() == [[0.0, 0.0], [1.0, 1.0]]
+    per_block = maoal.gcs_gates(primary, [aux1, aux2], [0, 1], 2, per_block=True)
+    assert per_block.tolist() == [[0.0, 1.0], [0.0, 1.0]]
+    # the combined gradient: primary plus aux2 everywhere, aux1 nowhere
+    got = maoal.combined_gradients(primary, [aux1, aux2], gates, [0, 1])
+    assert [g.tolist() for g in got] == [[0.0, 0.0], [8.0, 0.0]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,7 +376,7 @@ def dense_hypergradient(state: dict, train_images, train_labels, dev_images, dev
 
 @pytest.fixture(scope="module")
 def hyper_setup():
-    cfg = dataclasses.replace(TINY, neumann_terms=2, neumann_alpha=0.3)
+    cfg = dataclasses.replace(TINY, neumann_terms=2, neumann_alpha=0.3, authors_neumann_sum=False)
     state = tiny_state(cfg, rho=[[-1.0, 0.0, 0.5, 1.0, 2.0]])
     train_images, train_labels = batch(5, seed=2)
     dev_images, dev_labels = batch(4, seed=3)
@@ -628,7 +655,7 @@ def test_the_developing_set_is_held_out_in_every_mode(data_root):
         (["--hypergrad-clip", "-1"], "--hypergrad-clip must be positive"),
         (["--lambda-lr", "0"], "--lambda-lr must be positive"),
         (["--lambda-momentum", "-0.5"], "--lambda-momentum must be 0 or more"),
-        (["--mode", "aux"], "argument --mode: invalid choice: 'aux'"),
+        (["--mode", "gcs-global"], "argument --mode: invalid choice: 'gcs-global'"),
         (["--aux-level", "20"], "--aux-level 20 must be finer than --primary-level 20"),
     ],
 )
@@ -691,16 +718,42 @@ EDITS = {
     "lr_gamma": 0.1,
     "focal_gamma": 0.0,
     "dev_size": 1000,
-    "meta_every": 10,
+    "meta_every": 5,
     "neumann_terms": 5,
     "neumann_alpha": 0.1,
-    "lambda_lr": 1e-2,
+    "lambda_lr": 5e-3,
     "lambda_momentum": 0.0,
     "hypergrad_clip": 1.0,
     "amp": True,
     "seed": 1,
 }
-UPPER_LEVEL = {"meta_every", "neumann_terms", "neumann_alpha", "lambda_lr", "lambda_momentum", "hypergrad_clip"}
+EDITS |= {
+    "momentum": 0.5,
+    "weight_decay": 1e-4,
+    "lr_schedule": "cosine",
+    "authors_neumann_sum": False,
+    "lambda_activation": "relu",
+    "lambda_optimizer": "adam",
+    "lambda_weight_decay": 1e-3,
+    "combiner_hidden": "3",
+    "combiner_lr": 1e-2,
+    "combiner_momentum": 0.0,
+    "combiner_weight_decay": 0.0,
+    "combiner_alpha": 1e-3,
+    "target_domain": 15,
+    "aux_domains": "0-4",
+    "network": "vgg16",
+    "renormalize": False,
+    "dev_fraction": 0.1,
+    "aux_reduction": "mean",
+}
+SHARED_UPPER = {"meta_every", "neumann_terms", "hypergrad_clip", "authors_neumann_sum"}  # maoal's and aux's
+UPPER_LEVEL = SHARED_UPPER | {
+    "neumann_alpha", "lambda_lr", "lambda_momentum", "lambda_activation", "lambda_optimizer", "lambda_weight_decay"
+}  # fmt: skip
+COMBINER = {"combiner_hidden", "combiner_lr", "combiner_momentum", "combiner_weight_decay", "combiner_alpha"}
+HIERARCHY_ONLY = {"primary_level", "aux_level", "dev_size", "lr_step", "lr_gamma"}
+DOMAINS_ONLY = {"target_domain", "aux_domains", "network", "renormalize", "dev_fraction", "aux_reduction"}
 
 
 def name(**changes) -> str:
@@ -711,19 +764,46 @@ def test_the_default_names_carry_the_mode():
     assert name() == "maoal-maoal-pri20-aux100-seed0"
     assert name(mode="equal", seed=2) == "maoal-equal-pri20-aux100-seed2"
     assert name(mode="single", primary_level=3, aux_level=10) == "maoal-single-pri3-aux10-seed0"
+    assert name(task="domains") == "maoal-maoal-domain14-aux0-9-seed0"
+    assert name(task="domains", mode="aux", aux_domains="0,3") == "maoal-aux-domain14-aux0_3-seed0"
 
 
+def counts(field: str, mode: str, task: str) -> bool:
+    """Whether changing `field` must change the run name in this mode and task."""
+    if field in (DOMAINS_ONLY if task == "hierarchy" else HIERARCHY_ONLY):
+        return False
+    if task == "domains" and field == "lambda_momentum":
+        return False  # the domains' lambda optimiser is Adam
+    if task == "domains" and field == "aux_reduction":
+        return mode != "aux"  # the combiner takes the losses one by one
+    if field in SHARED_UPPER:
+        return mode in ("maoal", "aux")
+    if field in UPPER_LEVEL:
+        return mode == "maoal"
+    if field in COMBINER:
+        return mode == "aux"
+    return True
+
+
+@pytest.mark.parametrize("task", maoal.TASKS)
 @pytest.mark.parametrize("mode", maoal.MODES)
-def test_every_setting_is_in_the_name_or_never_changes_it(mode):
-    """In maoal mode every setting that changes the result changes the name; the baselines ignore the upper
-    level's settings, so those leave their names alone. dev_size counts in every mode."""
+def test_every_setting_is_in_the_name_or_never_changes_it(mode, task):
+    """Every setting that changes the result changes the name; a mode ignores the upper level's settings it does
+    not use, and a task the other task's settings: those leave its names alone."""
     for field in dataclasses.fields(maoal.Config):
-        if field.name in RUN_ONLY | FIXED or field.name == "mode":
+        if field.name in RUN_ONLY | FIXED or field.name in ("mode", "task"):
             continue
         assert field.name in EDITS, f"no test value for {field.name}"
-        base = {"mode": mode} | ({"primary_level": 3} if field.name == "aux_level" else {})
-        changed = name(**base, **{field.name: EDITS[field.name]}) != name(**base)
-        assert changed == (mode == "maoal" or field.name not in UPPER_LEVEL), (mode, field.name)
+        base = {"mode": mode, "task": task} | ({"primary_level": 3} if field.name == "aux_level" else {})
+        edit = EDITS[field.name]
+        if task == "domains" and field.name == "aux_reduction" and mode == "maoal":
+            edit = "sum"  # its paper value in maoal mode is mean
+        if task == "domains" and field.name in ("lr_schedule", "lambda_optimizer"):
+            edit = {"lr_schedule": "step", "lambda_optimizer": "sgd"}[field.name]  # the domains' paper values differ
+        if task == "domains" and field.name == "focal_gamma":
+            edit = 2.0
+        changed = name(**base, **{field.name: edit}) != name(**base)
+        assert changed == counts(field.name, mode, task), (mode, task, field.name)
 
 
 def test_edited_settings_add_a_stable_hash():
