@@ -1092,7 +1092,7 @@ def unpublished_because(cfg: Config) -> str:
     if cfg.task == "domains":
         return (
             "the MAOAL paper (Chen et al., NeurIPS 2022) gives no CIFAR-100/20 figures in its main text: it says it "
-            "added the experiment after review, in material this project could not read"
+            "added the experiment after review, outside the main text"
         )
     return (
         "the MAOAL authors' CIFAR-100 experiment is another setting (--task domains: ResNet-18, one superclass's 5 "
