@@ -1027,6 +1027,8 @@ def recorded_slot(config: dict) -> tuple[str, str, str, int, int | None, int] | 
     method = config.get("method")
     if method not in METHODS:
         return None
+    if config.get("task", "hierarchy") != "hierarchy":  # MAOAL's --task domains: tables.py maoal's runs, not these
+        return None
     primary, aux, seed = config.get("primary_level"), config.get("aux_level"), config.get("seed")
     dataset, backbone = recorded(config, "dataset"), recorded(config, "backbone")
     if not (is_int(primary) and is_int(seed) and isinstance(dataset, str) and isinstance(backbone, str)):
@@ -1036,12 +1038,15 @@ def recorded_slot(config: dict) -> tuple[str, str, str, int, int | None, int] | 
     return method, dataset, backbone, primary, aux if METHODS[method].takes_aux else None, seed
 
 
-def recorded_folders(results_dir: Path) -> dict[tuple, list[Recorded]]:
-    """Every run folder in results_dir whose metrics.json records its settings, by its place in the grid."""
+def recorded_folders(
+    results_dir: Path, slot_of: Callable[[dict], tuple | None] = recorded_slot
+) -> dict[tuple, list[Recorded]]:
+    """Every run folder in results_dir whose metrics.json records its settings, by its place in the grid (`slot_of`
+    its recorded settings, as the grid's Run.slot; None: no place of this grid)."""
     found: dict[tuple, list[Recorded]] = {}
     for path in sorted(results_dir.glob("*/metrics.json")):
         metrics = read_metrics(path)
-        slot = recorded_slot(metrics.config) if metrics and metrics.config else None
+        slot = slot_of(metrics.config) if metrics and metrics.config else None
         if slot is not None:
             found.setdefault(slot, []).append(Recorded(path.parent, metrics.config))
     return found
@@ -1051,12 +1056,14 @@ def holds_results(folder: Path) -> bool:
     return (folder / "metrics.json").exists() or (folder / "checkpoint.pt").exists()
 
 
-def runs_as_recorded(runs: Sequence[Run]) -> tuple[list[Run], list[str]]:
+def runs_as_recorded(
+    runs: Sequence[Run], slot_of: Callable[[dict], tuple | None] = recorded_slot
+) -> tuple[list[Run], list[str]]:
     """The grid's runs where the results folder holds them, found by the settings each metrics.json records: a run
     that other flags named (`run ... -- --batch-size 20`, then a plain `report`) is found too. Where several folders
     hold one place of the grid, a note names them and the settings they differ in, and the one the grid's own
     flags name is used if it is among them, else none: the table never mixes settings unasked."""
-    found = recorded_folders(runs[0].run_dir.parent) if runs else {}
+    found = recorded_folders(runs[0].run_dir.parent, slot_of) if runs else {}
     chosen, notes = [], []
     for run in runs:
         candidates = found.get(run.slot, [])
@@ -1464,13 +1471,13 @@ def report_folder(out: Path | None, default: Path, files: str) -> Path:
 
 
 def runs_and_states(
-    runs: Sequence[Run], script_flags: Sequence[str]
+    runs: Sequence[Run], script_flags: Sequence[str], slot_of: Callable[[dict], tuple | None] = recorded_slot
 ) -> tuple[list[Run], dict[Run, RunState], list[str]]:
-    """What `report` reports: without flags after --, the runs found by their recorded settings (and the notes on
-    places several folders hold); with them, the runs they name."""
+    """What `report` reports: without flags after --, the runs found by their recorded settings (`slot_of`: their
+    place in the grid) and the notes on places several folders hold; with them, the runs they name."""
     notes: list[str] = []
     if not script_flags:
-        runs, notes = runs_as_recorded(runs)
+        runs, notes = runs_as_recorded(runs, slot_of)
     return list(runs), {run: read_state(run) for run in runs}, notes
 
 
