@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from conftest import FAST, run_main
+from torch.func import functional_call
 
 import experiment
 import model_vgg_maoal as maoal
@@ -270,3 +271,44 @@ def test_renormalising_is_normalising_by_cifar100s_statistics():
     net = maoal.DomainNet(5, 1, None, True)
     torch.testing.assert_close(ours * net.input_scale + net.input_shift, theirs, rtol=1e-5, atol=1e-5)
     assert np.isclose(net.input_scale.flatten()[0].item(), 0.2 / 0.2675)
+
+
+def test_the_combiners_hypergradient_is_the_truncated_implicit_gradient_in_dense_matrices():
+    """AuxiLearn's upper level with dense matrices: -(d^2 L / d phi dW) alpha sum_j (I - alpha H)^j dL_dev/dW,
+    H = d^2 L / dW^2 of the combined training loss L(W, phi); the script takes it by vector-Jacobian products."""
+    alpha, terms = 0.05, 3
+    changes = dict(mode="aux", authors_neumann_sum=False, combiner_alpha=alpha, neumann_terms=terms)
+    cfg = experiment.check_method(maoal.METHOD, dataclasses.replace(TINY, **changes))
+    torch.manual_seed(0)
+    model = TinyDomainNet(5, 2, channels=1).double()  # one channel: the dense Hessian has 150 rows
+    combiner = maoal.LossCombiner(3, (4, 2)).double()
+    batches = [domain_batch(2, 1, 14), domain_batch(2, 2, 0), domain_batch(2, 3, 1)]
+    dev_images, dev_labels = domain_batch(2, 4, 14)
+    got, _, _ = maoal.combiner_hypergradient(model, combiner, batches, dev_images, dev_labels, cfg)
+
+    def unflatten(flat: torch.Tensor, module: nn.Module) -> dict:
+        out, start = {}, 0
+        for name, p in module.named_parameters():
+            out[name], start = flat[start : start + p.numel()].view(p.shape), start + p.numel()
+        return out
+
+    w0 = torch.cat([p.detach().flatten() for p in model.parameters()])
+    phi0 = torch.cat([p.detach().flatten() for p in combiner.parameters()])
+    n = len(w0)
+
+    def train_loss(z: torch.Tensor) -> torch.Tensor:
+        forward = maoal.functional_forward(model, unflatten(z[:n], model))
+        primary, aux, _ = maoal.step_losses(model, batches, cfg, forward)
+        return functional_call(combiner, unflatten(z[n:], combiner), (torch.stack([primary, *aux]), primary))
+
+    def dev_loss(w: torch.Tensor) -> torch.Tensor:
+        forward = maoal.functional_forward(model, unflatten(w, model))
+        return maoal.dev_loss_and_acc(forward, dev_images, dev_labels, cfg)[0]
+
+    hessian = torch.autograd.functional.hessian(train_loss, torch.cat([w0, phi0]), vectorize=True)
+    h_ww, h_phiw = hessian[:n, :n], hessian[n:, :n]
+    step = torch.eye(n, dtype=F64) - alpha * h_ww.T
+    series = alpha * sum(torch.linalg.matrix_power(step, j) for j in range(terms + 1))
+    expected = -h_phiw @ (series @ torch.autograd.functional.jacobian(dev_loss, w0))
+    assert expected.norm() > 0
+    torch.testing.assert_close(torch.cat([g.flatten() for g in got]), expected, rtol=1e-8, atol=1e-12)
