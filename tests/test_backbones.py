@@ -9,6 +9,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn as nn
+import torchvision
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.models.vision_transformer import VisionTransformer
 
@@ -174,3 +175,27 @@ def test_run_names_carry_the_backbone_and_keep_the_papers(script):
     cfg = checked(script, backbone="resnet18")
     assert script.published_accuracy(cfg) == {} and experiment.paper_data(checked(script))
     assert dataclasses.asdict(cfg)["stem"] == "cifar"
+
+
+def test_pretrained_weights_are_asked_for_and_vits_position_embeddings_fit_the_image_size(monkeypatch):
+    """--pretrained asks torchvision for its ImageNet weights (stood in for here: nothing downloads); ViT's, made at
+    224, get their position embeddings interpolated to the run's image size and load into its network."""
+    asked = []
+
+    def vit(image_size=224, weights=None):
+        asked.append(weights)
+        torch.manual_seed(1 if weights else 0)  # the same stand-in "ImageNet" weights at every call
+        return VisionTransformer(224 if weights else image_size, 16, 1, 2, 16, 32)
+
+    def resnet(weights=None):
+        asked.append(weights)
+        return ResNet(BasicBlock, [1, 1, 1, 1])
+
+    monkeypatch.setattr(torchvision.models, "vit_b_16", vit)
+    monkeypatch.setattr(torchvision.models, "resnet18", resnet)
+    network = experiment.make_backbone(checked(single, backbone="vit_b_16", pretrained=True, image_size=64))
+    imagenet = vit(weights="DEFAULT").encoder.pos_embedding  # the stand-in's 14 x 14 + 1 positions
+    assert network.encoder.pos_embedding.shape == (1, 4 * 4 + 1, 16) and imagenet.shape == (1, 14 * 14 + 1, 16)
+    torch.testing.assert_close(network.encoder.pos_embedding[:, 0], imagenet[:, 0])  # the class token's, as it was
+    experiment.make_backbone(checked(single, backbone="resnet18", pretrained=True))
+    assert asked == [None, "DEFAULT", "DEFAULT", "DEFAULT"]  # the network at 64, its weights, ours above, ResNet's
