@@ -6,7 +6,9 @@ finer labels as auxiliary task (default: the 100 fine classes), as Human does; b
 five convolution blocks b the auxiliary gradient is scaled by its own weight lambda_b. lambda is learned
 by bi-level optimisation: every --meta-every steps it takes a step along the implicit-function
 hypergradient of the primary loss on a developing set held out of the training set (a truncated Neumann
-series, as in AuxiLearn). --mode equal, gcs and single are the authors' baselines on the same images.
+series, as in AuxiLearn). --mode equal, gcs (by its paper's rule: one cosine per auxiliary loss over the whole
+trunk), aux (AuxiLearn's loss combiner) and single are the authors' baselines on the same images; gcs-block
+decides per block. --task domains is the authors' own CIFAR-100/20 experiment (ResNet-18, ten auxiliary tasks).
 
     python model_vgg_maoal.py                                  # MAOAL: primary 20, auxiliary 100, 200 epochs
     python model_vgg_maoal.py --mode equal                     # lambda = 1: Human's loss, same training images
