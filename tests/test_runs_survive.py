@@ -110,7 +110,8 @@ def test_a_second_run_in_the_same_folder_is_refused_while_the_first_lives(data_r
     flags = args(data_root, tmp_path, "--epochs", 1000, "--limit-batches", 1, "--run-name", "shared")
     first = popen("model_vgg_single.py", *flags, "--seed", "1")
     try:
-        wait_for(lambda: (tmp_path / "shared" / "checkpoint.pt").exists(), first)
+        # metrics.json is written just after checkpoint.pt: wait for it, or the read below may come in between.
+        wait_for(lambda: (tmp_path / "shared" / "metrics.json").exists(), first)
         before = (tmp_path / "shared" / "metrics.json").read_text()
         second = run_main(single, *flags, "--seed", 2, "--overwrite")
         assert_refused(second, f"'{tmp_path / 'shared'}' is in use by another run (pid {first.pid})")
