@@ -302,6 +302,16 @@ def require(cfg: RunConfig, at_least_1=(), at_least_0=(), positive=()) -> None:
                 raise UsageError(f"{flag(name)} {rule} (got {getattr(cfg, name)})")
 
 
+def default_image_size(dataset: str) -> int:
+    """--image-size when not given: the 32x32 datasets' own size, 224 (ImageNet's) for the others."""
+    return 32 if dataset in SMALL_IMAGE_DATASETS else 224
+
+
+def default_stem(image_size: int) -> str:
+    """--stem when not given: the CIFAR stem keeps a 32x32 image's detail; larger images take ImageNet's."""
+    return "cifar" if image_size == 32 else "imagenet"
+
+
 def check_data(method: Method, cfg: RunConfig) -> RunConfig:
     """Refuse a dataset or network the method or the data cannot take; return the config with the defaults that
     depend on them resolved: the primary task's classes (primary_level), the image size, the ResNets' stem."""
@@ -330,14 +340,14 @@ def check_data(method: Method, cfg: RunConfig) -> RunConfig:
                     f"primary task is its {primary_level} classes: drop {flag(name)} (in Config: None)"
                 )
     small = cfg.dataset in SMALL_IMAGE_DATASETS
-    image_size = cfg.image_size or (32 if small else 224)
+    image_size = cfg.image_size or default_image_size(cfg.dataset)
     if image_size < 32:
         raise UsageError(f"--image-size must be at least 32 (got {image_size})")
     if cfg.backbone == "vit_b_16" and image_size % 16:
         raise UsageError(f"--image-size {image_size}: vit_b_16 cuts images into 16x16 patches; give a multiple of 16")
     if cfg.stem is not None and cfg.backbone not in RESNETS:
         raise UsageError(f"--stem chooses the first layers of resnet18 and resnet50, not of {cfg.backbone}; drop it")
-    stem = (cfg.stem or ("cifar" if image_size == 32 else "imagenet")) if cfg.backbone in RESNETS else None
+    stem = (cfg.stem or default_stem(image_size)) if cfg.backbone in RESNETS else None
     if cfg.pretrained and cfg.backbone == "vgg16":
         raise UsageError(
             "--pretrained loads torchvision's ImageNet weights for resnet18, resnet50 and vit_b_16; the paper's "
@@ -364,13 +374,12 @@ def paper_data(cfg: RunConfig) -> bool:
 def data_tag(cfg: RunConfig) -> str:
     """The data and network settings of a checked config that differ from the paper's, as a run name writes them
     (e.g. cifar10-resnet18-frac0.1); empty for the paper's."""
-    small = cfg.dataset in SMALL_IMAGE_DATASETS
     parts = [cfg.dataset] if cfg.dataset != "cifar100" else []
     parts += [cfg.backbone] if cfg.backbone != "vgg16" else []
-    if cfg.stem is not None and cfg.stem != ("cifar" if cfg.image_size == 32 else "imagenet"):
+    if cfg.stem is not None and cfg.stem != default_stem(cfg.image_size):
         parts.append(f"{cfg.stem}stem")
     parts += ["pretrained"] if cfg.pretrained else []
-    parts += [f"size{cfg.image_size}"] if cfg.image_size not in (None, 32 if small else 224) else []
+    parts += [f"size{cfg.image_size}"] if cfg.image_size not in (None, default_image_size(cfg.dataset)) else []
     parts += [f"frac{cfg.train_fraction:g}"] if cfg.train_fraction != 1 else []
     return "-".join(parts)
 

@@ -1510,19 +1510,30 @@ def nothing_to_report(
     )
 
 
+def run_list(runs: Sequence[Run], states: dict[Run, RunState], best: bool = False) -> list[str]:
+    """A report's list of runs, one markdown line each: its state, and where it has epochs the mean of its last
+    LAST_EPOCHS (and, with `best`, its best epoch's accuracy)."""
+    lines = []
+    for run in runs:
+        line = f"- `{run.name}`: {describe(run, states[run])}"
+        if states[run].epochs_done:
+            accuracies = states[run].accuracies
+            line += f", last-{LAST_EPOCHS} mean {last_epochs_mean(accuracies):.2f}%"
+            line += f", best {max(accuracies):.2f}%" if best else ""
+        lines.append(line)
+    return lines
+
+
+def flags_text(script_flags: Sequence[str]) -> str:
+    """The flags after `--` as a report states them."""
+    return shlex.join(script_flags) or "none (each run found by the settings its metrics.json records)"
+
+
 def report_markdown(
     selection: Selection, runs: Sequence[Run], states: dict[Run, RunState], table: str, draw: bool
 ) -> str:
-    run_lines = [
-        f"- `{run.name}`: {describe(run, states[run])}"
-        + (
-            f", last-{LAST_EPOCHS} mean {last_epochs_mean(states[run].accuracies):.2f}%"
-            if states[run].epochs_done
-            else ""
-        )
-        for run in runs
-    ]
-    flags = shlex.join(selection.script_flags) or "none (each run found by the settings its metrics.json records)"
+    run_lines = run_list(runs, states)
+    flags = flags_text(selection.script_flags)
     return "\n".join(
         [
             "# MAXL, Figure 3: CIFAR-100 hierarchy, primary and auxiliary levels",

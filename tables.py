@@ -34,7 +34,6 @@ import argparse
 import csv
 import dataclasses
 import io
-import shlex
 import statistics
 import sys
 from collections.abc import Sequence
@@ -314,17 +313,16 @@ def results_csv(selection: Selection, grid: Grid, runs: Sequence[Run], states: d
     return out.getvalue()
 
 
+def write_texts(folder: Path, files: dict[str, str]) -> None:
+    """Each report file into `folder`, atomically; then say where they are."""
+    for name, text in files.items():
+        experiment.write_atomic(folder / name, lambda tmp, text=text: Path(tmp).write_text(text))
+    figure3.show(f"\nwrote {' and '.join(str(folder / name) for name in files)}")
+
+
 def report_markdown(selection: Selection, runs: Sequence[Run], states: dict[Run, RunState], tables: str) -> str:
-    run_lines = [
-        f"- `{run.name}`: {figure3.describe(run, states[run])}"
-        + (
-            f", last-{figure3.LAST_EPOCHS} mean {figure3.last_epochs_mean(states[run].accuracies):.2f}%"
-            if states[run].epochs_done
-            else ""
-        )
-        for run in runs
-    ]
-    flags = shlex.join(selection.script_flags) or "none (each run found by the settings its metrics.json records)"
+    run_lines = figure3.run_list(runs, states)
+    flags = figure3.flags_text(selection.script_flags)
     return "\n".join(
         [
             "# Results: test accuracy of the primary task",
@@ -357,9 +355,7 @@ def report(selection: Selection, grid: Grid, out: Path | None = None) -> int:
         "report.md": report_markdown(selection, runs, states, tables),
         "results.csv": results_csv(selection, grid, runs, states),
     }
-    for name, text in files.items():
-        experiment.write_atomic(folder / name, lambda tmp, text=text: Path(tmp).write_text(text))
-    figure3.show(f"\nwrote {' and '.join(str(folder / name) for name in files)}")
+    write_texts(folder, files)
     return 0
 
 
@@ -674,15 +670,8 @@ def maoal_csv(selection: MaoalSelection, runs: Sequence[DomainRun], states: dict
 def maoal_markdown(
     selection: MaoalSelection, runs: Sequence[DomainRun], states: dict[Run, RunState], table: str
 ) -> str:
-    run_lines = []
-    for run in runs:
-        line = f"- `{run.name}`: {figure3.describe(run, states[run])}"
-        if states[run].epochs_done:
-            accuracies = states[run].accuracies
-            line += f", last-{figure3.LAST_EPOCHS} mean {figure3.last_epochs_mean(accuracies):.2f}%"
-            line += f", best {max(accuracies):.2f}%"
-        run_lines.append(line)
-    flags = shlex.join(selection.script_flags) or "none (each run found by the settings its metrics.json records)"
+    run_lines = figure3.run_list(runs, states, best=True)
+    flags = figure3.flags_text(selection.script_flags)
     return "\n".join(
         [
             "# MAOAL's multi-domain table: every mode on CIFAR-100/20 (model_vgg_maoal.py --task domains)",
@@ -712,9 +701,7 @@ def maoal_report(selection: MaoalSelection, grid: Sequence[DomainRun], out: Path
     figure3.show(table)
     folder = figure3.report_folder(out, selection.results_dir / TABLES_FOLDER, " and ".join(MAOAL_FILES))
     files = dict(zip(MAOAL_FILES, (maoal_markdown(selection, runs, states, table), maoal_csv(selection, runs, states))))
-    for name, text in files.items():
-        experiment.write_atomic(folder / name, lambda tmp, text=text: Path(tmp).write_text(text))
-    figure3.show(f"\nwrote {' and '.join(str(folder / name) for name in files)}")
+    write_texts(folder, files)
     return 0
 
 
