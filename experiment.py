@@ -976,7 +976,19 @@ def load_checkpoint(method: Method, path: Path, cfg: RunConfig) -> dict:
             f"--resume: '{path}' was written with {was} but this run has {now}; "
             f"resume with the checkpoint's settings, or use another --run-name"
         )
+    annealed = cosine_epochs(checkpoint)
+    if annealed is not None and annealed != cfg.epochs:  # the schedule's length is in the checkpoint, not in cfg
+        raise UsageError(
+            f"--resume: '{path}' anneals its learning rate to 0 over {plural(annealed, 'epoch')} (a cosine "
+            f"schedule fixed when the run started), so it cannot go on to --epochs {cfg.epochs}: resume with "
+            f"--epochs {annealed}, or train longer in a new run (another --run-name)"
+        )
     return checkpoint
+
+
+def cosine_epochs(checkpoint: dict) -> int | None:
+    """The epochs a checkpointed cosine schedule runs over (CosineAnnealingLR's T_max), or None: none has one."""
+    return next((entry["T_max"] for entry in checkpoint.values() if isinstance(entry, dict) and "T_max" in entry), None)
 
 
 def restore(state: dict, loaders: Loaders, checkpoint: dict, path: Path) -> tuple[list[dict], int]:
@@ -1332,7 +1344,8 @@ def run(method: Method, cfg: RunConfig, argv: list[str] | None = None) -> dict:
         checkpoint = load_checkpoint(method, run_dir / "checkpoint.pt", cfg)
         if checkpoint["next_epoch"] >= cfg.epochs:  # finished: nothing to write, nor a folder to take
             done = plural(checkpoint["next_epoch"], "epoch")
-            print(f"'{run_dir}' already finished {done}; pass a larger --epochs to extend it")
+            then = "train longer in a new run" if cosine_epochs(checkpoint) else "pass a larger --epochs to extend it"
+            print(f"'{run_dir}' already finished {done}; {then}")
             summary = summarize(method, checkpoint["epochs"], cfg)
             if not metrics_match(run_dir / "metrics.json", checkpoint):  # damaged or lost: made again from it
                 metrics = {key: checkpoint.get(key, []) for key in ("config", "provenance", "epochs")}

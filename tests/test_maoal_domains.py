@@ -247,6 +247,24 @@ def test_resume_repeats_a_domains_run_exactly(data_root, tmp_path, monkeypatch):
     assert history("split") == history("straight") and len(history("straight")) == 2
 
 
+def test_a_cosine_run_resumes_over_its_own_schedule_only(data_root, tmp_path, monkeypatch):
+    """The cosine schedule anneals over the --epochs a run started with: another --epochs on resume is refused in
+    one line and leaves the run as it was; the finished run says to train longer in a new run."""
+    monkeypatch.setattr(maoal, "DomainNet", functools.partial(TinyDomainNet, channels=4))
+    monkeypatch.setattr(maoal, "RESNET_MODULES", maoal.MODULES)
+    common = flags(data_root, tmp_path, "--limit-batches", "1", "--batch-size", "4", "--dev-fraction", "0.2")
+    common += ["--mode", "equal", "--aux-domains", "0-1", "--run-name", "r"]
+    assert run_main(maoal, *common, "--epochs", "1").returncode == 0
+    before = {name: (tmp_path / "r" / name).read_bytes() for name in ("checkpoint.pt", "metrics.json")}
+    longer = run_main(maoal, *common, "--epochs", "3", "--resume")
+    assert longer.returncode == 2 and longer.stdout == ""
+    assert longer.stderr.count("\n") == 1 and "over 1 epoch (a cosine schedule" in longer.stderr
+    assert "resume with --epochs 1" in longer.stderr
+    assert {name: (tmp_path / "r" / name).read_bytes() for name in before} == before
+    same = run_main(maoal, *common, "--epochs", "1", "--resume")
+    assert same.returncode == 0 and "already finished 1 epoch; train longer in a new run" in same.stdout
+
+
 def test_the_real_network_is_torchvisions_resnet18_with_the_cifar_stem_and_its_modules():
     cfg = experiment.check_method(maoal.METHOD, maoal.Config(task="domains"))
     model = maoal.make_network(cfg)
