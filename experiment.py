@@ -135,10 +135,11 @@ class RunConfig:
     image_size: int | None = option(
         None, "input size; default: 32 for the 32x32 datasets (cifar100, cifar10, svhn), 224 for the others", type=int
     )
-    backbone: str = option(
-        "vgg16",
+    backbone: str | None = option(
+        None,
         "the trunk of every network: vgg16 (the paper's, written out in the script), or torchvision's resnet18, "
-        "resnet50, vit_b_16 without their classifier",
+        "resnet50, vit_b_16 without their classifier; default: the paper's, vgg16 (MAOAL's --task domains: its "
+        "authors' resnet18)",
         choices=BACKBONES,
     )
     stem: str | None = option(
@@ -179,6 +180,15 @@ class RunConfig:
     limit_batches: int = option(0, "only this many batches per pass (0 = all): smoke tests and benchmarks")
     tensorboard: bool = option(False, "also write each epoch's numbers as TensorBoard scalars into the run folder")
     smoke: bool = option(False, "one-minute install check on CPU: synthetic data in a temporary folder, no download")
+
+    def __post_init__(self):
+        if self.backbone is None:
+            self.backbone = self.paper_backbone
+
+    @property
+    def paper_backbone(self) -> str:
+        """The network of the paper this configuration reproduces (VGG-16); run names write another one."""
+        return "vgg16"
 
 
 @dataclass(frozen=True)
@@ -367,7 +377,7 @@ def check_method(method: Method, cfg: RunConfig) -> RunConfig:
 
 
 def paper_data(cfg: RunConfig) -> bool:
-    """Whether a checked config trains on the paper's data and network: all of CIFAR-100, 32x32, VGG-16."""
+    """Whether a checked config trains on the paper's data and network: all of CIFAR-100, 32x32, its backbone."""
     return not data_tag(cfg)
 
 
@@ -375,7 +385,7 @@ def data_tag(cfg: RunConfig) -> str:
     """The data and network settings of a checked config that differ from the paper's, as a run name writes them
     (e.g. cifar10-resnet18-frac0.1); empty for the paper's."""
     parts = [cfg.dataset] if cfg.dataset != "cifar100" else []
-    parts += [cfg.backbone] if cfg.backbone != "vgg16" else []
+    parts += [cfg.backbone] if cfg.backbone != cfg.paper_backbone else []
     if cfg.stem is not None and cfg.stem != default_stem(cfg.image_size):
         parts.append(f"{cfg.stem}stem")
     parts += ["pretrained"] if cfg.pretrained else []

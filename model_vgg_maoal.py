@@ -72,7 +72,8 @@ MODULES = ("block1", "block2", "block3", "block4", "block5")  # the modules lamb
 RESNET_MODULES = ("stem", "layer1", "layer2", "layer3", "layer4")
 CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)  # the authors' Normalize (forchchch/MAOAL@4a750de, train.py line 469)
 CIFAR100_STD = (0.2675, 0.2565, 0.2761)
-# The settings whose paper value depends on --task: None in Config, resolved by Config.__post_init__.
+# The settings whose paper value depends on --task: None in Config, resolved by Config.__post_init__ (the backbone,
+# RunConfig's, by paper_backbone).
 TASK_DEFAULTS = {
     "hierarchy": dict(
         batch_size=100, lr=0.01, momentum=0.0, weight_decay=0.0, lr_schedule="step", focal_gamma=2.0,
@@ -110,11 +111,6 @@ class Config(RunConfig):
     )
     target_domain: int = option(14, "domains: the primary task's superclass (14: people, the authors')")
     aux_domains: str = option("0-9", "domains: the auxiliary superclasses, e.g. 0-9 or 0,3,5 (the authors': 0-9)")
-    network: str = option(
-        "resnet18",
-        "domains: the shared network: resnet18 (torchvision's with the CIFAR stem, the authors') or vgg16",
-        choices=("resnet18", "vgg16"),
-    )
     renormalize: bool = option(
         True,
         "domains: normalise the inputs by CIFAR-100's channel means and deviations, as the authors (the loaders' "
@@ -208,6 +204,12 @@ class Config(RunConfig):
         for name, value in TASK_DEFAULTS.get(self.task, TASK_DEFAULTS["hierarchy"]).items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
+        super().__post_init__()  # the backbone: the task's paper_backbone
+
+    @property
+    def paper_backbone(self) -> str:
+        """The authors' network for the task: ResNet-18 on their CIFAR-100/20, VGG-16 (Human's) on the hierarchy."""
+        return "resnet18" if self.task == "domains" else "vgg16"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -856,10 +858,7 @@ def aux_domain_list(text: str) -> tuple[int, ...]:
 def make_network(cfg: Config) -> nn.Module:
     if cfg.task == "hierarchy":
         return VGG16(cfg.primary_level, cfg.aux_level, make_backbone(cfg))
-    backbone = None
-    if cfg.network == "resnet18":  # torchvision's ResNet-18, 3x3 stride-1 stem, no max-pool (make_backbone's)
-        backbone = make_backbone(dataclasses.replace(cfg, backbone="resnet18", stem="cifar", pretrained=False))
-    return DomainNet(5, len(aux_domain_list(cfg.aux_domains)), backbone, cfg.renormalize)
+    return DomainNet(5, len(aux_domain_list(cfg.aux_domains)), make_backbone(cfg), cfg.renormalize)
 
 
 def build(cfg: Config, device: torch.device) -> dict:
@@ -949,6 +948,11 @@ def check_config(cfg: Config) -> Config:
     if not hidden or min(hidden) < 1:
         raise UsageError(f"--combiner-hidden {cfg.combiner_hidden!r}: give widths of at least 1, e.g. 5,5")
     if cfg.task == "hierarchy":
+        if cfg.backbone != "vgg16":
+            raise UsageError(
+                f"--backbone {cfg.backbone}: the hierarchy task's lambda weighs VGG-16's five blocks; "
+                f"{cfg.backbone} runs the authors' CIFAR-100/20, --task domains"
+            )
         if cfg.aux_level <= cfg.primary_level:
             raise UsageError(
                 f"--aux-level {cfg.aux_level} must be finer than --primary-level {cfg.primary_level} "
@@ -989,7 +993,7 @@ def paper_settings(cfg: Config) -> dict:
         del paper["meta_every"], paper["lambda_optimizer"], paper["lambda_lr"], paper["lambda_weight_decay"]
         if cfg.mode == "aux":  # its combiner takes the losses one by one
             del paper["aux_reduction"]
-        paper |= {"network": "resnet18", "renormalize": True, "dev_fraction": 0.05}
+        paper |= {"renormalize": True, "dev_fraction": 0.05}
         upper = {"meta_every": 10, "neumann_terms": 3, "hypergrad_clip": 10.0, "authors_neumann_sum": True}
         if cfg.mode == "maoal":
             paper |= upper | {
@@ -1076,7 +1080,7 @@ def split_data(train_set: CIFAR100, test_set: CIFAR100, cfg: Config):
 def derived_settings(cfg: Config) -> dict:
     """Values computed from the flags, stored beside them in metrics.json."""
     if cfg.task == "domains":
-        modules = RESNET_MODULES if cfg.network == "resnet18" else MODULES
+        modules = RESNET_MODULES if cfg.backbone == "resnet18" else MODULES
         return {
             "aux_domain_list": list(aux_domain_list(cfg.aux_domains)),
             "target_classes": list(domain_classes(cfg.target_domain)),
@@ -1120,8 +1124,8 @@ METHOD = Method(
     published_accuracy=published_accuracy,
     unpublished_because=unpublished_because,
     cifar100_only="its auxiliary task is the finer level of CIFAR-100's hierarchy, --aux-level",
-    backbones=("vgg16",),
-    backbones_because="lambda weighs the hierarchy task's VGG-16 blocks; --task domains takes --network resnet18",
+    backbones=("vgg16", "resnet18"),
+    backbones_because="lambda weighs VGG-16's five blocks or ResNet-18's stem and four stages",
     held_out=held_out,
     split_data=split_data,
 )

@@ -47,13 +47,9 @@ from experiment import OneLineParser, UsageError
 from figure3 import METHODS, SCRIPTS, Run, RunState
 
 TABLES_FOLDER = "tables"  # inside --results-dir: report.md, results.csv, jobs/, submitit/
-DATASETS = tuple(getattr(experiment, "DATASETS", ("cifar100", "cifar10", "svhn", "oxford-pet", "food101", "cub200")))
-BACKBONES = tuple(getattr(experiment, "BACKBONES", ("vgg16", "resnet18", "resnet50", "vit_b_16")))
-DATASET_TITLES = getattr(experiment, "DATASET_NAMES", {})
+DATASETS, BACKBONES, DATASET_TITLES = experiment.DATASETS, experiment.BACKBONES, experiment.DATASET_NAMES
 BACKBONE_TITLES = {"vgg16": "VGG-16", "resnet18": "ResNet-18", "resnet50": "ResNet-50", "vit_b_16": "ViT-B/16"}
 DEFAULTS = {"datasets": "cifar10", "backbones": "vgg16", "methods": "single,maxl,wamal", "seeds": "0"}
-# Why a method runs on CIFAR-100 only, where its script does not say (its METHOD.cifar100_only says it).
-CIFAR100_ONLY = {"human": "its auxiliary task is CIFAR-100's finer labels", "maoal": "its auxiliary task is Human's"}
 # The differences shown below the methods, paired by seed, where both are selected: each against Single, and the
 # comparisons the successors' papers make.
 COMPARISONS = (
@@ -114,15 +110,15 @@ def parse_names(text: str, known: Sequence[str], option: str, noun: str) -> tupl
 
 
 def not_run_because(method: str, dataset: str, backbone: str) -> str | None:
-    """Why the method does not run on this dataset with this backbone (None: it does), as its METHOD says: a
+    """Why the method does not run on this dataset with this backbone (None: it does), as its script says: a
     phrase after the method's name ("runs on cifar100 only (...)")."""
-    spec = SCRIPTS[method].METHOD
-    only = getattr(spec, "cifar100_only", "") or CIFAR100_ONLY.get(method, "")
-    if dataset != "cifar100" and only:
-        return f"runs on cifar100 only ({only})"
-    backbones = getattr(spec, "backbones", BACKBONES)
-    if backbone not in backbones:
-        return f"is defined on {', '.join(backbones)} only"
+    module = SCRIPTS[method]
+    if dataset != "cifar100" and module.METHOD.cifar100_only:
+        return f"runs on cifar100 only ({module.METHOD.cifar100_only})"
+    try:  # the backbone in the script's default task, checked as a run checks it
+        experiment.check_method(module.METHOD, module.Config(backbone=backbone))
+    except UsageError as error:
+        return f"refuses --backbone {backbone} ({str(error).removeprefix(f'--backbone {backbone}: ')})"
     return None
 
 
@@ -456,7 +452,7 @@ MAOAL_SETS = {
     "help": "see python model_vgg_maoal.py --help",
 }
 MAOAL_FLAGS_HELP = (
-    "Flags after -- go to every run (model_vgg_maoal.py --task domains), e.g. -- --epochs 50 --network vgg16."
+    "Flags after -- go to every run (model_vgg_maoal.py --task domains), e.g. -- --epochs 50 --backbone vgg16."
 )
 # The two measures, from a run's test accuracy (%) per epoch: this project's, and the MAOAL authors'.
 MEASURES = {"last5": figure3.last_epochs_mean, "best": max}
@@ -547,7 +543,7 @@ def maoal_grid(selection: MaoalSelection) -> list[DomainRun]:
                     run_dir=selection.results_dir / experiment.default_run_name(module.METHOD, cfg),
                     published=tuple(published.items()),
                     dataset=cfg.dataset,
-                    backbone=cfg.network,
+                    backbone=cfg.backbone,
                     folder=TABLES_FOLDER,
                     mode=mode,
                     target_domain=cfg.target_domain,

@@ -18,8 +18,8 @@ paper's, the rows named by the method alone), resnet18, resnet50, vit_b_16 (torc
 from scratch; rows named e.g. "maxl-second-order/resnet18"). The data stay CIFAR-100 (the default
 --dataset), so the batches are 32x32 for every backbone: image size 32, hence the ResNets' CIFAR stem
 (3x3 stride-1 first convolution, no max-pool) and ViT-B/16 on 2x2 patches of 16 pixels (4 tokens and
-the class token), exactly as `--backbone X` trains on CIFAR-100. A method whose script is not defined
-on a backbone (maoal: vgg16 only, its METHOD.backbones) is skipped there, with a note.
+the class token), exactly as `--backbone X` trains on CIFAR-100. A method whose script refuses a
+backbone in its default task (maoal's hierarchy: vgg16 only) is skipped there, with the script's reason.
 
     python benchmarks/speed.py                                    # every method on the default device
     python benchmarks/speed.py --device cpu --reference-style --markdown
@@ -267,9 +267,14 @@ def reference_meta_step(module, state: dict, images: torch.Tensor, labels: torch
 # Configuration, data, the iteration
 
 
-def defined_on(method: Method) -> bool:
-    """Whether the method's script is defined on the method's backbone (its METHOD.backbones)."""
-    return method.backbone in script(method).METHOD.backbones
+def refusal(method: Method) -> str:
+    """Why the method's script refuses the method's backbone in its default task, as a run would; "" if it runs."""
+    module = script(method)
+    try:
+        experiment.check_method(module.METHOD, module.Config(backbone=method.backbone))
+    except experiment.UsageError as error:
+        return str(error)
+    return ""
 
 
 def make_config(method: Method, device: torch.device, args: argparse.Namespace):
@@ -913,9 +918,9 @@ def method_list(args: argparse.Namespace) -> tuple[list[Method], list[str]]:
             chosen.insert(chosen.index("maxl-second-order") + 1, REFERENCE_STYLE)
         for name in chosen:
             method = method_spec(name, backbone)
-            if not defined_on(method):
-                defined = ", ".join(script(method).METHOD.backbones)
-                skipped.append(f"{method.name} skipped: {method.script}.py is defined on {defined} only")
+            reason = refusal(method)
+            if reason:
+                skipped.append(f"{method.name} skipped: {method.script}.py refuses {reason}")
                 print(f"note: {skipped[-1]}", file=sys.stderr)
                 continue
             methods.append(method)

@@ -106,7 +106,8 @@ def test_human_trains_on_every_backbone(backbone, data_root, tmp_path):
     [
         (human, ["--dataset", "cifar10"], "human runs on cifar100 only (its auxiliary task is the finer level"),
         (maoal, ["--dataset", "folder"], "maoal runs on cifar100 only"),
-        (maoal, ["--backbone", "vit_b_16"], "maoal is defined on vgg16 only"),
+        (maoal, ["--backbone", "vit_b_16"], "maoal is defined on vgg16, resnet18 only"),
+        (maoal, ["--backbone", "resnet18"], "the hierarchy task's lambda weighs VGG-16's five blocks"),
         (single, ["--dataset", "cifar10", "--primary-level", "3"], "--primary-level 3 picks a level of CIFAR-100"),
         (maxl, ["--dataset", "svhn", "--aux-level", "100"], "--aux-level 100 picks a level of CIFAR-100"),
         (maxl, ["--dataset", "cifar10", "--psi", "2,3"], "--psi has 2 entries but the primary task has 10 classes"),

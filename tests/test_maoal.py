@@ -742,7 +742,6 @@ EDITS |= {
     "combiner_alpha": 1e-3,
     "target_domain": 15,
     "aux_domains": "0-4",
-    "network": "vgg16",
     "renormalize": False,
     "dev_fraction": 0.1,
     "aux_reduction": "mean",
@@ -753,7 +752,7 @@ UPPER_LEVEL = SHARED_UPPER | {
 }  # fmt: skip
 COMBINER = {"combiner_hidden", "combiner_lr", "combiner_momentum", "combiner_weight_decay", "combiner_alpha"}
 HIERARCHY_ONLY = {"primary_level", "aux_level", "dev_size", "lr_step", "lr_gamma"}
-DOMAINS_ONLY = {"target_domain", "aux_domains", "network", "renormalize", "dev_fraction", "aux_reduction"}
+DOMAINS_ONLY = {"target_domain", "aux_domains", "renormalize", "dev_fraction", "aux_reduction"}
 
 
 def name(**changes) -> str:
@@ -766,6 +765,10 @@ def test_the_default_names_carry_the_mode():
     assert name(mode="single", primary_level=3, aux_level=10) == "maoal-single-pri3-aux10-seed0"
     assert name(task="domains") == "maoal-maoal-domain14-aux0-9-seed0"
     assert name(task="domains", mode="aux", aux_domains="0,3") == "maoal-aux-domain14-aux0_3-seed0"
+    # the authors' ResNet-18 is the domains task's own network: only another one is written
+    assert name(task="domains", backbone="resnet18") == name(task="domains")
+    assert name(task="domains", backbone="vgg16") == "maoal-maoal-domain14-aux0-9-seed0-vgg16"
+    assert name(task="domains", backbone="resnet18", pretrained=True) == "maoal-maoal-domain14-aux0-9-seed0-pretrained"
 
 
 def counts(field: str, mode: str, task: str) -> bool:

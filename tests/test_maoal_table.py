@@ -20,7 +20,7 @@ import model_vgg_maoal as maoal
 import tables
 
 # The cheapest real run: one batch of 4 images, VGG-16, one auxiliary domain, on the CPU.
-TINY = ["--epochs", "1", "--limit-batches", "1", "--batch-size", "4", "--network", "vgg16", "--aux-domains", "0"]
+TINY = ["--epochs", "1", "--limit-batches", "1", "--batch-size", "4", "--backbone", "vgg16", "--aux-domains", "0"]
 TINY += ["--device", "cpu", "--workers", "0", "--no-download"]
 
 
