@@ -1354,7 +1354,8 @@ def run(method: Method, cfg: RunConfig, argv: list[str] | None = None) -> dict:
         checkpoint = load_checkpoint(method, run_dir / "checkpoint.pt", cfg)
         if checkpoint["next_epoch"] >= cfg.epochs:  # finished: nothing to write, nor a folder to take
             done = plural(checkpoint["next_epoch"], "epoch")
-            then = "train longer in a new run" if cosine_epochs(checkpoint) else "pass a larger --epochs to extend it"
+            cosine = cosine_epochs(checkpoint) is not None
+            then = "train longer in a new run" if cosine else "pass a larger --epochs to extend it"
             print(f"'{run_dir}' already finished {done}; {then}")
             summary = summarize(method, checkpoint["epochs"], cfg)
             if not metrics_match(run_dir / "metrics.json", checkpoint):  # damaged or lost: made again from it
