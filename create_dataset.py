@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import functools
 import hashlib
 import io
@@ -34,6 +35,7 @@ import os
 import pickle
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.error import URLError
 
 import numpy as np
 import torch
@@ -102,6 +104,10 @@ SMALL_IMAGE_DATASETS = ("cifar100", "cifar10", "svhn")
 """32x32 images held in memory as uint8 (``data``, (N, 32, 32, 3)): the paper's pipeline and DeviceLoader."""
 NUM_CLASSES = {"cifar100": 100, "cifar10": 10, "svhn": 10, "oxford-pet": 37, "food101": 101, "cub200": 200}
 """Classes of each dataset ("folder": as many as root/train has class folders, see dataset_classes)."""
+DATASET_NAMES = {"cifar100": "CIFAR-100", "cifar10": "CIFAR-10", "svhn": "SVHN", "oxford-pet": "Oxford-IIIT Pet"}
+DATASET_NAMES |= {"food101": "Food-101", "cub200": "CUB-200-2011", "folder": "the image folder"}
+DOWNLOAD_SIZES = {"cifar100": "161 MB", "cifar10": "163 MB", "svhn": "246 MB", "oxford-pet": "790 MB"}
+DOWNLOAD_SIZES |= {"food101": "5.0 GB", "cub200": "1.1 GB"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -1028,6 +1034,122 @@ class DeviceLoader:
             if self.augment:
                 images = augment_on_device(images, self.generator, flip=self.flip)
             yield normalize(images), self.labels[index]
+
+
+# --------------------------------------------------------------------------- a run's data: its datasets and loaders
+
+
+def default_image_size(dataset: str) -> int:
+    """--image-size when not given: the 32x32 datasets' own size, 224 (ImageNet's) for the others."""
+    return 32 if dataset in SMALL_IMAGE_DATASETS else 224
+
+
+def primary_labels(labels: torch.Tensor, cfg) -> torch.Tensor:
+    """A batch's primary-task labels (`cfg`: the run's settings, .dataset and .primary_level): the hierarchy's level
+    primary_level on CIFAR-100, the dataset's classes (labels' only column) on the others."""
+    return labels[:, level_index(cfg.primary_level) if cfg.dataset == "cifar100" else 0]
+
+
+def stratified_fraction(classes: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Sorted indices of round(fraction * n) of each class's n images (at least one), drawn with `seed`."""
+    rng = np.random.default_rng(seed)
+    kept = []
+    for label in np.unique(classes):
+        members = np.flatnonzero(classes == label)
+        kept.append(rng.choice(members, size=max(1, round(fraction * len(members))), replace=False))
+    return np.sort(np.concatenate(kept))
+
+
+def load_datasets(cfg):
+    """The train set (with its augmentation) and the test set of a run's --dataset (`cfg`: its settings), the train
+    set cut to --train-fraction. A dataset that is missing, corrupt or cannot be downloaded is a DatasetProblem
+    whose one line says what to do."""
+    name, folder = DATASET_NAMES[cfg.dataset], dataset_folder(cfg.dataset, cfg.data_root)
+    train_transform, test_transform = dataset_transforms(cfg.dataset, cfg.image_size)
+    # The CIFAR archives hold both splits: the train set's download fetches the test set too.
+    test_download = cfg.download and cfg.dataset not in ("cifar100", "cifar10")
+    try:
+        train_set = open_dataset(cfg.dataset, cfg.data_root, True, train_transform, cfg.download)
+        test_set = open_dataset(cfg.dataset, cfg.data_root, False, test_transform, test_download)
+    except DatasetProblem:
+        raise
+    except ImportError as error:
+        raise DatasetProblem(
+            f"--dataset {cfg.dataset} needs the {error.name or 'missing'} package to read its files: "
+            "pip install -r requirements-extras.txt"
+        ) from None
+    except (URLError, OSError) as error:
+        where = "cifar-100-python/" if cfg.dataset == "cifar100" else f"{folder.name}/"
+        raise DatasetProblem(
+            f"could not download {name} into '{cfg.data_root}' ({error}); download it yourself and extract it "
+            f"there, or point --data-root at a folder that holds {where}"
+        ) from None
+    except RuntimeError:
+        again = "" if cfg.dataset == "cifar100" else f" --dataset {cfg.dataset}"
+        if is_synthetic(cfg.dataset, cfg.data_root):  # never downloaded over: it is made again
+            hint = f"it is synthetic: delete it and run python create_dataset.py --synthetic {cfg.data_root}{again}"
+        elif cfg.dataset == "folder":
+            hint = "it needs train/<class>/ and test/<class>/ folders of images"
+        elif not cfg.download:
+            hint = f"run without --no-download to fetch it ({DOWNLOAD_SIZES[cfg.dataset]})"
+        else:
+            hint = "delete that folder to download it again"
+        raise DatasetProblem(f"{name} not found or corrupted in '{folder}'; {hint}, or point --data-root elsewhere") from None
+    if cfg.train_fraction < 1:  # stratified by the finest labels, so every level keeps its class balance
+        train_set = train_set.subset(stratified_fraction(train_set.labels[:, -1].numpy(), cfg.train_fraction, cfg.seed))
+    return train_set, test_set
+
+
+@dataclasses.dataclass
+class Loaders:
+    """A run's batches: train, test, the developing set held out of training (or None), and auxiliary train sets'
+    (each shuffled by its own generator). Every shuffled loader carries its RNG as `.generator`."""
+
+    train: object
+    test: object
+    dev: object | None = None
+    auxiliary: list = dataclasses.field(default_factory=list)
+
+
+def default_workers() -> int:
+    """The CPUs this process may use, at most 4: more would only make the DataLoader warn."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(4, cpus)
+
+
+def make_loaders(cfg, device: torch.device, train_set, test_set, dev_set=None, auxiliary_sets=()) -> Loaders:
+    """Batches of (images, labels) of a run's datasets (`cfg`: its settings): the train and auxiliary sets augmented
+    and shuffled, the developing set shuffled, the test set in order. On the device (DeviceLoader) with --data-path
+    device, or auto on CUDA for a 32x32 dataset at 32; else torchvision's DataLoader with --workers."""
+    smallest = min([len(train_set), *(len(s) for s in auxiliary_sets)])
+    if cfg.batch_size > smallest:
+        raise DatasetProblem(
+            f"--batch-size {cfg.batch_size} is more than the {smallest} training image{'s' * (smallest != 1)}"
+            f"{' of the smallest training set' if auxiliary_sets else ''}; choose at most {smallest}"
+        )
+    fits = cfg.dataset in SMALL_IMAGE_DATASETS and cfg.image_size == 32
+    on_device = cfg.data_path == "device" or (cfg.data_path == "auto" and device.type == "cuda" and fits)
+    flip = cfg.dataset != "svhn"  # digits are not mirror-symmetric
+
+    def loader(dataset, shuffle: bool, augment: bool, seed: int = cfg.seed):
+        if on_device:
+            return DeviceLoader(dataset, cfg.batch_size, device, shuffle=shuffle, augment=augment, seed=seed, flip=flip)
+        generator = torch.Generator()
+        generator.manual_seed(seed)
+        # Workers are re-seeded from `generator` every epoch (no persistent workers) so a resumed run repeats exactly.
+        workers = default_workers() if cfg.workers is None else cfg.workers
+        common = dict(batch_size=cfg.batch_size, num_workers=workers, pin_memory=device.type == "cuda")
+        if not shuffle:
+            return torch.utils.data.DataLoader(dataset, shuffle=False, **common)
+        return torch.utils.data.DataLoader(dataset, shuffle=True, generator=generator, **common)
+
+    dev = loader(dev_set, shuffle=True, augment=False) if dev_set is not None else None
+    # Each auxiliary set its own stream of shuffles, not the train loader's seed (equal sizes would shuffle alike).
+    seeds = [int(np.random.SeedSequence([cfg.seed, i]).generate_state(1)[0]) for i in range(1, len(auxiliary_sets) + 1)]
+    auxiliary = [loader(s, shuffle=True, augment=True, seed=seed) for s, seed in zip(auxiliary_sets, seeds)]
+    return Loaders(
+        loader(train_set, shuffle=True, augment=True), loader(test_set, shuffle=False, augment=False), dev, auxiliary
+    )
 
 
 # The command line's limits: the real sets' sizes (no script needs more), and their names for its messages.

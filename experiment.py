@@ -1,19 +1,26 @@
-"""The run machinery every model script shares: command line, data, devices, CUDA graphs, checkpoints, resume.
-
-A model script holds its method (networks, losses, steps, one epoch) and hands it over as one `Method`:
-
-    METHOD = Method(name="maxl", config=Config, description=__doc__, build=build, train_epoch=train_epoch, ...)
+"""The run machinery the model scripts call: flags, devices, data, CUDA graphs, checkpoints and exact resume, the run
+folder and its lock, signals, provenance, progress. A library, as Lightning Fabric is to a user's loop: each script's
+main() holds its own loop and calls what it needs here; nothing here imports or calls a script.
 
     def main(argv=None):
-        experiment.main(METHOD, argv)
+        with experiment.Run(argv) as run:                     # a refusal: one line, exit 2; Ctrl-C: the resume line
+            cfg = check_config(run.parse(Config, __doc__))    # the flags into Config, checked by the script
+            run.open("single", cfg, stem=..., paper=...)      # the run folder, its lock, the log, seeds, provenance
+            data = run.loaders(*run.datasets())
+            model, optimizer, scheduler = build(cfg, run.device)
+            saved = {"model": model, "optimizer": optimizer, "scheduler": scheduler}   # what checkpoint.pt holds
+            run.resume(saved)                                 # --resume: their states and the RNGs, from it
+            graphs = experiment.StepGraphs([optimizer], run.device, cfg.cuda_graphs)
+            for epoch in run.epochs():
+                metrics = train_epoch(...) | evaluate(...)
+                scheduler.step()
+                record = run.save(saved, metrics)             # checkpoint.pt and metrics.json, atomically
+                run.say(epoch_line(record, cfg.epochs))
+            run.finish()                                      # the summary line
 
-`main` parses the flags of `Config` (a subclass of `RunConfig`: the experiment's fields, then these shared
-ones), refuses bad input in one line, and `run` trains: it takes the run folder and its lock, loads
---dataset, calls `build` once and `train_epoch` and `evaluate` every epoch, and after each epoch writes the
-checkpoint and metrics.json atomically and the epoch's line to log.txt (with the run's provenance); `--resume`
-continues exactly where a run stopped. Step functions take what they need from here by name (`batches`, which
-also draws the progress line on a terminal, `Meter`, `FiniteGuard`, `StepGraphs`, `autocast`).
-This module imports no model script. Behaviour and every refusal: docs/reliability.md.
+The step functions take from here what they need by name: `batches` (which also draws the progress line on a
+terminal), `Meter`, `FiniteGuard`, `StepGraphs`, `autocast`, `make_backbone`. Behaviour and every refusal:
+docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -23,7 +30,6 @@ import contextlib
 import dataclasses
 import datetime
 import fcntl
-import functools
 import hashlib
 import importlib.util
 import io
@@ -40,10 +46,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.error import URLError
 
 import numpy as np
 import torch
@@ -51,19 +55,8 @@ import torch.nn as nn
 import torchvision
 from torchvision.models.vision_transformer import interpolate_embeddings
 
-from create_dataset import (
-    DATASETS,
-    SMALL_IMAGE_DATASETS,
-    DatasetProblem,
-    DeviceLoader,
-    dataset_classes,
-    dataset_folder,
-    dataset_transforms,
-    is_synthetic,
-    level_index,
-    make_synthetic,
-    open_dataset,
-)
+import create_dataset
+from create_dataset import DATASETS, DatasetProblem, Loaders
 
 PAPER_EPOCHS = 200  # the paper reports the mean test accuracy of the last 5 of 200 epochs
 MAX_SEED = 2**32 - 1  # numpy's limit, the narrowest of the seeded generators
@@ -75,40 +68,53 @@ RESERVED_RUN_NAMES = {
     "tables": "tables.py keeps its reports and job logs",
 }
 LOCK_FILE = ".lock"
-LOG_FILE = "log.txt"
 # What a run writes into its folder; a folder holding anything else was not made by a run of this project.
 RUN_FILES = re.compile(r"metrics\.json|checkpoint\.pt|log\.txt|\.lock|\..*\.tmp|events\.out\.tfevents\..*")
 # Settings a resumed run may change; every other one must match the checkpoint.
 RESUMABLE_CHANGES = {"epochs", "resume", "overwrite", "data_root", "download", "workers", "cuda_graphs"}
 RESUMABLE_CHANGES |= {"results_dir", "tensorboard"}
 SMOKE_SETTINGS = dict(download=False, device="cpu", epochs=1, batch_size=20, limit_batches=2, workers=0)
-SMOKE_SETTINGS |= dict(run_name="smoke", resume=False, overwrite=False, smoke=False)
+SMOKE_SETTINGS |= dict(run_name="smoke", resume=False, overwrite=False)
 # Two steps move a sound network's test loss little at the paper's learning rate (2.704 -> 2.707 .. 2.715 for
 # Single over three seeds), up to about 10x at 0.1 with momentum (BatchNorm's running statistics lag the weights:
 # 1.94 -> 8.29 for MAOAL's CIFAR-100/20 ResNet-18, 6.37 -> 58.8 for Single's at --lr 0.1); a diverging one's
 # by many orders of magnitude (--lr 0.5: 2.70 -> 4e18).
 SMOKE_TOLERANCE = 100
-SMOKE_SETS = {*SMOKE_SETTINGS, "data_root", "results_dir"} - {"smoke"}  # flags --smoke refuses: it sets them
+SMOKE_SETS = {*SMOKE_SETTINGS, "data_root", "results_dir"}  # flags --smoke refuses: it sets them
 # The settings that choose the data and the network, every script's: grouped in --help, named in run names.
 DATA_SETTINGS = ("dataset", "data_root", "download", "train_fraction", "image_size", "backbone", "stem", "pretrained")
 BACKBONES = ("vgg16", "resnet18", "resnet50", "vit_b_16")  # vgg16: the paper's; the others torchvision's
 RESNETS = ("resnet18", "resnet50")
-DATASET_NAMES = {"cifar100": "CIFAR-100", "cifar10": "CIFAR-10", "svhn": "SVHN", "oxford-pet": "Oxford-IIIT Pet"}
-DATASET_NAMES |= {"food101": "Food-101", "cub200": "CUB-200-2011", "folder": "the image folder"}
-DOWNLOAD_SIZES = {"cifar100": "161 MB", "cifar10": "163 MB", "svhn": "246 MB", "oxford-pet": "790 MB"}
-DOWNLOAD_SIZES |= {"food101": "5.0 GB", "cub200": "1.1 GB"}
+
+
+class UsageError(Exception):
+    """Bad input or a refused action: shown as one line, exit code 2."""
+
+
+class NonFiniteLoss(Exception):
+    """A loss became NaN or infinite: the run stops, the last good checkpoint stays; `hint` says what to change."""
+
+    def __init__(self, message: str, hint: str = "Try a smaller --lr, or --no-amp"):
+        super().__init__(message)
+        self.hint = hint
+
+
+class Interrupted(Exception):
+    def __init__(self, signum: int):
+        self.signum = signum
+
+
+class RunFault(Exception):
+    """The run could not go on (a full disk, a quota): the last good checkpoint stays; exit code 1."""
 
 
 # ---------------------------------------------------------------------------------------------
-# Settings and the contract with a model script
+# Settings: Config's fields as flags, named as the user set them
 
 
-def option(default, help: str, reset_by: tuple[str, ...] = (), **argparse_kwargs):
-    """A Config field that becomes a command-line flag with this help text (a list default is copied per Config).
-
-    `reset_by`: flags that, given on the command line without this one, set it to None (the method derives
-    it: MAXL's psi follows --primary-level and --aux-level)."""
-    metadata = {"help": help, "reset_by": reset_by, **argparse_kwargs}
+def option(default, help: str, **argparse_kwargs):
+    """A Config field that is also a command-line flag with this help text (a list default is copied per Config)."""
+    metadata = {"help": help, **argparse_kwargs}
     if isinstance(default, list):
         return field(default_factory=default.copy, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -117,7 +123,8 @@ def option(default, help: str, reset_by: tuple[str, ...] = (), **argparse_kwargs
 @dataclass
 class RunConfig:
     """The data and run settings of every model script. A script's Config subclasses it with the experiment's
-    fields, `epochs` and `batch_size` among them."""
+    fields, `epochs` and `batch_size` among them. A default of None is derived from the other settings when the
+    script checks them: editing a field in the file is the same as passing its flag."""
 
     dataset: str = option(
         "cifar100",
@@ -173,13 +180,15 @@ class RunConfig:
     run_name: str = option(
         "",
         "a plain folder name inside --results-dir; default: method, levels, seed, and a hash of the settings "
-        "that differ from the paper's (e.g. {example})",
+        "that differ from the paper's (e.g. maxl-second-order-pri20-aux100-seed0)",
     )
     resume: bool = option(False, "continue the run in <results-dir>/<run-name> from its checkpoint")
     overwrite: bool = option(False, "start over in a run folder that already holds results")
     limit_batches: int = option(0, "only this many batches per pass (0 = all): smoke tests and benchmarks")
     tensorboard: bool = option(False, "also write each epoch's numbers as TensorBoard scalars into the run folder")
     smoke: bool = option(False, "one-minute install check on CPU: synthetic data in a temporary folder, no download")
+    # Not a flag: the fields given on the command line, so that a message names a setting as the user set it.
+    flags_given: tuple[str, ...] = field(default=(), repr=False, metadata={"internal": True})
 
     def __post_init__(self):
         if self.backbone is None:
@@ -189,49 +198,6 @@ class RunConfig:
     def paper_backbone(self) -> str:
         """The network of the paper this configuration reproduces (VGG-16); run names write another one."""
         return "vgg16"
-
-
-@dataclass(frozen=True)
-class Method:
-    """What a model script hands the machinery: its name, settings and the functions of its method."""
-
-    name: str  # run names, checkpoints, metrics.json
-    config: type  # the script's Config (a RunConfig)
-    description: str  # the script's docstring: its first paragraph heads --help
-    check_config: Callable  # (cfg) -> cfg: refuses impossible settings (UsageError), parses psi and the like
-    run_name_stem: Callable  # (cfg) -> the readable part of the default run name: method, levels, seed
-    paper_settings: Callable  # (cfg) -> the paper's values of the other settings that change the result
-    build: Callable  # (cfg, device) -> state: networks, optimisers, schedulers; "model" is the evaluated
-    # network, keys without "forward_" are checkpointed, every LRScheduler steps once per epoch
-    train_epoch: Callable  # (state, graphs, loaders, cfg, device, epoch) -> the epoch's training metrics
-    eval_step: Callable  # (state, images, labels, cfg) -> one test batch's metrics (tensors)
-    epoch_line: Callable  # (record, epochs) -> the line printed after each epoch
-    derived_settings: Callable  # (cfg) -> values computed from the settings, stored beside them in metrics.json
-    published_accuracy: Callable  # (cfg) -> {source: published test accuracy in %} for this configuration
-    unpublished_because: Callable  # (cfg) -> why no figure is published for it (read where there is none)
-    held_out: Callable | None = None  # (train_set, cfg) -> indices of a developing set kept out of training
-    # (train_set, test_set, cfg) -> (train_set, test_set, [auxiliary train sets]): the method's own tasks cut from
-    # the data before held_out (MAOAL's CIFAR-100 domains), or None: the data as loaded
-    split_data: Callable | None = None
-    cifar100_only: str = ""  # why the method runs on CIFAR-100 only (it needs the hierarchy's finer labels), or ""
-    backbones: tuple[str, ...] = BACKBONES  # the backbones the method is defined on
-    backbones_because: str = ""  # why only those (shown when another is asked for)
-
-
-class UsageError(Exception):
-    """Bad input or a refused action: shown as one line, exit code 2."""
-
-
-class NonFiniteLoss(Exception):
-    """A loss became NaN or infinite: the run stops, the last good checkpoint stays; `hint` says what to change."""
-
-    def __init__(self, message: str, hint: str = "Try a smaller --lr, or --no-amp"):
-        super().__init__(message)
-        self.hint = hint
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -253,33 +219,50 @@ def flag(name: str, value=None) -> str:
     return f"--{name.replace('_', '-')}" + ("" if value is None else f" {value}")
 
 
-def ordered_fields(config: type) -> list[dataclasses.Field]:
-    """The experiment's fields first, as the script lists them, then the shared run settings."""
+def setting(cfg: RunConfig, name: str, value=None, with_value: bool = True) -> str:
+    """A setting named as the user set it: its flag (`--psi 2,3`) if given on the command line, else its field in
+    the script's Config (`psi = [2, 3] in Config`), or, where Config leaves it None, its derived default."""
+    value = getattr(cfg, name) if value is None else value
+    if name in cfg.flags_given:
+        return flag(name, value if with_value else None)
+    if next(f for f in dataclasses.fields(cfg) if f.name == name).default is None:  # derived, as the Config leaves it
+        return f"the default {name} {value!r}" if with_value else f"the default {name}"
+    return f"{name} = {value!r} in Config" if with_value else f"{name} in Config"
+
+
+def unset(cfg: RunConfig, name: str) -> str:
+    """How to take a setting back, as the user set it."""
+    return f"drop {flag(name)}" if name in cfg.flags_given else f"set {name} = None in Config"
+
+
+def fields(config: type) -> list[dataclasses.Field]:
+    """Config's settings (not the internal record of flags given): the experiment's first, as the script lists them,
+    then the shared run settings."""
     shared = {f.name for f in dataclasses.fields(RunConfig)}
-    fields = dataclasses.fields(config)
-    return [f for f in fields if f.name not in shared] + [f for f in fields if f.name in shared]
+    own = [f for f in dataclasses.fields(config) if not f.metadata.get("internal")]
+    return [f for f in own if f.name not in shared] + [f for f in own if f.name in shared]
 
 
-def command_line(method: Method) -> OneLineParser:
+def settings(cfg: RunConfig) -> dict:
+    """The settings of a config by name, as metrics.json and checkpoints record them."""
+    return {f.name: getattr(cfg, f.name) for f in fields(type(cfg))}
+
+
+def command_line(config: type, description: str) -> OneLineParser:
     """One flag per Config field; a flag not given keeps the field's value in the script."""
     parser = OneLineParser(
-        description=method.description.split("\n\n")[0],
+        description=description.split("\n\n")[0],
         allow_abbrev=False,  # a typo of one flag must not silently mean another
         argument_default=argparse.SUPPRESS,
     )
-    defaults = method.config()
-    example = default_run_name(method, check_method(method, defaults))
+    defaults = config()
     groups = {name: parser.add_argument_group(name) for name in ("the experiment", "data and network", "run")}
     shared = {f.name for f in dataclasses.fields(RunConfig)}
-    for f in ordered_fields(method.config):
-        value = getattr(defaults, f.name)
-        kwargs = {k: v for k, v in f.metadata.items() if k != "reset_by"}
-        kwargs["help"] = kwargs["help"].format(example=example)
+    for f in fields(config):
+        value, kwargs = getattr(defaults, f.name), dict(f.metadata)
         if "default" not in kwargs["help"] and value not in (None, ""):
             kwargs["help"] += f" (default: {value})"
-        group = groups[
-            "data and network" if f.name in DATA_SETTINGS else "run" if f.name in shared else "the experiment"
-        ]
+        group = groups["data and network" if f.name in DATA_SETTINGS else "run" if f.name in shared else "the experiment"]
         if f.type == "bool":
             group.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, **kwargs)
         else:
@@ -287,21 +270,19 @@ def command_line(method: Method) -> OneLineParser:
     return parser
 
 
-def make_config(method: Method, **given):
-    """The Config the command line makes of these flags: the script's values for the others, except that a
-    field reset_by a given flag, and not given itself, is None (MAXL's psi then follows the hierarchy)."""
-    for f in dataclasses.fields(method.config):
-        if f.name not in given and any(name in given for name in f.metadata["reset_by"]):
-            given[f.name] = None
-    return method.config(**given)
-
-
-def parse_config(method: Method, argv: list[str] | None = None):
-    return make_config(method, **vars(command_line(method).parse_args(argv)))
+def parse_flags(config: type, argv: list[str] | None, description: str = "") -> RunConfig:
+    """The Config these flags make: the given ones set, the others as the script's Config has them. A bad flag is
+    one line and exit code 2 (argparse's SystemExit); a number that is not finite, a UsageError."""
+    given = vars(command_line(config, description).parse_args(argv))
+    cfg = config(**given, flags_given=tuple(given))
+    for name, value in settings(cfg).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"{setting(cfg, name)} is not a finite number")
+    return cfg
 
 
 def require(cfg: RunConfig, at_least_1=(), at_least_0=(), positive=()) -> None:
-    """Refuse, with one line naming the flag, a setting outside its range."""
+    """Refuse, with one line naming the setting, a value outside its range."""
     for names, ok, rule in (
         (at_least_1, lambda v: v >= 1, "must be at least 1"),
         (at_least_0, lambda v: v >= 0, "must be 0 or more"),
@@ -309,12 +290,7 @@ def require(cfg: RunConfig, at_least_1=(), at_least_0=(), positive=()) -> None:
     ):
         for name in names:
             if not ok(getattr(cfg, name)):
-                raise UsageError(f"{flag(name)} {rule} (got {getattr(cfg, name)})")
-
-
-def default_image_size(dataset: str) -> int:
-    """--image-size when not given: the 32x32 datasets' own size, 224 (ImageNet's) for the others."""
-    return 32 if dataset in SMALL_IMAGE_DATASETS else 224
+                raise UsageError(f"{setting(cfg, name, with_value=False)} {rule} (got {getattr(cfg, name)})")
 
 
 def default_stem(image_size: int) -> str:
@@ -322,35 +298,37 @@ def default_stem(image_size: int) -> str:
     return "cifar" if image_size == 32 else "imagenet"
 
 
-def check_data(method: Method, cfg: RunConfig) -> RunConfig:
-    """Refuse a dataset or network the method or the data cannot take; return the config with the defaults that
+def check_data(
+    cfg: RunConfig, method: str, backbones=BACKBONES, backbones_because: str = "", cifar100_only: str = ""
+) -> RunConfig:
+    """Refuse a dataset or network `method` (or the data) cannot take; return the config with the defaults that
     depend on them resolved: the primary task's classes (primary_level), the image size, the ResNets' stem."""
     if cfg.dataset not in DATASETS:
-        raise UsageError(f"--dataset {cfg.dataset!r} is not one of {', '.join(DATASETS)}")
-    if cfg.backbone not in method.backbones:
+        raise UsageError(f"{setting(cfg, 'dataset')} is not one of {', '.join(DATASETS)}")
+    if cfg.backbone not in backbones:
         raise UsageError(
-            f"--backbone {cfg.backbone}: {method.name} is defined on {', '.join(method.backbones)} only"
-            + (f" ({method.backbones_because})" if method.backbones_because else "")
+            f"--backbone {cfg.backbone}: {method} is defined on {', '.join(backbones)} only"
+            + (f" ({backbones_because})" if backbones_because else "")
         )
-    if cfg.dataset != "cifar100" and method.cifar100_only:
-        raise UsageError(f"--dataset {cfg.dataset}: {method.name} runs on cifar100 only ({method.cifar100_only})")
+    if cfg.dataset != "cifar100" and cifar100_only:
+        raise UsageError(f"--dataset {cfg.dataset}: {method} runs on cifar100 only ({cifar100_only})")
     if not 0 < cfg.train_fraction <= 1:
         raise UsageError(f"--train-fraction must be in (0, 1] (got {cfg.train_fraction})")
     if cfg.dataset == "cifar100":
         primary_level = 20 if cfg.primary_level is None else cfg.primary_level
     else:
         try:
-            primary_level = dataset_classes(cfg.dataset, cfg.data_root)
+            primary_level = create_dataset.dataset_classes(cfg.dataset, cfg.data_root)
         except DatasetProblem as error:
             raise UsageError(str(error)) from None
         for name in ("primary_level", "aux_level"):
-            if getattr(cfg, name, None) not in (None, primary_level if name == "primary_level" else None):
+            if getattr(cfg, name, None) is not None and (name, getattr(cfg, name)) != ("primary_level", primary_level):
                 raise UsageError(
-                    f"{flag(name, getattr(cfg, name))} picks a level of CIFAR-100's hierarchy; on {cfg.dataset} the "
-                    f"primary task is its {primary_level} classes: drop {flag(name)} (in Config: None)"
+                    f"{setting(cfg, name)} picks a level of CIFAR-100's hierarchy; on {cfg.dataset} the primary task "
+                    f"is its {primary_level} classes: {unset(cfg, name)}"
                 )
-    small = cfg.dataset in SMALL_IMAGE_DATASETS
-    image_size = cfg.image_size or default_image_size(cfg.dataset)
+    small = cfg.dataset in create_dataset.SMALL_IMAGE_DATASETS
+    image_size = cfg.image_size or create_dataset.default_image_size(cfg.dataset)
     if image_size < 32:
         raise UsageError(f"--image-size must be at least 32 (got {image_size})")
     if cfg.backbone == "vit_b_16" and image_size % 16:
@@ -371,42 +349,8 @@ def check_data(method: Method, cfg: RunConfig) -> RunConfig:
     return dataclasses.replace(cfg, primary_level=primary_level, image_size=image_size, stem=stem)
 
 
-def check_method(method: Method, cfg: RunConfig) -> RunConfig:
-    """The data settings resolved (check_data), then the method's own checks (check_config)."""
-    return method.check_config(check_data(method, cfg))
-
-
-def paper_data(cfg: RunConfig) -> bool:
-    """Whether a checked config trains on the paper's data and network: all of CIFAR-100, 32x32, its backbone."""
-    return not data_tag(cfg)
-
-
-def data_tag(cfg: RunConfig) -> str:
-    """The data and network settings of a checked config that differ from the paper's, as a run name writes them
-    (e.g. cifar10-resnet18-frac0.1); empty for the paper's."""
-    parts = [cfg.dataset] if cfg.dataset != "cifar100" else []
-    parts += [cfg.backbone] if cfg.backbone != cfg.paper_backbone else []
-    if cfg.stem is not None and cfg.stem != default_stem(cfg.image_size):
-        parts.append(f"{cfg.stem}stem")
-    parts += ["pretrained"] if cfg.pretrained else []
-    parts += [f"size{cfg.image_size}"] if cfg.image_size not in (None, default_image_size(cfg.dataset)) else []
-    parts += [f"frac{cfg.train_fraction:g}"] if cfg.train_fraction != 1 else []
-    return "-".join(parts)
-
-
-def primary_labels(labels: torch.Tensor, cfg: RunConfig) -> torch.Tensor:
-    """A batch's primary-task labels: the hierarchy's level --primary-level on CIFAR-100, the dataset's classes
-    (labels' only column) on the others."""
-    return labels[:, level_index(cfg.primary_level) if cfg.dataset == "cifar100" else 0]
-
-
-def check_settings(method: Method, cfg: RunConfig) -> RunConfig:
-    """The data's and the method's checks (check_method), then the shared run settings'."""
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise UsageError(f"{flag(f.name)} must be a finite number (got {value})")
-    cfg = check_method(method, cfg)
+def check_run_settings(cfg: RunConfig) -> None:
+    """Refuse run settings (seed, run name, device, ...) that cannot mean what they say."""
     require(cfg, at_least_0=("limit_batches",) + (("workers",) if cfg.workers is not None else ()))
     if cfg.resume and cfg.overwrite:
         raise UsageError("--resume continues a run and --overwrite starts it over; give one of them")
@@ -428,35 +372,49 @@ def check_settings(method: Method, cfg: RunConfig) -> RunConfig:
         raise UsageError(f"--device {cfg.device!r} is not one of auto, cpu, cuda, cuda:N")
     if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard")
-    return cfg
 
 
-def edited_settings(method: Method, cfg: RunConfig) -> dict:
-    """The settings that change the result and differ from the paper's (fixed) values, by name."""
-    paper = {**method.paper_settings(cfg), "amp": False}
+def data_tag(cfg: RunConfig) -> str:
+    """The data and network settings of a checked config that differ from the paper's, as a run name writes them
+    (e.g. cifar10-resnet18-frac0.1); empty for the paper's."""
+    parts = [cfg.dataset] if cfg.dataset != "cifar100" else []
+    parts += [cfg.backbone] if cfg.backbone != cfg.paper_backbone else []
+    if cfg.stem is not None and cfg.stem != default_stem(cfg.image_size):
+        parts.append(f"{cfg.stem}stem")
+    parts += ["pretrained"] if cfg.pretrained else []
+    parts += [f"size{cfg.image_size}"] if cfg.image_size not in (None, create_dataset.default_image_size(cfg.dataset)) else []
+    parts += [f"frac{cfg.train_fraction:g}"] if cfg.train_fraction != 1 else []
+    return "-".join(parts)
+
+
+def paper_data(cfg: RunConfig) -> bool:
+    """Whether a checked config trains on the paper's data and network: all of CIFAR-100, 32x32, its backbone."""
+    return not data_tag(cfg)
+
+
+def edited_settings(cfg: RunConfig, paper: dict) -> dict:
+    """The settings that change the result and differ from the paper's values (`paper`, the script's fixed record)."""
+    paper = {**paper, "amp": False}
     return {name: getattr(cfg, name) for name in sorted(paper) if getattr(cfg, name) != paper[name]}
 
 
-def default_run_name(method: Method, cfg: RunConfig) -> str:
-    """run_name_stem(cfg); a short hash of the settings that differ from the paper's, if any; -limitN for
-    a run of --limit-batches N. The same settings give the same name again (so --resume finds the run)."""
-    name = method.run_name_stem(cfg)
-    if data_tag(cfg):
-        name += f"-{data_tag(cfg)}"
-    edited = edited_settings(method, cfg)
+def run_name(cfg: RunConfig, stem: str, paper: dict) -> str:
+    """The default run name: the script's `stem` (method, levels, seed); what differs from the paper's data and
+    network; a short hash of the settings that differ from `paper`, if any; -limitN for a run of --limit-batches N.
+    The same settings give the same name again (so --resume finds the run)."""
+    name = stem + (f"-{data_tag(cfg)}" if data_tag(cfg) else "")
+    edited = edited_settings(cfg, paper)
     if edited:
         name += "-" + hashlib.sha256(json.dumps(edited, sort_keys=True).encode()).hexdigest()[:8]
-    if cfg.limit_batches:
-        name += f"-limit{cfg.limit_batches}"
-    return name
+    return name + (f"-limit{cfg.limit_batches}" if cfg.limit_batches else "")
 
 
-def not_comparable(method: Method, cfg: RunConfig, epochs_completed: int) -> list[str]:
+def not_comparable(cfg: RunConfig, paper: dict, epochs_completed: int) -> list[str]:
     """Why this run's accuracy cannot be set beside the published figures (empty: it can)."""
-    reasons = [flag(name, value) for name, value in edited_settings(method, cfg).items()]
+    reasons = [flag(name, value) for name, value in edited_settings(cfg, paper).items()]
     if cfg.limit_batches:
         reasons.append(flag("limit_batches", cfg.limit_batches))
-    if is_synthetic(cfg.dataset, cfg.data_root):
+    if create_dataset.is_synthetic(cfg.dataset, cfg.data_root):
         reasons.append("synthetic data")
     if epochs_completed != PAPER_EPOCHS:
         reasons.append(f"{epochs_completed} of the paper's {PAPER_EPOCHS} epochs")
@@ -464,7 +422,7 @@ def not_comparable(method: Method, cfg: RunConfig, epochs_completed: int) -> lis
 
 
 # ---------------------------------------------------------------------------------------------
-# Devices, seeds, data
+# Devices, seeds, backbones
 
 
 def resolve_device(name: str) -> torch.device:
@@ -493,59 +451,6 @@ def configure_backends(cfg: RunConfig, device: torch.device) -> None:
         torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.deterministic = cfg.deterministic
     torch.backends.cudnn.benchmark = device.type == "cuda" and not cfg.deterministic
-
-
-def load_datasets(cfg: RunConfig):
-    """The train set (with its augmentation) and the test set of --dataset; a dataset that is missing, corrupt or
-    cannot be downloaded is refused in one line that says what to do."""
-    name, folder = DATASET_NAMES[cfg.dataset], dataset_folder(cfg.dataset, cfg.data_root)
-    train_transform, test_transform = dataset_transforms(cfg.dataset, cfg.image_size)
-    # The CIFAR archives hold both splits: the train set's download fetches the test set too.
-    test_download = cfg.download and cfg.dataset not in ("cifar100", "cifar10")
-    try:
-        train_set = open_dataset(cfg.dataset, cfg.data_root, True, train_transform, cfg.download)
-        test_set = open_dataset(cfg.dataset, cfg.data_root, False, test_transform, test_download)
-    except DatasetProblem as error:
-        raise UsageError(str(error)) from None
-    except ImportError as error:
-        raise UsageError(
-            f"--dataset {cfg.dataset} needs the {error.name or 'missing'} package to read its files: "
-            "pip install -r requirements-extras.txt"
-        ) from None
-    except (URLError, OSError) as error:
-        where = "cifar-100-python/" if cfg.dataset == "cifar100" else f"{folder.name}/"
-        raise UsageError(
-            f"could not download {name} into '{cfg.data_root}' ({error}); download it yourself and extract it "
-            f"there, or point --data-root at a folder that holds {where}"
-        ) from None
-    except RuntimeError:
-        again = "" if cfg.dataset == "cifar100" else f" --dataset {cfg.dataset}"
-        if is_synthetic(cfg.dataset, cfg.data_root):  # never downloaded over: it is made again
-            hint = f"it is synthetic: delete it and run python create_dataset.py --synthetic {cfg.data_root}{again}"
-        elif cfg.dataset == "folder":
-            hint = "it needs train/<class>/ and test/<class>/ folders of images"
-        elif not cfg.download:
-            hint = f"run without --no-download to fetch it ({DOWNLOAD_SIZES[cfg.dataset]})"
-        else:
-            hint = "delete that folder to download it again"
-        raise UsageError(
-            f"{name} not found or corrupted in '{folder}'; {hint}, or point --data-root elsewhere"
-        ) from None
-    return train_set, test_set
-
-
-def stratified_fraction(classes: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """Sorted indices of round(fraction * n) of each class's n images (at least one), drawn with `seed`."""
-    rng = np.random.default_rng(seed)
-    kept = []
-    for label in np.unique(classes):
-        members = np.flatnonzero(classes == label)
-        kept.append(rng.choice(members, size=max(1, round(fraction * len(members))), replace=False))
-    return np.sort(np.concatenate(kept))
-
-
-# ---------------------------------------------------------------------------------------------
-# Backbones: the torchvision networks a script's Trunk may hold instead of its own VGG-16 blocks
 
 
 def headless(network: nn.Module) -> nn.Module:
@@ -579,66 +484,8 @@ def make_backbone(cfg: RunConfig) -> nn.Module | None:
     return headless(network)
 
 
-@dataclass
-class Loaders:
-    """A run's batches: train, test, and the developing set the method holds out of training (or None)."""
-
-    train: object
-    test: object
-    dev: object | None = None
-    auxiliary: list = field(default_factory=list)  # split_data's auxiliary train sets, each shuffled by its own RNG
-
-
-def default_workers() -> int:
-    """The CPUs this process may use, at most 4: more would only make the DataLoader warn."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return min(4, cpus)
-
-
-def make_loaders(
-    cfg: RunConfig, device: torch.device, held_out: Callable | None = None, split_data: Callable | None = None
-) -> Loaders:
-    """Batches of (images, labels[N, 4]); every shuffled loader carries its RNG as `.generator`. `held_out`
-    (train_set, cfg) -> indices: training images kept apart as the developing set, unaugmented. `split_data`
-    (Method.split_data): the method's own train and test sets and its auxiliary train sets (augmented, shuffled)."""
-    train_set, test_set = load_datasets(cfg)
-    if cfg.train_fraction < 1:  # stratified by the finest labels, so every level keeps its class balance
-        train_set = train_set.subset(stratified_fraction(train_set.labels[:, -1].numpy(), cfg.train_fraction, cfg.seed))
-    auxiliary_sets = []
-    if split_data is not None:
-        train_set, test_set, auxiliary_sets = split_data(train_set, test_set, cfg)
-    dev_set = None
-    if held_out is not None and len(dev_indices := held_out(train_set, cfg)):
-        train_set, dev_set = train_set.split(dev_indices, held_out_transform=test_set.transform)
-    smallest = min([len(train_set), *(len(s) for s in auxiliary_sets)])
-    if cfg.batch_size > smallest:
-        raise UsageError(
-            f"--batch-size {cfg.batch_size} is more than the {plural(smallest, 'training image')}"
-            f"{' of the smallest training set' if auxiliary_sets else ''}; choose at most {smallest}"
-        )
-    fits = cfg.dataset in SMALL_IMAGE_DATASETS and cfg.image_size == 32  # check_data refused device otherwise
-    on_device = cfg.data_path == "device" or (cfg.data_path == "auto" and device.type == "cuda" and fits)
-    flip = cfg.dataset != "svhn"  # digits are not mirror-symmetric
-
-    def loader(dataset, shuffle: bool, augment: bool, seed: int = cfg.seed):
-        if on_device:
-            return DeviceLoader(dataset, cfg.batch_size, device, shuffle=shuffle, augment=augment, seed=seed, flip=flip)
-        generator = torch.Generator()
-        generator.manual_seed(seed)
-        # Workers are re-seeded from `generator` every epoch (no persistent workers) so a resumed run repeats exactly.
-        workers = default_workers() if cfg.workers is None else cfg.workers
-        common = dict(batch_size=cfg.batch_size, num_workers=workers, pin_memory=device.type == "cuda")
-        if not shuffle:
-            return torch.utils.data.DataLoader(dataset, shuffle=False, **common)
-        return torch.utils.data.DataLoader(dataset, shuffle=True, generator=generator, **common)
-
-    dev = loader(dev_set, shuffle=True, augment=False) if dev_set is not None else None
-    # Each auxiliary set its own stream of shuffles, not the train loader's seed (equal sizes would shuffle alike).
-    seeds = [int(np.random.SeedSequence([cfg.seed, i]).generate_state(1)[0]) for i in range(1, len(auxiliary_sets) + 1)]
-    auxiliary = [loader(s, shuffle=True, augment=True, seed=seed) for s, seed in zip(auxiliary_sets, seeds)]
-    return Loaders(
-        loader(train_set, shuffle=True, augment=True), loader(test_set, shuffle=False, augment=False), dev, auxiliary
-    )
+# ---------------------------------------------------------------------------------------------
+# Steps: batches, progress, mixed precision, CUDA graphs, meters
 
 
 def batches(loader, cfg: RunConfig, device: torch.device, phase: str | None = "train"):
@@ -695,13 +542,15 @@ class Progress:
             f"epoch {self.epoch}/{self.epochs} {phase}: step {step + 1}/{steps}, {done / elapsed:.0f} img/s, "
             f"epoch left {duration(epoch_left)}, run left {run_left}"
         )
-        self.stream.write(f"\r\033[K{line}")
-        self.stream.flush()
+        with contextlib.suppress(OSError):  # a terminal that went away (SIGHUP)
+            self.stream.write(f"\r\033[K{line}")
+            self.stream.flush()
 
     def clear(self) -> None:
         if self.enabled and self.drawn:
-            self.stream.write("\r\033[K")
-            self.stream.flush()
+            with contextlib.suppress(OSError):
+                self.stream.write("\r\033[K")
+                self.stream.flush()
             self.drawn = 0.0
 
 
@@ -710,11 +559,7 @@ def duration(seconds: float) -> str:
     return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}"
 
 
-progress = Progress()  # run() sets it up for the run's duration; off outside a run
-
-
-# ---------------------------------------------------------------------------------------------
-# Mixed precision and CUDA graphs
+progress = Progress()  # a Run draws it for its epochs; off outside a run
 
 
 def autocast(cfg: RunConfig, device: torch.device):
@@ -733,17 +578,17 @@ class StepGraphs:
     labels that returns tensors) runs eagerly for its first WARMUP calls at each input shape (cuDNN
     autotuning, lazy initialisation), is then captured once and replayed with the batch copied into
     the graph's own input tensors. The learning rates a step reads are baked into its capture, so every
-    graph is dropped when an optimiser in `state` changes its learning rate. Parameters must be updated
-    in place (torch.optim and load_state_dict do). The returned tensors are overwritten by the next
-    replay of the same step. Disabled (every call eager) off CUDA and with --no-cuda-graphs.
+    graph is dropped when one of `optimizers` changes its learning rate. Parameters must be updated in
+    place (torch.optim and load_state_dict do). The returned tensors are overwritten by the next replay
+    of the same step. Disabled (every call eager) off CUDA and with --no-cuda-graphs.
     """
 
     WARMUP = 3
 
-    def __init__(self, state: dict, device: torch.device, enabled: bool = True):
+    def __init__(self, optimizers: list[torch.optim.Optimizer], device: torch.device, enabled: bool = True):
         self.enabled = enabled and device.type == "cuda"
         self.device = device
-        self.optimizers = [obj for obj in state.values() if isinstance(obj, torch.optim.Optimizer)]
+        self.optimizers = list(optimizers)
         self.learning_rates: list[float] = []
         self.graphs: dict[tuple, tuple] = {}
         self.calls: dict[tuple, int] = {}
@@ -782,10 +627,6 @@ class StepGraphs:
         return dict(outputs)
 
 
-# ---------------------------------------------------------------------------------------------
-# Meters and evaluation
-
-
 class Meter:
     """Sums per-sample metrics on the device; one host sync per epoch."""
 
@@ -821,28 +662,8 @@ class FiniteGuard:
             raise NonFiniteLoss(f"non-finite loss at epoch {epoch}, {phase} step {step + 1}; the run stopped")
 
 
-@torch.inference_mode()
-def evaluate(method: Method, state: dict, graphs: StepGraphs, loader, cfg: RunConfig, device: torch.device) -> dict:
-    """The method's eval_step over the test set, averaged per image; the network back in training mode."""
-    meter = Meter()
-    state["model"].eval()
-    step = functools.partial(method.eval_step, state, cfg=cfg)
-    for _, images, labels in batches(loader, cfg, device, phase="test"):
-        for name, value in graphs("evaluate", step, images, labels).items():
-            meter.add(name, value, images.shape[0])
-    state["model"].train()
-    return meter.means()
-
-
-def check_finite(metrics: dict[str, float], epoch: int) -> None:
-    """Every recorded number must be finite, the test metrics as much as the training losses."""
-    bad = [name for name, value in metrics.items() if not math.isfinite(value)]
-    if bad:
-        raise NonFiniteLoss(f"non-finite {', '.join(bad)} at epoch {epoch}; the run stopped")
-
-
 # ---------------------------------------------------------------------------------------------
-# Results, checkpoints, resume
+# Files: atomic writes, metrics.json, checkpoints
 
 
 def write_atomic(path: Path, write) -> None:
@@ -871,8 +692,114 @@ def write_atomic(path: Path, write) -> None:
 
 
 def json_text(obj) -> str:
-    """Strict JSON: every number is finite (run() checks them), so any JSON parser reads it."""
+    """Strict JSON: every number is finite (a run checks them), so any JSON parser reads it."""
     return json.dumps(obj, indent=1, allow_nan=False) + "\n"
+
+
+def read_metrics(path: Path) -> dict:
+    """A run's metrics.json, with every epoch's test_primary_acc a finite fraction. FileNotFoundError when there is
+    none; ValueError saying what is wrong (truncated, not JSON, an accuracy that is not a finite fraction) when it
+    cannot be used: `record.get("config")` of a file damaged in its numbers is still on the error as `.config`."""
+    try:
+        text = Path(path).read_text()
+    except UnicodeDecodeError:
+        raise ValueError("not text") from None
+    except FileNotFoundError:
+        raise
+    except OSError as error:
+        raise ValueError(f"unreadable ({error.strerror or error})") from None
+    try:
+        record = json.loads(text)  # Python reads a hand-written Infinity or NaN too: checked below
+    except json.JSONDecodeError as error:
+        if not text.strip():
+            raise ValueError("empty") from None
+        if error.pos >= len(text.rstrip()) or error.msg.startswith("Unterminated string"):
+            raise ValueError(f"truncated (the JSON stops at line {error.lineno})") from None
+        raise ValueError(f"not JSON ({error.msg} at line {error.lineno}, column {error.colno})") from None
+    epochs = record.get("epochs") if isinstance(record, dict) else None
+    problem = "it holds no list of epochs" if not isinstance(epochs, list) else "it records no epoch" if not epochs else ""
+    for number, entry in enumerate(epochs or [], 1):
+        value = entry.get("test_primary_acc") if isinstance(entry, dict) else None
+        shown = json.dumps(value)[:40]  # as the file spells it: Infinity, "abc"
+        if value is None:
+            problem = f"epoch {number} has no test_primary_acc"
+        elif not isinstance(value, (int, float)) or isinstance(value, bool):
+            problem = f"epoch {number}'s test_primary_acc is {shown}, not a number"
+        elif not math.isfinite(value):
+            problem = f"epoch {number}'s test_primary_acc is {shown}, not a finite number"
+        elif not 0 <= value <= 1:
+            problem = f"epoch {number}'s test_primary_acc is {shown}, not a fraction between 0 and 1"
+        if problem:
+            break
+    if problem:
+        error = ValueError(problem)
+        config = record.get("config") if isinstance(record, dict) else None
+        error.config = config if isinstance(config, dict) else None  # it still finds the run
+        raise error
+    return record
+
+
+def save_files(run_dir: Path, checkpoint: dict, metrics: dict) -> None:
+    """The checkpoint, then metrics.json, each atomically; a failed write (a full disk) is a RunFault."""
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)  # in memory first: a full disk then fails with the OSError that says so
+    for name, data in (("checkpoint.pt", buffer.getbuffer()), ("metrics.json", json_text(metrics).encode())):
+        try:
+            write_atomic(run_dir / name, lambda tmp, data=data: Path(tmp).write_bytes(data))
+        except OSError as error:
+            raise RunFault(f"could not write {name} in {run_dir} ({error.strerror or error})") from None
+
+
+def same_setting(saved, current) -> bool:
+    """A recorded setting equals the current one; older checkpoints wrote a comma list (psi) as its text."""
+    if isinstance(saved, str) and isinstance(current, list):
+        with contextlib.suppress(ValueError):
+            values = [int(v) for v in saved.split(",")]
+            return (values * len(current) if len(values) == 1 else values) == current
+    return saved == current
+
+
+def load_checkpoint(path: Path, method: str, cfg: RunConfig) -> dict:
+    """The checkpoint at `path`, after checking it belongs to this configuration; refuses with one line. A setting
+    it does not record (older than the setting) counts as the script's default."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        saved = checkpoint["config"]
+        checkpoint["next_epoch"]
+    except Exception as error:
+        raise UsageError(
+            f"--resume: '{path}' is unreadable (truncated or corrupt: {type(error).__name__}); "
+            f"start a new run with another --run-name, or --overwrite to replace it"
+        ) from None
+    if saved.get("method") != method:
+        raise UsageError(f"--resume: '{path}' is a {saved.get('method')} run, not {method}; use another --run-name")
+    defaults = settings(type(cfg)())
+    current = settings(cfg)
+    differ = [
+        k
+        for k in current
+        if k not in RESUMABLE_CHANGES and not same_setting(saved[k] if k in saved else defaults[k], current[k])
+    ]
+    if differ:
+        was = " ".join(flag(k, saved.get(k, defaults[k])) for k in differ)
+        now = " ".join(flag(k, current[k]) for k in differ)
+        raise UsageError(
+            f"--resume: '{path}' was written with {was} but this run has {now}; "
+            f"resume with the checkpoint's settings, or use another --run-name"
+        )
+    annealed = cosine_epochs(checkpoint)
+    if annealed is not None and annealed != cfg.epochs:  # the schedule's length is in the checkpoint, not in cfg
+        raise UsageError(
+            f"--resume: '{path}' anneals its learning rate to 0 over {plural(annealed, 'epoch')} (a cosine "
+            f"schedule fixed when the run started), so it cannot go on to --epochs {cfg.epochs}: resume with "
+            f"--epochs {annealed}, or train longer in a new run (another --run-name)"
+        )
+    return checkpoint
+
+
+def cosine_epochs(checkpoint: dict) -> int | None:
+    """The epochs a checkpointed cosine schedule runs over (CosineAnnealingLR's T_max), or None: none has one."""
+    return next((entry["T_max"] for entry in checkpoint.values() if isinstance(entry, dict) and "T_max" in entry), None)
 
 
 def rng_state(loaders: Loaders) -> dict:
@@ -904,122 +831,6 @@ def set_rng_state(state: dict, loaders: Loaders) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def summarize(method: Method, history: list[dict], cfg: RunConfig) -> dict:
-    """Final-epoch test accuracy and the mean over the last 5 epochs (the paper's way), in %; the published
-    figures for this configuration, and whether this run is one they can be compared with."""
-    accs = [100 * r["test_primary_acc"] for r in history]
-    reasons = not_comparable(method, cfg, len(history))
-    published = method.published_accuracy(cfg)
-    best = max(range(len(accs)), key=accs.__getitem__)
-    return {
-        "epochs_completed": len(history),
-        "final_test_primary_acc": accs[-1],
-        "last5_mean_test_primary_acc": sum(accs[-5:]) / len(accs[-5:]),
-        # What the MAOAL authors report: the best epoch, chosen on the test set (optimistic; not this project's).
-        "best_test_primary_acc_chosen_on_test_set": accs[best],
-        "best_epoch": history[best]["epoch"],
-        "published_test_primary_acc": published,
-        "unpublished_because": ""
-        if published
-        else method.unpublished_because(cfg)
-        if paper_data(cfg)
-        else f"the papers report no figure for this data and network ({data_tag(cfg)})",
-        "comparable_with_published": not reasons,
-        "not_comparable_because": reasons,
-    }
-
-
-def summary_line(summary: dict) -> str:
-    published = "; ".join(f"{v:.1f}% ({k})" for k, v in summary["published_test_primary_acc"].items())
-    if not published:
-        beside = "published: none for this configuration" + (
-            f" ({summary['unpublished_because']})" if summary.get("unpublished_because") else ""
-        )
-    elif summary["comparable_with_published"]:
-        beside = f"published: {published}"
-    else:
-        beside = f"not comparable with the published figures ({', '.join(summary['not_comparable_because'])})"
-    last = plural(min(5, summary["epochs_completed"]), "epoch")
-    best = (
-        f" (best {summary['best_test_primary_acc_chosen_on_test_set']:.2f}% at epoch {summary['best_epoch']}, "
-        "chosen on the test set)"
-        if "best_epoch" in summary
-        else ""
-    )
-    return (
-        f"final test primary accuracy {summary['final_test_primary_acc']:.2f}%, mean of the last "
-        f"{last} {summary['last5_mean_test_primary_acc']:.2f}%{best} | {beside}"
-    )
-
-
-def settings_as_checked(method: Method, saved: dict) -> dict:
-    """A checkpoint's settings as check_config leaves them (psi parsed, levels resolved), so that the same
-    experiment compares equal however its settings were written (--psi 5 or twenty 5s)."""
-    names = {f.name for f in dataclasses.fields(method.config)}
-    try:
-        return asdict(check_method(method, method.config(**{k: v for k, v in saved.items() if k in names})))
-    except (UsageError, TypeError, ValueError):
-        return saved
-
-
-def load_checkpoint(method: Method, path: Path, cfg: RunConfig) -> dict:
-    """The checkpoint at `path`, after checking it belongs to this configuration; refuses with one line."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        saved = checkpoint["config"]
-        checkpoint["next_epoch"]
-    except Exception as error:
-        raise UsageError(
-            f"--resume: '{path}' is unreadable (truncated or corrupt: {type(error).__name__}); "
-            f"start a new run with another --run-name, or --overwrite to replace it"
-        ) from None
-    if saved.get("method") != method.name:
-        raise UsageError(
-            f"--resume: '{path}' is a {saved.get('method')} run, not {method.name}; use another --run-name"
-        )
-    current, saved = asdict(cfg), {**saved, **settings_as_checked(method, saved)}
-    differ = [k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k]]
-    if differ:
-        was = " ".join(flag(k, saved.get(k)) for k in differ)
-        now = " ".join(flag(k, current[k]) for k in differ)
-        raise UsageError(
-            f"--resume: '{path}' was written with {was} but this run has {now}; "
-            f"resume with the checkpoint's settings, or use another --run-name"
-        )
-    annealed = cosine_epochs(checkpoint)
-    if annealed is not None and annealed != cfg.epochs:  # the schedule's length is in the checkpoint, not in cfg
-        raise UsageError(
-            f"--resume: '{path}' anneals its learning rate to 0 over {plural(annealed, 'epoch')} (a cosine "
-            f"schedule fixed when the run started), so it cannot go on to --epochs {cfg.epochs}: resume with "
-            f"--epochs {annealed}, or train longer in a new run (another --run-name)"
-        )
-    return checkpoint
-
-
-def cosine_epochs(checkpoint: dict) -> int | None:
-    """The epochs a checkpointed cosine schedule runs over (CosineAnnealingLR's T_max), or None: none has one."""
-    return next((entry["T_max"] for entry in checkpoint.values() if isinstance(entry, dict) and "T_max" in entry), None)
-
-
-def restore(state: dict, loaders: Loaders, checkpoint: dict, path: Path) -> tuple[list[dict], int]:
-    """Load every saved entry of `state` and the RNG states; returns the metrics so far and the next epoch."""
-    saved = [key for key in state if not key.startswith("forward_")]
-    missing = [key for key in (*saved, "rng", "epochs") if key not in checkpoint]
-    if missing:
-        raise UsageError(
-            f"--resume: '{path}' is incomplete (no {', '.join(missing)}); "
-            f"start a new run with another --run-name, or --overwrite to replace it"
-        )
-    try:
-        for key in saved:
-            state[key].load_state_dict(checkpoint[key])
-        set_rng_state(checkpoint["rng"], loaders)
-    except (RuntimeError, KeyError, ValueError, TypeError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise UsageError(f"--resume: '{path}' does not fit this run ({reason}); use another --run-name") from None
-    return checkpoint["epochs"], checkpoint["next_epoch"]
-
-
 # ---------------------------------------------------------------------------------------------
 # The run folder: created, locked, cleaned
 
@@ -1044,6 +855,23 @@ def lock_holder(run_dir: Path) -> int | None:
     except OSError:
         return None
     return record[0]
+
+
+def locked_by(run_dir: Path) -> str | None:
+    """Who holds `run_dir`'s lock now, 'pid N' or 'pid N on HOST', by trying the lock itself (a holder on another
+    host too, where the file system carries flock); None when nobody does."""
+    try:
+        fd = os.open(Path(run_dir) / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None
+    except BlockingIOError:
+        pid, host = lock_record(run_dir) or ("?", None)
+        return f"pid {pid}" + (f" on {host}" if host not in (None, socket.gethostname()) else "")
+    finally:
+        os.close(fd)
 
 
 class RunFolder:
@@ -1132,88 +960,21 @@ def previous_results(run_dir: Path, cfg: RunConfig) -> None:
             f"'{run_dir}' holds files no run of this project wrote ({shown}); choose another --run-name or "
             f"--results-dir"
         )
-    if cfg.resume or cfg.overwrite:
-        return
-    if (run_dir / "metrics.json").exists() or (run_dir / "checkpoint.pt").exists():
+    if not (cfg.resume or cfg.overwrite) and ((run_dir / "metrics.json").exists() or (run_dir / "checkpoint.pt").exists()):
         raise UsageError(
             f"'{run_dir}' already holds results; use --resume to continue that run, "
             f"another --run-name, or --overwrite to replace it"
         )
 
 
-def metrics_match(path: Path, checkpoint: dict) -> bool:
-    """Whether metrics.json is strict JSON holding the checkpoint's epochs."""
-
-    def refuse(constant: str):
-        raise ValueError(f"{constant} is not strict JSON")
-
-    try:
-        return json.loads(path.read_text(), parse_constant=refuse)["epochs"] == checkpoint["epochs"]
-    except (OSError, ValueError, TypeError, KeyError):
-        return False
-
-
-def missing_checkpoint(method: Method, cfg: RunConfig, run_dir: Path, named: bool) -> UsageError:
-    """--resume without a checkpoint: where it looked, and, for a default name, what made the name and which
-    runs of this method the results folder holds."""
-    message = f"--resume: no checkpoint at '{run_dir / 'checkpoint.pt'}'"
-    if not named:
-        edited = " ".join(flag(name, value) for name, value in edited_settings(method, cfg).items())
-        because = f"these settings differ from the paper's: {edited}" if edited else "the paper's settings"
-        runs = sorted(p.parent.name for p in Path(cfg.results_dir).glob(f"{method.name}-*/checkpoint.pt"))
-        here = f"; {method.name} runs in '{cfg.results_dir}': {', '.join(runs[:5])}" if runs else ""
-        message += f" (the default name of this configuration, {because}){here}"
-    return UsageError(f"{message}; start without --resume, or check --results-dir and --run-name")
-
-
 # ---------------------------------------------------------------------------------------------
-# Interrupts, faults, provenance, the log
-
-
-class Interrupted(Exception):
-    def __init__(self, signum: int):
-        self.signum = signum
-
-
-class RunFault(Exception):
-    """The run could not go on (a full disk, a quota): the last good checkpoint stays; exit code 1."""
-
-
-@contextlib.contextmanager
-def signals_raise():
-    """SIGINT, SIGTERM and SIGHUP (a closed terminal, a dropped ssh) raise Interrupted inside the block: the
-    run's cleanup and message run as for Ctrl-C."""
-
-    def interrupt(signum, frame):
-        raise Interrupted(signum)
-
-    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
-@contextlib.contextmanager
-def signals_deferred():
-    """Hold SIGINT, SIGTERM and SIGHUP while the checkpoint and metrics.json are written, so that the two always
-    hold the same epochs; deliver them afterwards."""
-    received = []
-    hold = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in hold}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        if received:
-            raise Interrupted(received[0])
+# Provenance and the log
 
 
 def command(argv: list[str] | None = None) -> list[str]:
-    """The command that started this run: the script and its flags (`argv` where main() was handed them)."""
-    return ["python", Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)]
+    """The command that started this run: the script as it was invoked and its flags (`argv` where main() was
+    handed them), so that the resume line can be pasted where the user is."""
+    return ["python", sys.argv[0], *(sys.argv[1:] if argv is None else argv)]
 
 
 def resume_command(run_name: str, argv: list[str] | None = None) -> str:
@@ -1246,6 +1007,15 @@ def now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
+def processor_name() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else what platform knows."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def provenance(device: torch.device, argv: list[str] | None = None) -> dict:
     """Where, when and with what this start (or resume) of the run runs."""
     return {
@@ -1260,15 +1030,6 @@ def provenance(device: torch.device, argv: list[str] | None = None) -> dict:
         "cuda": torch.version.cuda,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({processor_name()})",
     }
-
-
-def processor_name() -> str:
-    """The CPU's model name (Linux's /proc/cpuinfo), else what platform knows."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 class RunLog:
@@ -1313,182 +1074,341 @@ class RunLog:
                 self.file.close()
 
 
-def learning_rates(state: dict) -> dict[str, float]:
-    """Each optimiser's current learning rate: lr (the network's), lr_gen, lr_lambda, ..."""
-    rates = {}
-    for key, obj in state.items():
-        if isinstance(obj, torch.optim.Optimizer):
-            rates["lr" + (f"_{key.removesuffix('_optimizer')}" if key != "optimizer" else "")] = obj.param_groups[0][
-                "lr"
-            ]
-    return rates
+# ---------------------------------------------------------------------------------------------
+# The summary
 
 
-def save(run_dir: Path, checkpoint: dict, metrics: dict) -> None:
-    """The checkpoint, then metrics.json, each atomically; a failed write (a full disk) is a RunFault."""
-    buffer = io.BytesIO()
-    torch.save(checkpoint, buffer)  # in memory first: a full disk then fails with the OSError that says so
-    for name, data in (("checkpoint.pt", buffer.getbuffer()), ("metrics.json", json_text(metrics).encode())):
-        try:
-            write_atomic(run_dir / name, lambda tmp, data=data: Path(tmp).write_bytes(data))
-        except OSError as error:
-            raise RunFault(f"could not write {name} in {run_dir} ({error.strerror or error})") from None
+def summarize(history: list[dict], cfg: RunConfig, paper: dict, published: dict, unpublished_because: str) -> dict:
+    """Final-epoch test accuracy and the mean over the last 5 epochs (the paper's way), in %; the published
+    figures for this configuration, and whether this run is one they can be compared with."""
+    accs = [100 * r["test_primary_acc"] for r in history]
+    reasons = not_comparable(cfg, paper, len(history))
+    best = max(range(len(accs)), key=accs.__getitem__)
+    return {
+        "epochs_completed": len(history),
+        "final_test_primary_acc": accs[-1],
+        "last5_mean_test_primary_acc": sum(accs[-5:]) / len(accs[-5:]),
+        # What the MAOAL authors report: the best epoch, chosen on the test set (optimistic; not this project's).
+        "best_test_primary_acc_chosen_on_test_set": accs[best],
+        "best_epoch": history[best]["epoch"],
+        "published_test_primary_acc": published,
+        "unpublished_because": ""
+        if published
+        else unpublished_because
+        if paper_data(cfg)
+        else f"the papers report no figure for this data and network ({data_tag(cfg)})",
+        "comparable_with_published": not reasons,
+        "not_comparable_because": reasons,
+    }
+
+
+def summary_line(summary: dict) -> str:
+    published = "; ".join(f"{v:.1f}% ({k})" for k, v in summary["published_test_primary_acc"].items())
+    if not published:
+        beside = "published: none for this configuration" + (
+            f" ({summary['unpublished_because']})" if summary.get("unpublished_because") else ""
+        )
+    elif summary["comparable_with_published"]:
+        beside = f"published: {published}"
+    else:
+        beside = f"not comparable with the published figures ({', '.join(summary['not_comparable_because'])})"
+    last = plural(min(5, summary["epochs_completed"]), "epoch")
+    best = (
+        f" (best {summary['best_test_primary_acc_chosen_on_test_set']:.2f}% at epoch {summary['best_epoch']}, "
+        "chosen on the test set)"
+        if "best_epoch" in summary
+        else ""
+    )
+    return (
+        f"final test primary accuracy {summary['final_test_primary_acc']:.2f}%, mean of the last "
+        f"{last} {summary['last5_mean_test_primary_acc']:.2f}%{best} | {beside}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # The run
 
 
-def run(method: Method, cfg: RunConfig, argv: list[str] | None = None) -> dict:
-    """The whole experiment: every epoch, its checkpoint and metrics; returns the summary. `argv`: the flags
-    main() was handed, for the log and the resume command (default: the process's own)."""
-    cfg = check_settings(method, cfg)
-    named = bool(cfg.run_name)
-    cfg = dataclasses.replace(cfg, run_name=cfg.run_name or default_run_name(method, cfg))
-    device = resolve_device(cfg.device)
-    run_dir = Path(cfg.results_dir) / cfg.run_name
-    checkpoint = None
-    if cfg.resume:
-        if not (run_dir / "checkpoint.pt").is_file():
-            raise missing_checkpoint(method, cfg, run_dir, named)
-        checkpoint = load_checkpoint(method, run_dir / "checkpoint.pt", cfg)
-        if checkpoint["next_epoch"] >= cfg.epochs:  # finished: nothing to write, nor a folder to take
-            done = plural(checkpoint["next_epoch"], "epoch")
-            cosine = cosine_epochs(checkpoint) is not None
-            then = "train longer in a new run" if cosine else "pass a larger --epochs to extend it"
-            print(f"'{run_dir}' already finished {done}; {then}")
-            summary = summarize(method, checkpoint["epochs"], cfg)
-            if not metrics_match(run_dir / "metrics.json", checkpoint):  # damaged or lost: made again from it
-                metrics = {key: checkpoint.get(key, []) for key in ("config", "provenance", "epochs")}
-                text = json_text({**metrics, "summary": summary})
-                with RunFolder(run_dir):
-                    write_atomic(run_dir / "metrics.json", lambda tmp: Path(tmp).write_text(text))
-                print("rewrote its damaged metrics.json from the checkpoint")
-            print(summary_line(summary))
-            return summary
-    sessions = [*(checkpoint or {}).get("provenance", []), provenance(device, argv)]
-    log = RunLog(run_dir / LOG_FILE, sessions[-1], f"{method.name}: {run_dir}")  # written once there are results
-    history: list[dict] = []
-    saved_epochs, epoch = 0, 0  # the epochs the checkpoint on disk holds; the epoch under way
-    try:
-        with signals_raise(), RunFolder(run_dir):
-            previous_results(run_dir, cfg)
-            configure_backends(cfg, device)
-            loaders = make_loaders(cfg, device, method.held_out, method.split_data)
-            state = method.build(cfg, device)
-            start_epoch = 0
-            if checkpoint is not None:
-                history, start_epoch = restore(state, loaders, checkpoint, run_dir / "checkpoint.pt")
-                saved_epochs = start_epoch
-            derived = {"method": method.name, "resolved_device": str(device), "torch": str(torch.__version__)}
-            record_config = {**asdict(cfg), **method.derived_settings(cfg), **derived}
-            if checkpoint is not None:
-                log.open()
-                log.say(f"resuming {run_dir} at epoch {start_epoch + 1}")
-            epoch = start_epoch + 1
-            log.say(f"{method.name}: {run_dir} on {device}, {plural(cfg.epochs, 'epoch')}")
-            graphs = StepGraphs(state, device, enabled=cfg.cuda_graphs)
-            scalars = tensorboard_writer(run_dir) if cfg.tensorboard else None
-            progress.start(sys.stderr, cfg.epochs)
-            for epoch in range(start_epoch + 1, cfg.epochs + 1):
-                started = time.perf_counter()
-                progress.start_epoch(epoch)
-                rates = learning_rates(state)
-                metrics = method.train_epoch(state, graphs, loaders, cfg, device, epoch)
-                metrics.update(evaluate(method, state, graphs, loaders.test, cfg, device))
-                check_finite(metrics, epoch)
-                for obj in state.values():
-                    if isinstance(obj, torch.optim.lr_scheduler.LRScheduler):
-                        obj.step()
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                history.append({"epoch": epoch, **metrics, **rates, "seconds": time.perf_counter() - started})
-                progress.end_epoch()
-                sessions[-1]["ended"] = now()
-                checkpoint = {key: obj.state_dict() for key, obj in state.items() if not key.startswith("forward_")}
-                checkpoint.update(config=record_config, epochs=history, next_epoch=epoch, rng=rng_state(loaders))
-                checkpoint.update(provenance=sessions)
-                summary = summarize(method, history, cfg)
-                metrics_file = {"config": record_config, "provenance": sessions, "epochs": history, "summary": summary}
-                with signals_deferred():
-                    save(run_dir, checkpoint, metrics_file)
-                    saved_epochs = epoch
-                    log.open()
-                if scalars is not None:
-                    for name, value in history[-1].items():
-                        scalars.add_scalar(name, value, epoch)
-                    scalars.flush()
-                log.say(method.epoch_line(history[-1], cfg.epochs))
-            summary = summarize(method, history, cfg)
-            log.say(summary_line(summary))
-            return summary
-    except (Interrupted, RunFault, NonFiniteLoss) as error:
+class _Finished(Exception):
+    """A --resume of a finished run: its summary is printed, and the `with Run` block ends there."""
+
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Run:
+    """One run of a model script, the loop's companion: `with experiment.Run(argv) as run:` around main()'s body.
+
+    Inside the block, SIGINT, SIGTERM and SIGHUP (Ctrl-C, a scheduler, a closed terminal or ssh) stop the run;
+    leaving it, a refusal (UsageError, a dataset that cannot be used) is one line on stderr and exit code 2, an
+    interrupt the line with the exact resume command and exit code 128 + the signal, a full disk one line and exit
+    code 1; the lock is released, and a run that saved nothing leaves no folder behind. The script calls, in order:
+    parse, open, datasets and loaders, resume, epochs (save each), finish.
+    """
+
+    def __init__(self, argv: list[str] | None = None):
+        self.argv = argv
+        self.cfg: RunConfig | None = None
+        self.method, self.dir, self.device = "", None, torch.device("cpu")
+        self.checkpoint: dict | None = None  # --resume's
+        self.history: list[dict] = []
+        self.saved_epochs = self.epoch = self.start_epoch = 0
+        self.data: Loaders | None = None
+        self.log: RunLog | None = None
+        self.scalars = None
+        self.untrained_loss: float | None = None
+        self.stack = contextlib.ExitStack()
+
+    def __enter__(self) -> Run:
+        def interrupt(signum, frame):
+            raise Interrupted(signum)
+
+        self.previous_handlers = {s: signal.signal(s, interrupt) for s in SIGNALS}
+        return self
+
+    def __exit__(self, kind, error, traceback) -> bool:
         progress.clear()
-        kept = (
-            f"the checkpoint after epoch {saved_epochs} in {run_dir} is kept" if saved_epochs else "nothing was saved"
-        )
-        again = f"Resume with: {resume_command(cfg.run_name, argv)}"
+        if isinstance(error, Interrupted):  # further signals while it ends (a closed terminal sends two): ignored
+            for s in SIGNALS:
+                signal.signal(s, signal.SIG_IGN)
+        try:
+            if isinstance(error, _Finished):
+                return True
+            if isinstance(error, (UsageError, DatasetProblem)):
+                print(f"error: {error}", file=sys.stderr)
+                raise SystemExit(2) from None
+            if isinstance(error, (Interrupted, RunFault, NonFiniteLoss)):
+                self.stopped(error)
+            return False
+        finally:
+            progress.start(None, 0)
+            if self.log is not None:
+                self.log.close()
+            self.stack.close()  # the run folder's lock, --smoke's temporary folder
+            if not isinstance(error, Interrupted):
+                for s, handler in self.previous_handlers.items():
+                    signal.signal(s, handler)
+
+    def stopped(self, error: Exception) -> None:
+        """The run stopped before its end: say what was kept and how to go on, and exit."""
+        kept = f"the checkpoint after epoch {self.saved_epochs} in {self.dir} is kept" if self.saved_epochs else ""
+        kept = kept or "nothing was saved"
+        again = f"Resume with: {resume_command(self.cfg.run_name, self.argv)}" if self.cfg else ""
+        say = self.log.say if self.log else lambda line, stream: print(line, file=stream)
         if isinstance(error, NonFiniteLoss):
-            log.write(f"error: {error}; {kept}. {error.hint}")
-            raise UsageError(f"{error}; {kept}. {error.hint}") from None
+            if self.log:
+                self.log.write(f"error: {error}; {kept}. {error.hint}")
+            print(f"error: {error}; {kept}. {error.hint}", file=sys.stderr)
+            raise SystemExit(2) from None
         if isinstance(error, RunFault):
-            log.say(f"error: {error}; {kept}" + (f". {again}" if saved_epochs else ""), stream=sys.stderr)
+            say(f"error: {error}; {kept}" + (f". {again}" if self.saved_epochs else ""), stream=sys.stderr)
             raise SystemExit(1) from None
-        if saved_epochs:
-            where = f"after epoch {epoch} was saved" if saved_epochs == epoch else f"in epoch {epoch}"
-            line = f"interrupted {where}; the checkpoint after epoch {saved_epochs} is in {run_dir}. {again}"
+        epoch = self.epoch
+        if self.saved_epochs:
+            where = f"after epoch {epoch} was saved" if self.saved_epochs == epoch else f"in epoch {epoch}"
+            line = f"interrupted {where}; the checkpoint after epoch {self.saved_epochs} is in {self.dir}. {again}"
         else:
             line = f"interrupted{f' in epoch {epoch}' if epoch else ''}; no epoch was completed and nothing was saved"
-        log.say("\n" + line, stream=sys.stderr)
+        say("\n" + line, stream=sys.stderr)
         raise SystemExit(128 + error.signum) from None
-    finally:
-        progress.start(None, 0)
-        log.close()
 
+    # -- before the loop
 
-def tensorboard_writer(run_dir: Path):
-    """A TensorBoard writer into the run folder (tensorboard is an optional extra; check_settings checked it)."""
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(log_dir=str(run_dir))
-
-
-def smoke(method: Method, cfg: RunConfig) -> dict:
-    """Train 2 small batches on CPU on synthetic data in a temporary folder; nothing is left behind. Fails when
-    the test loss is not finite or rose above SMOKE_TOLERANCE times the untrained network's. 1,000 training
-    images (50 a class) leave room for a method's held-out developing set at its default size."""
-    with tempfile.TemporaryDirectory(prefix=f"{method.name}-smoke-") as tmp:
-        if cfg.dataset in DATASETS and not (cfg.dataset != "cifar100" and method.cifar100_only):
-            make_synthetic(cfg.dataset, Path(tmp) / "data", n_train=1000, n_test=100, seed=cfg.seed)
-        folders = dict(data_root=str(Path(tmp) / "data"), results_dir=str(Path(tmp) / "results"))
-        cfg = dataclasses.replace(check_method(method, dataclasses.replace(cfg, **folders)), **SMOKE_SETTINGS)
-        device = torch.device("cpu")
-        configure_backends(cfg, device)
-        untrained = method.build(cfg, device)
-        loaders = make_loaders(cfg, device, method.held_out)
-        before = evaluate(method, untrained, StepGraphs(untrained, device), loaders.test, cfg, device)
-        summary = run(method, cfg)
-        after = json.loads((Path(cfg.results_dir) / cfg.run_name / "metrics.json").read_text())["epochs"][-1]
-    if not after["test_primary_loss"] <= SMOKE_TOLERANCE * before["test_primary_loss"]:
-        raise UsageError(
-            f"smoke test failed: the test loss went from {before['test_primary_loss']:.4g} (untrained) to "
-            f"{after['test_primary_loss']:.4g}; training diverged (check the flags given with --smoke)"
-        )
-    print("smoke test passed: the install trains and evaluates")
-    return summary
-
-
-def main(method: Method, argv: list[str] | None = None) -> None:
-    """The script's command line: parse, then run (or smoke); a refusal is one line on stderr, exit code 2."""
-    try:
-        given = vars(command_line(method).parse_args(argv))
-        if given.get("smoke") and SMOKE_SETS & set(given):
-            fixed = " ".join(flag(name) for name in sorted(SMOKE_SETS & set(given)))
+    def parse(self, config: type, description: str) -> RunConfig:
+        """The command line (main()'s argv, else the process's) as a `config`. With --smoke: synthetic data in a
+        temporary folder, 2 batches on CPU (it refuses the flags it sets itself)."""
+        cfg = parse_flags(config, self.argv, description)
+        if not cfg.smoke:
+            return cfg
+        fixed = SMOKE_SETS & set(cfg.flags_given)
+        if fixed:
             raise UsageError(
-                f"--smoke sets {fixed} itself (2 batches on CPU, synthetic data in a temporary folder); drop them"
+                f"--smoke sets {' '.join(flag(name) for name in sorted(fixed))} itself (2 batches on CPU, synthetic "
+                "data in a temporary folder); drop them"
             )
-        cfg = make_config(method, **given)
-        smoke(method, cfg) if cfg.smoke else run(method, cfg, argv)
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+        # 1,000 training images (50 a class) leave room for a method's held-out developing set at its default size.
+        tmp = Path(self.stack.enter_context(tempfile.TemporaryDirectory(prefix="smoke-")))
+        if cfg.dataset in DATASETS:
+            create_dataset.make_synthetic(cfg.dataset, tmp / "data", n_train=1000, n_test=100, seed=cfg.seed)
+        return dataclasses.replace(cfg, data_root=str(tmp / "data"), results_dir=str(tmp / "results"), **SMOKE_SETTINGS)
+
+    def open(
+        self,
+        method: str,
+        cfg: RunConfig,
+        stem: str,
+        paper: dict,
+        derived: dict | None = None,
+        published: dict | None = None,
+        unpublished_because: str = "",
+    ) -> None:
+        """Take the run folder: `cfg` checked by the script, named by `stem` and `paper` (the paper's values of the
+        settings that change the result) unless --run-name; with --resume, its checkpoint read and checked. Then
+        its lock, the log, the seeds. `derived` values are recorded beside the settings; `published` (source: %)
+        and `unpublished_because` go into the summary. A --resume of a finished run prints its summary and leaves
+        the `with Run` block here."""
+        check_run_settings(cfg)
+        named = bool(cfg.run_name)
+        self.cfg = cfg = dataclasses.replace(cfg, run_name=cfg.run_name or run_name(cfg, stem, paper))
+        self.method, self.paper = method, paper
+        self.published, self.unpublished_because = published or {}, unpublished_because
+        self.device = resolve_device(cfg.device)
+        self.dir = Path(cfg.results_dir) / cfg.run_name
+        if cfg.resume:
+            if not (self.dir / "checkpoint.pt").is_file():
+                raise self.missing_checkpoint(named)
+            self.checkpoint = load_checkpoint(self.dir / "checkpoint.pt", method, cfg)
+            if self.checkpoint["next_epoch"] >= cfg.epochs:
+                self.finished()
+        derived = {**(derived or {}), "method": method, "resolved_device": str(self.device), "torch": str(torch.__version__)}
+        self.record_config = {**settings(cfg), **derived}
+        self.sessions = [*(self.checkpoint or {}).get("provenance", []), provenance(self.device, self.argv)]
+        self.log = RunLog(self.dir / "log.txt", self.sessions[-1], f"{method}: {self.dir}")  # written once saved
+        self.stack.enter_context(RunFolder(self.dir))
+        previous_results(self.dir, cfg)
+        configure_backends(cfg, self.device)
+
+    def finished(self) -> None:
+        checkpoint = self.checkpoint
+        done = plural(checkpoint["next_epoch"], "epoch")
+        then = "train longer in a new run" if cosine_epochs(checkpoint) is not None else "pass a larger --epochs to extend it"
+        print(f"'{self.dir}' already finished {done}; {then}")
+        summary = self.summary(checkpoint["epochs"])
+        try:
+            matches = read_metrics(self.dir / "metrics.json")["epochs"] == checkpoint["epochs"]
+        except (OSError, ValueError):
+            matches = False
+        if not matches:  # damaged or lost: made again from the checkpoint
+            metrics = {key: checkpoint.get(key, []) for key in ("config", "provenance", "epochs")}
+            text = json_text({**metrics, "summary": summary})
+            with RunFolder(self.dir):
+                write_atomic(self.dir / "metrics.json", lambda tmp: Path(tmp).write_text(text))
+            print("rewrote its damaged metrics.json from the checkpoint")
+        print(summary_line(summary))
+        raise _Finished
+
+    def missing_checkpoint(self, named: bool) -> UsageError:
+        """--resume without a checkpoint: where it looked, and, for a default name, what made the name and which
+        runs of this method the results folder holds."""
+        message = f"--resume: no checkpoint at '{self.dir / 'checkpoint.pt'}'"
+        if not named:
+            edited = " ".join(flag(name, value) for name, value in edited_settings(self.cfg, self.paper).items())
+            because = f"these settings differ from the paper's: {edited}" if edited else "the paper's settings"
+            runs = sorted(p.parent.name for p in Path(self.cfg.results_dir).glob(f"{self.method}-*/checkpoint.pt"))
+            here = f"; {self.method} runs in '{self.cfg.results_dir}': {', '.join(runs[:5])}" if runs else ""
+            message += f" (the default name of this configuration, {because}){here}"
+        return UsageError(f"{message}; start without --resume, or check --results-dir and --run-name")
+
+    def datasets(self):
+        """(train set with its augmentation, test set) of --dataset; --train-fraction of the training images."""
+        return create_dataset.load_datasets(self.cfg)
+
+    def loaders(self, train_set, test_set, dev_set=None, auxiliary_sets=()) -> Loaders:
+        """The run's batches: train and test, a developing set held out of training, auxiliary training sets."""
+        self.data = create_dataset.make_loaders(self.cfg, self.device, train_set, test_set, dev_set, auxiliary_sets)
+        return self.data
+
+    def resume(self, saved: dict) -> None:
+        """With --resume, load the checkpoint into `saved` (name -> an object with load_state_dict: the networks,
+        optimisers and schedulers checkpoint.pt holds) and the RNGs; then say what the run does."""
+        if self.checkpoint is not None:
+            path, checkpoint = self.dir / "checkpoint.pt", self.checkpoint
+            missing = [key for key in (*saved, "rng", "epochs") if key not in checkpoint]
+            if missing:
+                raise UsageError(
+                    f"--resume: '{path}' is incomplete (no {', '.join(missing)}); "
+                    f"start a new run with another --run-name, or --overwrite to replace it"
+                )
+            try:
+                for key, obj in saved.items():
+                    obj.load_state_dict(checkpoint[key])
+                set_rng_state(checkpoint["rng"], self.data)
+            except (RuntimeError, KeyError, ValueError, TypeError) as error:
+                reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+                raise UsageError(f"--resume: '{path}' does not fit this run ({reason}); use another --run-name") from None
+            self.history, self.start_epoch = checkpoint["epochs"], checkpoint["next_epoch"]
+            self.saved_epochs = self.start_epoch
+            self.log.open()
+            self.log.say(f"resuming {self.dir} at epoch {self.start_epoch + 1}")
+        self.epoch = self.start_epoch + 1
+        self.log.say(f"{self.method}: {self.dir} on {self.device}, {plural(self.cfg.epochs, 'epoch')}")
+        if self.cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # an optional extra: checked by check_run_settings
+
+            self.scalars = SummaryWriter(log_dir=str(self.dir))
+        progress.start(sys.stderr, self.cfg.epochs)
+
+    def smoke_baseline(self, metrics: dict) -> None:
+        """--smoke: the untrained network's test metrics; finish() fails if training blows its loss up."""
+        self.untrained_loss = metrics["test_primary_loss"]
+
+    # -- the loop
+
+    def epochs(self):
+        """The epochs still to train, one by one (from the checkpoint's next with --resume)."""
+        for epoch in range(self.start_epoch + 1, self.cfg.epochs + 1):
+            self.epoch, self.epoch_started = epoch, time.perf_counter()
+            progress.start_epoch(epoch)
+            yield epoch
+
+    def save(self, saved: dict, metrics: dict) -> dict:
+        """The epoch's record (its metrics, checked finite, and seconds): checkpoint.pt (the state of `saved`, the
+        RNGs, the record so far) and metrics.json, atomically, the signals held meanwhile; returns the record."""
+        bad = [name for name, value in metrics.items() if not math.isfinite(value)]
+        if bad:
+            raise NonFiniteLoss(f"non-finite {', '.join(bad)} at epoch {self.epoch}; the run stopped")
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        record = {"epoch": self.epoch, **metrics, "seconds": time.perf_counter() - self.epoch_started}
+        self.history.append(record)
+        progress.end_epoch()
+        self.sessions[-1]["ended"] = now()
+        checkpoint = {key: obj.state_dict() for key, obj in saved.items()}
+        checkpoint.update(config=self.record_config, epochs=self.history, next_epoch=self.epoch)
+        checkpoint.update(rng=rng_state(self.data), provenance=self.sessions)
+        summary = self.summary(self.history)
+        files = {"config": self.record_config, "provenance": self.sessions, "epochs": self.history, "summary": summary}
+        with self.signals_held():
+            save_files(self.dir, checkpoint, files)
+            self.saved_epochs = self.epoch
+            self.log.open()
+        if self.scalars is not None:
+            for name, value in record.items():
+                self.scalars.add_scalar(name, value, self.epoch)
+            self.scalars.flush()
+        return record
+
+    @contextlib.contextmanager
+    def signals_held(self):
+        """Hold SIGINT, SIGTERM and SIGHUP while the checkpoint and metrics.json are written, so that the two always
+        hold the same epochs; deliver them afterwards."""
+        received = []
+        handlers = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in SIGNALS}
+        try:
+            yield
+        finally:
+            for s, handler in handlers.items():
+                signal.signal(s, handler)
+        if received:
+            raise Interrupted(received[0])
+
+    def say(self, line: str) -> None:
+        """Print a line and write it to the run's log.txt."""
+        self.log.say(line)
+
+    def summary(self, history: list[dict]) -> dict:
+        return summarize(history, self.cfg, self.paper, self.published, self.unpublished_because)
+
+    def finish(self) -> dict:
+        """The summary line; with --smoke, the check that training did not diverge. Returns the summary."""
+        summary = self.summary(self.history)
+        self.say(summary_line(summary))
+        if self.cfg.smoke:
+            after = self.history[-1]["test_primary_loss"]
+            if not after <= SMOKE_TOLERANCE * self.untrained_loss:
+                raise UsageError(
+                    f"smoke test failed: the test loss went from {self.untrained_loss:.4g} (untrained) to {after:.4g}; "
+                    "training diverged (check the flags given with --smoke)"
+                )
+            print("smoke test passed: the install trains and evaluates")
+        return summary

@@ -8,10 +8,10 @@ the 100 fine classes). The "Human" curve of the MAXL paper's Figure 3.
     python model_vgg_human.py --primary-level 3 --aux-level 10
     python model_vgg_human.py --smoke                          # one-minute install check on CPU
 
-To change the experiment, edit `Config` below (or pass the flag: every field is one). The run machinery
-(command line, checkpoints, resume) is experiment.py's. Prints one line per epoch (train and test loss
-and accuracy, primary and auxiliary) and writes results/<run-name>/metrics.json and checkpoint.pt after
-every epoch; --resume continues.
+To change the experiment, edit `Config` below or pass the flag: every field is one, and the two are the same.
+main(), at the bottom, holds the run loop; it calls experiment.py for the run machinery (flags, the run folder,
+checkpoints, resume). Prints one line per epoch (train and test loss and accuracy, primary and auxiliary) and
+writes results/<run-name>/metrics.json and checkpoint.pt after every epoch; --resume continues.
 """
 
 from __future__ import annotations
@@ -27,9 +27,7 @@ import experiment
 from create_dataset import LEVELS, level_index
 from experiment import (
     FiniteGuard,
-    Loaders,
     Meter,
-    Method,
     RunConfig,
     StepGraphs,
     UsageError,
@@ -39,7 +37,10 @@ from experiment import (
     option,
     paper_data,
     require,
+    setting,
 )
+
+CIFAR100_ONLY = "its auxiliary task is the finer level of CIFAR-100's hierarchy, --aux-level"
 
 
 @dataclass
@@ -48,11 +49,11 @@ class Config(RunConfig):
     RunConfig's, in experiment.py."""
 
     primary_level: int | None = option(
-        20,
-        "primary task on CIFAR-100: number of classes in the hierarchy (other datasets: their classes)",
+        None,
+        "primary task on CIFAR-100: number of classes in the hierarchy; default: 20, the superclasses (other "
+        "datasets: their classes)",
         choices=(3, 10, 20),
         type=int,
-        reset_by=("dataset",),
     )
     aux_level: int = option(100, "auxiliary task: a finer level of the hierarchy", choices=(10, 20, 100))
     epochs: int = option(200, "training epochs")
@@ -197,15 +198,13 @@ def train_step(state: dict, images: torch.Tensor, labels: torch.Tensor, cfg: Con
 
 
 # Copied from model_vgg_single.py
-def train_epoch(
-    state: dict, graphs: StepGraphs, loaders: Loaders, cfg: Config, device: torch.device, epoch: int
-) -> dict[str, float]:
+def train_epoch(state: dict, graphs: StepGraphs, loader, cfg: Config, device: torch.device, epoch: int) -> dict:
     """One pass over the train set."""
     meter = Meter()
     guard = FiniteGuard(device)
     state["model"].train()
     train = functools.partial(train_step, state, cfg=cfg)
-    for step, images, labels in batches(loaders.train, cfg, device):
+    for step, images, labels in batches(loader, cfg, device):
         out = graphs("train", train, images, labels)
         guard.watch(out.pop("loss"), epoch, "train", step)
         for name, value in out.items():
@@ -227,8 +226,23 @@ def eval_step(state: dict, images: torch.Tensor, labels: torch.Tensor, cfg: Conf
     }
 
 
+# Copied from model_vgg_single.py
+@torch.inference_mode()
+def evaluate(state: dict, graphs: StepGraphs, loader, cfg: Config, device: torch.device) -> dict[str, float]:
+    """eval_step over the test set, averaged per image; the network back in training mode."""
+    meter = Meter()
+    state["model"].eval()
+    step = functools.partial(eval_step, state, cfg=cfg)
+    for _, images, labels in batches(loader, cfg, device, phase="test"):
+        for name, value in graphs("evaluate", step, images, labels).items():
+            meter.add(name, value, images.shape[0])
+    state["model"].train()
+    return meter.means()
+
+
 def build(cfg: Config, device: torch.device) -> dict:
-    """Network, optimiser and scheduler. Keys without 'forward_' are saved in the checkpoint."""
+    """The network, its optimiser and scheduler; forward_model is the network as the steps run it (compiled with
+    --compile)."""
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = VGG16(cfg.primary_level, cfg.aux_level, make_backbone(cfg)).to(device, memory_format=memory_format)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
@@ -256,13 +270,14 @@ def epoch_line(record: dict, epochs: int) -> str:
 
 
 def check_config(cfg: Config) -> Config:
-    """Refuse impossible settings before anything runs; return the config to run."""
+    """Refuse impossible settings before anything runs; return the config to run, its derived defaults resolved."""
+    cfg = experiment.check_data(cfg, "human", cifar100_only=CIFAR100_ONLY)
     require(
         cfg, at_least_1=("epochs", "batch_size", "lr_step"), at_least_0=("focal_gamma",), positive=("lr", "lr_gamma")
     )
     if cfg.aux_level <= cfg.primary_level:
         raise UsageError(
-            f"--aux-level {cfg.aux_level} must be finer than --primary-level {cfg.primary_level} "
+            f"{setting(cfg, 'aux_level')} must be finer than {setting(cfg, 'primary_level')} "
             f"(choose from {', '.join(str(n) for n in LEVELS if n > cfg.primary_level)})"
         )
     return cfg
@@ -297,28 +312,33 @@ def unpublished_because(cfg: Config) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# The method, handed to the run machinery (experiment.py)
-
-METHOD = Method(
-    name="human",
-    config=Config,
-    description=__doc__,
-    check_config=check_config,
-    run_name_stem=run_name_stem,
-    paper_settings=paper_settings,
-    build=build,
-    train_epoch=train_epoch,
-    eval_step=eval_step,
-    epoch_line=epoch_line,
-    derived_settings=derived_settings,
-    published_accuracy=published_accuracy,
-    unpublished_because=unpublished_because,
-    cifar100_only="its auxiliary task is the finer level of CIFAR-100's hierarchy, --aux-level",
-)
+# The run
 
 
 def main(argv: list[str] | None = None) -> None:
-    experiment.main(METHOD, argv)
+    """Parse the flags into Config, open the run, load the data, build, resume; then each epoch train, evaluate,
+    step the schedule, save and print; then the summary. A refusal is one line and exit code 2."""
+    with experiment.Run(argv) as run:
+        cfg = check_config(run.parse(Config, __doc__))
+        run.open(
+            "human", cfg, run_name_stem(cfg), paper_settings(cfg), derived_settings(cfg),
+            published_accuracy(cfg), unpublished_because(cfg),
+        )  # fmt: skip
+        data = run.loaders(*run.datasets())
+        state = build(cfg, run.device)
+        saved = {name: state[name] for name in ("model", "optimizer", "scheduler")}  # what checkpoint.pt holds
+        run.resume(saved)
+        graphs = StepGraphs([state["optimizer"]], run.device, cfg.cuda_graphs)
+        if cfg.smoke:
+            run.smoke_baseline(evaluate(state, graphs, data.test, cfg, run.device))
+        for epoch in run.epochs():
+            rates = {"lr": state["optimizer"].param_groups[0]["lr"]}
+            metrics = train_epoch(state, graphs, data.train, cfg, run.device, epoch)
+            metrics |= evaluate(state, graphs, data.test, cfg, run.device)
+            state["scheduler"].step()
+            record = run.save(saved, metrics | rates)
+            run.say(epoch_line(record, cfg.epochs))
+        run.finish()
 
 
 if __name__ == "__main__":
