@@ -1094,7 +1094,9 @@ def load_datasets(cfg):
             hint = f"run without --no-download to fetch it ({DOWNLOAD_SIZES[cfg.dataset]})"
         else:
             hint = "delete that folder to download it again"
-        raise DatasetProblem(f"{name} not found or corrupted in '{folder}'; {hint}, or point --data-root elsewhere") from None
+        raise DatasetProblem(
+            f"{name} not found or corrupted in '{folder}'; {hint}, or point --data-root elsewhere"
+        ) from None
     if cfg.train_fraction < 1:  # stratified by the finest labels, so every level keeps its class balance
         train_set = train_set.subset(stratified_fraction(train_set.labels[:, -1].numpy(), cfg.train_fraction, cfg.seed))
     return train_set, test_set

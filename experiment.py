@@ -221,12 +221,12 @@ def flag(name: str, value=None) -> str:
 
 def setting(cfg: RunConfig, name: str, value=None, with_value: bool = True) -> str:
     """A setting named as the user set it: its flag (`--psi 2,3`) if given on the command line, else its field in
-    the script's Config (`psi = [2, 3] in Config`), or, where Config leaves it None, its derived default."""
+    the script's Config (`psi = [2, 3] in Config`), or, where Config leaves it None, its name and value."""
     value = getattr(cfg, name) if value is None else value
     if name in cfg.flags_given:
         return flag(name, value if with_value else None)
-    if next(f for f in dataclasses.fields(cfg) if f.name == name).default is None:  # derived, as the Config leaves it
-        return f"the default {name} {value!r}" if with_value else f"the default {name}"
+    if next(f for f in dataclasses.fields(cfg) if f.name == name).default is None:  # derived, or set in code
+        return f"{name} {value!r}" if with_value else name
     return f"{name} = {value!r} in Config" if with_value else f"{name} in Config"
 
 
@@ -262,7 +262,9 @@ def command_line(config: type, description: str) -> OneLineParser:
         value, kwargs = getattr(defaults, f.name), dict(f.metadata)
         if "default" not in kwargs["help"] and value not in (None, ""):
             kwargs["help"] += f" (default: {value})"
-        group = groups["data and network" if f.name in DATA_SETTINGS else "run" if f.name in shared else "the experiment"]
+        group = groups[
+            "data and network" if f.name in DATA_SETTINGS else "run" if f.name in shared else "the experiment"
+        ]
         if f.type == "bool":
             group.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, **kwargs)
         else:
@@ -277,7 +279,7 @@ def parse_flags(config: type, argv: list[str] | None, description: str = "") -> 
     cfg = config(**given, flags_given=tuple(given))
     for name, value in settings(cfg).items():
         if isinstance(value, float) and not math.isfinite(value):
-            raise UsageError(f"{setting(cfg, name)} is not a finite number")
+            raise UsageError(f"{setting(cfg, name, with_value=False)} must be a finite number (got {value})")
     return cfg
 
 
@@ -382,7 +384,11 @@ def data_tag(cfg: RunConfig) -> str:
     if cfg.stem is not None and cfg.stem != default_stem(cfg.image_size):
         parts.append(f"{cfg.stem}stem")
     parts += ["pretrained"] if cfg.pretrained else []
-    parts += [f"size{cfg.image_size}"] if cfg.image_size not in (None, create_dataset.default_image_size(cfg.dataset)) else []
+    parts += (
+        [f"size{cfg.image_size}"]
+        if cfg.image_size not in (None, create_dataset.default_image_size(cfg.dataset))
+        else []
+    )
     parts += [f"frac{cfg.train_fraction:g}"] if cfg.train_fraction != 1 else []
     return "-".join(parts)
 
@@ -717,8 +723,10 @@ def read_metrics(path: Path) -> dict:
             raise ValueError(f"truncated (the JSON stops at line {error.lineno})") from None
         raise ValueError(f"not JSON ({error.msg} at line {error.lineno}, column {error.colno})") from None
     epochs = record.get("epochs") if isinstance(record, dict) else None
-    problem = "it holds no list of epochs" if not isinstance(epochs, list) else "it records no epoch" if not epochs else ""
-    for number, entry in enumerate(epochs or [], 1):
+    problem = (
+        "it holds no list of epochs" if not isinstance(epochs, list) else "it records no epoch" if not epochs else ""
+    )
+    for number, entry in enumerate(epochs if isinstance(epochs, list) else [], 1):
         value = entry.get("test_primary_acc") if isinstance(entry, dict) else None
         shown = json.dumps(value)[:40]  # as the file spells it: Infinity, "abc"
         if value is None:
@@ -960,7 +968,9 @@ def previous_results(run_dir: Path, cfg: RunConfig) -> None:
             f"'{run_dir}' holds files no run of this project wrote ({shown}); choose another --run-name or "
             f"--results-dir"
         )
-    if not (cfg.resume or cfg.overwrite) and ((run_dir / "metrics.json").exists() or (run_dir / "checkpoint.pt").exists()):
+    if not (cfg.resume or cfg.overwrite) and (
+        (run_dir / "metrics.json").exists() or (run_dir / "checkpoint.pt").exists()
+    ):
         raise UsageError(
             f"'{run_dir}' already holds results; use --resume to continue that run, "
             f"another --run-name, or --overwrite to replace it"
@@ -1260,7 +1270,12 @@ class Run:
             self.checkpoint = load_checkpoint(self.dir / "checkpoint.pt", method, cfg)
             if self.checkpoint["next_epoch"] >= cfg.epochs:
                 self.finished()
-        derived = {**(derived or {}), "method": method, "resolved_device": str(self.device), "torch": str(torch.__version__)}
+        derived = {
+            **(derived or {}),
+            "method": method,
+            "resolved_device": str(self.device),
+            "torch": str(torch.__version__),
+        }
         self.record_config = {**settings(cfg), **derived}
         self.sessions = [*(self.checkpoint or {}).get("provenance", []), provenance(self.device, self.argv)]
         self.log = RunLog(self.dir / "log.txt", self.sessions[-1], f"{method}: {self.dir}")  # written once saved
@@ -1271,7 +1286,11 @@ class Run:
     def finished(self) -> None:
         checkpoint = self.checkpoint
         done = plural(checkpoint["next_epoch"], "epoch")
-        then = "train longer in a new run" if cosine_epochs(checkpoint) is not None else "pass a larger --epochs to extend it"
+        then = (
+            "train longer in a new run"
+            if cosine_epochs(checkpoint) is not None
+            else "pass a larger --epochs to extend it"
+        )
         print(f"'{self.dir}' already finished {done}; {then}")
         summary = self.summary(checkpoint["epochs"])
         try:
@@ -1325,7 +1344,9 @@ class Run:
                 set_rng_state(checkpoint["rng"], self.data)
             except (RuntimeError, KeyError, ValueError, TypeError) as error:
                 reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-                raise UsageError(f"--resume: '{path}' does not fit this run ({reason}); use another --run-name") from None
+                raise UsageError(
+                    f"--resume: '{path}' does not fit this run ({reason}); use another --run-name"
+                ) from None
             self.history, self.start_epoch = checkpoint["epochs"], checkpoint["next_epoch"]
             self.saved_epochs = self.start_epoch
             self.log.open()

@@ -17,18 +17,17 @@ decides per block. --task domains is the authors' own CIFAR-100/20 experiment (R
     python model_vgg_maoal.py --task domains                   # the authors' CIFAR-100/20: people, domains 0-9
     python model_vgg_maoal.py --task domains --mode aux        # AuxiLearn's loss combiner on the same task
 
-To change the experiment, edit `Config` below (or pass the flag: every field is one). The run machinery
-(command line, checkpoints, resume) is experiment.py's.
-Prints one line per epoch (train and test loss and accuracy, primary and auxiliary; lambda per block; in
-maoal mode the developing batches' primary loss and accuracy and the hypergradient's norm) and writes
-results/<run-name>/metrics.json and checkpoint.pt after every epoch; --resume continues.
-Cost: a maoal or gcs step backpropagates twice (each loss's gradient apart), about 1.7x a Human step; every
---meta-every steps the hypergradient (J = 3) costs about 22 Human steps: an epoch about 2.8x Human's
-(measured on CPU at batch 100, benchmarks/README.md; not yet on a GPU).
-The authors' Neumann step, alpha = 1, is kept, but on VGG-16 the series diverges: the largest eigenvalue of
-dg/dW is of the order of 10^3 (on synthetic data at initialisation, batch 50, the hypergradient's norm grew
-from 6e3 at J = 1 to 7e9 at J = 3 and overflowed at J = 6), so the clip to norm 10 sets the step's size and the
-series' last term its direction. --neumann-alpha 1e-4 converges there (norms 0.003, 0.006, 0.010 at J = 1, 3, 6).
+To change the experiment, edit `Config` below or pass the flag: every field is one, and the two are the same.
+main(), at the bottom, holds the run loop; it calls experiment.py for the run machinery (flags, the run folder,
+checkpoints, resume). Prints one line per epoch (train and test loss and accuracy, primary and auxiliary; lambda
+per block; in maoal mode the developing batches' primary loss and accuracy and the hypergradient's norm) and
+writes results/<run-name>/metrics.json and checkpoint.pt after every epoch; --resume continues.
+Cost: a maoal or gcs step backpropagates twice (each loss's gradient apart), about 1.7x a Human step; the
+hypergradient every --meta-every steps (J = 3) about 22 Human steps: an epoch about 2.8x Human's (CPU, batch 100,
+benchmarks/README.md). The authors' Neumann step, alpha = 1, is kept, but on VGG-16 the series diverges: the largest
+eigenvalue of dg/dW is of the order of 10^3 (synthetic data at initialisation, batch 50: the hypergradient's norm
+grew from 6e3 at J = 1 to 7e9 at J = 3 and overflowed at J = 6), so the clip to norm 10 sets the step's size and the
+series' last term its direction; --neumann-alpha 1e-4 converges (norms 0.003, 0.006, 0.010 at J = 1, 3, 6).
 """
 
 from __future__ import annotations
@@ -46,12 +45,10 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 import experiment
-from create_dataset import CIFAR100, DOMAIN_LABEL, LEVELS, domain_classes, domain_indices, level_index
+from create_dataset import CIFAR100, DOMAIN_LABEL, LEVELS, Loaders, domain_classes, domain_indices, level_index
 from experiment import (
     FiniteGuard,
-    Loaders,
     Meter,
-    Method,
     NonFiniteLoss,
     RunConfig,
     StepGraphs,
@@ -62,7 +59,10 @@ from experiment import (
     option,
     plural,
     require,
+    setting,
 )
+
+CIFAR100_ONLY = "its auxiliary task is the finer level of CIFAR-100's hierarchy, --aux-level"
 
 MODES = ("maoal", "equal", "gcs", "gcs-block", "aux", "single")
 TASKS = ("hierarchy", "domains")
@@ -95,11 +95,11 @@ class Config(RunConfig):
     RunConfig's, in experiment.py. A field whose default is None takes its task's value (TASK_DEFAULTS)."""
 
     primary_level: int | None = option(
-        20,
-        "hierarchy: primary task on CIFAR-100: number of classes in the hierarchy (other datasets: their classes)",
+        None,
+        "hierarchy: primary task on CIFAR-100: number of classes in the hierarchy; default: 20, the superclasses "
+        "(other datasets: their classes)",
         choices=(3, 10, 20),
         type=int,
-        reset_by=("dataset",),
     )
     aux_level: int = option(100, "hierarchy: auxiliary task: a finer level of the hierarchy", choices=(10, 20, 100))
     task: str = option(
@@ -781,23 +781,20 @@ def endless_batches(loader, cfg: Config, device: torch.device):
             yield images, labels
 
 
-developing_batches = endless_batches  # the developing set's batches
-
-
 def train_epoch(
-    state: dict, graphs: StepGraphs, loaders: Loaders, cfg: Config, device: torch.device, epoch: int
+    state: dict, graphs: StepGraphs, data: Loaders, cfg: Config, device: torch.device, epoch: int
 ) -> dict[str, float]:
-    """One pass over the (target's) train set; in maoal and aux mode, an upper-level step after every --meta-every
-    steps (counted from the epoch's start) on the next developing batch and the training batches just used.
-    Domains: each step also takes the next batch of every auxiliary domain (their passes restart each epoch, and
-    when one runs out, as the authors'); those steps run eagerly, not as CUDA graphs."""
+    """One pass over the (target's) train set, data.train; in maoal and aux mode, an upper-level step after every
+    --meta-every steps (counted from the epoch's start) on the next batch of data.dev and the training batches just
+    used. Domains: each step also takes the next batch of every auxiliary domain, data.auxiliary (their passes
+    restart each epoch, and when one runs out, as the authors'); those steps run eagerly, not as CUDA graphs."""
     meter = Meter()
     guard, meta_guard = FiniteGuard(device), FiniteGuard(device)
     state["model"].train()
     train = functools.partial(train_step, state, cfg=cfg)
-    dev = endless_batches(loaders.dev, cfg, device) if cfg.mode in ("maoal", "aux") else None
-    auxiliary = [endless_batches(loader, cfg, device) for loader in loaders.auxiliary]
-    for step, images, labels in batches(loaders.train, cfg, device):
+    dev = endless_batches(data.dev, cfg, device) if cfg.mode in ("maoal", "aux") else None
+    auxiliary = [endless_batches(loader, cfg, device) for loader in data.auxiliary]
+    for step, images, labels in batches(data.train, cfg, device):
         aux_batches = [next(a) for a in auxiliary]
         out = train(images, labels, aux_batches=aux_batches) if auxiliary else graphs("train", train, images, labels)
         guard.watch(out.pop("loss"), epoch, "train", step)
@@ -824,17 +821,9 @@ def train_epoch(
     return meter.means()
 
 
+# Copied from model_vgg_human.py
 def eval_step(state: dict, images: torch.Tensor, labels: torch.Tensor, cfg: Config) -> dict:
-    """Test metrics of one batch, as tensors (domains: the target domain's test images, its head only)."""
-    if cfg.task == "domains":
-        with autocast(cfg, images.device):
-            primary_logits = state["forward_model"](images)[0]
-        target = domain_targets(labels)
-        return {
-            "test_primary_loss": class_loss(primary_logits, target, cfg.focal_gamma),
-            "test_primary_acc": (primary_logits.argmax(1) == target).float().mean(),
-        }
-    # Copied from model_vgg_human.py
+    """Test metrics of one batch, as tensors."""
     primary, auxiliary = labels[:, level_index(cfg.primary_level)], labels[:, level_index(cfg.aux_level)]
     with autocast(cfg, images.device):
         primary_logits, aux_logits = state["forward_model"](images)
@@ -844,6 +833,31 @@ def eval_step(state: dict, images: torch.Tensor, labels: torch.Tensor, cfg: Conf
         "test_aux_loss": focal_loss(aux_logits, F.one_hot(auxiliary, cfg.aux_level).float(), cfg.focal_gamma),
         "test_aux_acc": (aux_logits.argmax(1) == auxiliary).float().mean(),
     }
+
+
+def domain_eval_step(state: dict, images: torch.Tensor, labels: torch.Tensor, cfg: Config) -> dict:
+    """Test metrics of one batch of the domains task, as tensors: the target domain's test images, its head only."""
+    with autocast(cfg, images.device):
+        primary_logits = state["forward_model"](images)[0]
+    target = domain_targets(labels)
+    return {
+        "test_primary_loss": class_loss(primary_logits, target, cfg.focal_gamma),
+        "test_primary_acc": (primary_logits.argmax(1) == target).float().mean(),
+    }
+
+
+@torch.inference_mode()
+def evaluate(state: dict, graphs: StepGraphs, loader, cfg: Config, device: torch.device) -> dict[str, float]:
+    """eval_step (domains: domain_eval_step) over the test set, averaged per image; the network back in training
+    mode."""
+    meter = Meter()
+    state["model"].eval()
+    step = functools.partial(domain_eval_step if cfg.task == "domains" else eval_step, state, cfg=cfg)
+    for _, images, labels in batches(loader, cfg, device, phase="test"):
+        for name, value in graphs("evaluate", step, images, labels).items():
+            meter.add(name, value, images.shape[0])
+    state["model"].train()
+    return meter.means()
 
 
 def aux_domain_list(text: str) -> tuple[int, ...]:
@@ -862,9 +876,9 @@ def make_network(cfg: Config) -> nn.Module:
 
 
 def build(cfg: Config, device: torch.device) -> dict:
-    """Network, lambda, the loss combiner, their optimisers and the network's scheduler. Keys without 'forward_'
-    are saved in the checkpoint. lambda (ModuleWeights) is there in every mode, only maoal mode uses and updates
-    it; the combiner only in aux mode."""
+    """Network, lambda, the loss combiner, their optimisers and the network's scheduler; forward_model is the
+    network as the steps run it (compiled with --compile), the others are saved in the checkpoint. lambda
+    (ModuleWeights) is there in every mode, only maoal mode uses and updates it; the combiner only in aux mode."""
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = make_network(cfg).to(device, memory_format=memory_format)
     if cfg.momentum or cfg.weight_decay:
@@ -932,8 +946,13 @@ def epoch_line(record: dict, epochs: int) -> str:
 
 
 def check_config(cfg: Config) -> Config:
-    """Refuse impossible settings before anything runs; return the config to run (the domains task's auxiliary
-    reduction resolved by mode)."""
+    """Refuse impossible settings before anything runs; return the config to run, its derived defaults resolved
+    (the data's; the domains task's auxiliary reduction by mode)."""
+    cfg = experiment.check_data(
+        cfg, "maoal", backbones=("vgg16", "resnet18"),
+        backbones_because="lambda weighs VGG-16's five blocks or ResNet-18's stem and four stages",
+        cifar100_only=CIFAR100_ONLY,
+    )  # fmt: skip
     require(
         cfg,
         at_least_1=("epochs", "batch_size", "lr_step", "dev_size", "meta_every", "neumann_terms"),
@@ -946,16 +965,16 @@ def check_config(cfg: Config) -> Config:
     except ValueError:
         hidden = [0]
     if not hidden or min(hidden) < 1:
-        raise UsageError(f"--combiner-hidden {cfg.combiner_hidden!r}: give widths of at least 1, e.g. 5,5")
+        raise UsageError(f"{setting(cfg, 'combiner_hidden')}: give widths of at least 1, e.g. 5,5")
     if cfg.task == "hierarchy":
         if cfg.backbone != "vgg16":
             raise UsageError(
-                f"--backbone {cfg.backbone}: the hierarchy task's lambda weighs VGG-16's five blocks; "
+                f"{setting(cfg, 'backbone')}: the hierarchy task's lambda weighs VGG-16's five blocks; "
                 f"{cfg.backbone} runs the authors' CIFAR-100/20, --task domains"
             )
         if cfg.aux_level <= cfg.primary_level:
             raise UsageError(
-                f"--aux-level {cfg.aux_level} must be finer than --primary-level {cfg.primary_level} "
+                f"{setting(cfg, 'aux_level')} must be finer than {setting(cfg, 'primary_level')} "
                 f"(choose from {', '.join(str(n) for n in LEVELS if n > cfg.primary_level)})"
             )
         return cfg
@@ -965,13 +984,13 @@ def check_config(cfg: Config) -> Config:
         domains = ()
     if not domains or not all(0 <= d < 20 for d in [*domains, cfg.target_domain]):
         raise UsageError(
-            f"--target-domain {cfg.target_domain} --aux-domains {cfg.aux_domains}: superclasses are 0-19, the "
+            f"{setting(cfg, 'target_domain')} and {setting(cfg, 'aux_domains')}: superclasses are 0-19, the "
             "auxiliary ones as a list such as 0-9 or 0,3,5"
         )
     if cfg.target_domain in domains or len(set(domains)) != len(domains):
-        raise UsageError(f"--aux-domains {cfg.aux_domains}: each once, and not --target-domain {cfg.target_domain}")
+        raise UsageError(f"{setting(cfg, 'aux_domains')}: each once, and not {setting(cfg, 'target_domain')}")
     if not 0 < cfg.dev_fraction < 1:
-        raise UsageError(f"--dev-fraction must be in (0, 1) (got {cfg.dev_fraction})")
+        raise UsageError(f"{setting(cfg, 'dev_fraction', with_value=False)} must be in (0, 1) (got {cfg.dev_fraction})")
     if cfg.aux_reduction is None:
         cfg = dataclasses.replace(cfg, aux_reduction="mean" if cfg.mode == "maoal" else "sum")
     return cfg
@@ -1027,56 +1046,6 @@ def paper_settings(cfg: Config) -> dict:
     return paper
 
 
-def dev_quotas(class_counts: np.ndarray, dev_size: int) -> np.ndarray:
-    """Images per class in a developing set of dev_size, stratified: each class's share of dev_size, rounded by
-    largest remainder (ties to the lower class) so that they sum to dev_size."""
-    shares = dev_size * class_counts / class_counts.sum()
-    quotas = np.floor(shares).astype(np.int64)
-    quotas[np.argsort(quotas - shares, kind="stable")[: dev_size - quotas.sum()]] += 1
-    return quotas
-
-
-def held_out(train_set: CIFAR100, cfg: Config) -> np.ndarray:
-    """Indices of the developing set: --dev-size training images (domains: --dev-fraction of the target's),
-    stratified by primary class, drawn from --seed. Held out in every mode, so that all train on the same images."""
-    if cfg.task == "domains":
-        primary = domain_targets(train_set.labels).numpy()
-        num_classes, dev_size, flag_name = 5, max(1, round(cfg.dev_fraction * len(primary))), "--dev-fraction"
-    else:
-        primary = train_set.labels[:, level_index(cfg.primary_level)].numpy()
-        num_classes, dev_size, flag_name = cfg.primary_level, cfg.dev_size, "--dev-size"
-    counts = np.bincount(primary, minlength=num_classes)
-    quotas = dev_quotas(counts, dev_size)
-    emptied = np.flatnonzero((quotas >= counts) & (counts > 0))
-    if len(emptied):
-        c = emptied[0]
-        raise UsageError(
-            f"{flag_name} {getattr(cfg, flag_name[2:].replace('-', '_'))} is more than this training set allows: "
-            f"stratified by primary class, class {c} has {plural(counts[c], 'training image')} and its share would "
-            f"be {quotas[c]}, leaving it none; choose a smaller {flag_name}"
-        )
-    rng = np.random.default_rng(cfg.seed)
-    chosen = [rng.choice(np.flatnonzero(primary == c), size=q, replace=False) for c, q in enumerate(quotas) if q]
-    return np.sort(np.concatenate(chosen))
-
-
-def split_data(train_set: CIFAR100, test_set: CIFAR100, cfg: Config):
-    """Domains: the target superclass's train and test images, and each auxiliary superclass's train images (the
-    authors' CIFAR100MTL, forchchch/MAOAL@4a750de dataset.py); hierarchy: the data as it is."""
-    if cfg.task != "domains":
-        return train_set, test_set, []
-    target, auxiliary = cfg.target_domain, aux_domain_list(cfg.aux_domains)
-    for name, data in (("training", train_set), ("test", test_set)):
-        missing = [d for d in (target, *auxiliary) if not len(domain_indices(data.labels, d))]
-        if missing and (name == "training" or target in missing):
-            raise UsageError(f"superclass {missing[0]} has no {name} images in this dataset")
-    return (
-        train_set.subset(domain_indices(train_set.labels, target)),
-        test_set.subset(domain_indices(test_set.labels, target)),
-        [train_set.subset(domain_indices(train_set.labels, d)) for d in auxiliary],
-    )
-
-
 def derived_settings(cfg: Config) -> dict:
     """Values computed from the flags, stored beside them in metrics.json."""
     if cfg.task == "domains":
@@ -1107,32 +1076,96 @@ def unpublished_because(cfg: Config) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# The method, handed to the run machinery (experiment.py)
+# The data: the domains task's split, the developing set
 
-METHOD = Method(
-    name="maoal",
-    config=Config,
-    description=__doc__,
-    check_config=check_config,
-    run_name_stem=run_name_stem,
-    paper_settings=paper_settings,
-    build=build,
-    train_epoch=train_epoch,
-    eval_step=eval_step,
-    epoch_line=epoch_line,
-    derived_settings=derived_settings,
-    published_accuracy=published_accuracy,
-    unpublished_because=unpublished_because,
-    cifar100_only="its auxiliary task is the finer level of CIFAR-100's hierarchy, --aux-level",
-    backbones=("vgg16", "resnet18"),
-    backbones_because="lambda weighs VGG-16's five blocks or ResNet-18's stem and four stages",
-    held_out=held_out,
-    split_data=split_data,
-)
+
+def dev_quotas(class_counts: np.ndarray, dev_size: int) -> np.ndarray:
+    """Images per class in a developing set of dev_size, stratified: each class's share of dev_size, rounded by
+    largest remainder (ties to the lower class) so that they sum to dev_size."""
+    shares = dev_size * class_counts / class_counts.sum()
+    quotas = np.floor(shares).astype(np.int64)
+    quotas[np.argsort(quotas - shares, kind="stable")[: dev_size - quotas.sum()]] += 1
+    return quotas
+
+
+def held_out(train_set: CIFAR100, cfg: Config) -> np.ndarray:
+    """Indices of the developing set: --dev-size training images (domains: --dev-fraction of the target's),
+    stratified by primary class, drawn from --seed. Held out in every mode, so that all train on the same images."""
+    if cfg.task == "domains":
+        primary = domain_targets(train_set.labels).numpy()
+        num_classes, dev_size, name = 5, max(1, round(cfg.dev_fraction * len(primary))), "dev_fraction"
+    else:
+        primary = train_set.labels[:, level_index(cfg.primary_level)].numpy()
+        num_classes, dev_size, name = cfg.primary_level, cfg.dev_size, "dev_size"
+    counts = np.bincount(primary, minlength=num_classes)
+    quotas = dev_quotas(counts, dev_size)
+    emptied = np.flatnonzero((quotas >= counts) & (counts > 0))
+    if len(emptied):
+        c = emptied[0]
+        raise UsageError(
+            f"{setting(cfg, name)} is more than this training set allows: stratified by primary class, class {c} "
+            f"has {plural(counts[c], 'training image')} and its share would be {quotas[c]}, leaving it none; choose a "
+            f"smaller {setting(cfg, name, with_value=False)}"
+        )
+    rng = np.random.default_rng(cfg.seed)
+    chosen = [rng.choice(np.flatnonzero(primary == c), size=q, replace=False) for c, q in enumerate(quotas) if q]
+    return np.sort(np.concatenate(chosen))
+
+
+def split_data(train_set: CIFAR100, test_set: CIFAR100, cfg: Config):
+    """Domains: the target superclass's train and test images, and each auxiliary superclass's train images (the
+    authors' CIFAR100MTL, forchchch/MAOAL@4a750de dataset.py); hierarchy: the data as it is."""
+    if cfg.task != "domains":
+        return train_set, test_set, []
+    target, auxiliary = cfg.target_domain, aux_domain_list(cfg.aux_domains)
+    for name, data in (("training", train_set), ("test", test_set)):
+        missing = [d for d in (target, *auxiliary) if not len(domain_indices(data.labels, d))]
+        if missing and (name == "training" or target in missing):
+            raise UsageError(f"superclass {missing[0]} has no {name} images in this dataset")
+    return (
+        train_set.subset(domain_indices(train_set.labels, target)),
+        test_set.subset(domain_indices(test_set.labels, target)),
+        [train_set.subset(domain_indices(train_set.labels, d)) for d in auxiliary],
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+# What checkpoint.pt holds (the combiner's entries in aux mode only), and the optimisers' learning rates by the
+# names the epoch records give them.
+SAVED = ("model", "module_weights", "optimizer", "lambda_optimizer", "scheduler", "combiner", "combiner_optimizer")
+RATES = {"optimizer": "lr", "lambda_optimizer": "lr_lambda", "combiner_optimizer": "lr_combiner"}
 
 
 def main(argv: list[str] | None = None) -> None:
-    experiment.main(METHOD, argv)
+    """Parse the flags into Config, open the run, load the data (domains: split into the target's and the
+    auxiliary domains'), hold the developing set out, build, resume; then each epoch train (with the upper level),
+    evaluate, step the schedule, save and print; then the summary. A refusal is one line and exit code 2."""
+    with experiment.Run(argv) as run:
+        cfg = check_config(run.parse(Config, __doc__))
+        run.open(
+            "maoal", cfg, run_name_stem(cfg), paper_settings(cfg), derived_settings(cfg),
+            published_accuracy(cfg), unpublished_because(cfg),
+        )  # fmt: skip
+        train_set, test_set = run.datasets()
+        train_set, test_set, aux_sets = split_data(train_set, test_set, cfg)
+        train_set, dev_set = train_set.split(held_out(train_set, cfg), held_out_transform=test_set.transform)
+        data = run.loaders(train_set, test_set, dev_set, aux_sets)
+        state = build(cfg, run.device)
+        saved = {name: state[name] for name in SAVED if name in state}
+        run.resume(saved)
+        graphs = StepGraphs([state[name] for name in RATES if name in state], run.device, cfg.cuda_graphs)
+        if cfg.smoke:
+            run.smoke_baseline(evaluate(state, graphs, data.test, cfg, run.device))
+        for epoch in run.epochs():
+            rates = {rate: state[name].param_groups[0]["lr"] for name, rate in RATES.items() if name in state}
+            metrics = train_epoch(state, graphs, data, cfg, run.device, epoch)
+            metrics |= evaluate(state, graphs, data.test, cfg, run.device)
+            state["scheduler"].step()
+            record = run.save(saved, metrics | rates)
+            run.say(epoch_line(record, cfg.epochs))
+        run.finish()
 
 
 if __name__ == "__main__":

@@ -12,11 +12,11 @@ Reproduces the MAXL curve of the paper's Figure 3 (primary 20, auxiliary 100 by 
     python model_vgg_maxl.py --primary-level 3 --psi 2,3,4 --epochs 50
     python model_vgg_maxl.py --smoke                          # one-minute install check on CPU
 
-To change the experiment, edit `Config` below (or pass the flag: every field is one); psi may be written
-as the authors did, e.g. `[5] * 20` or `[2, 3, 4]`. The run machinery (command line, checkpoints,
-resume) is experiment.py's. Prints one line per epoch (train, gradient cosine, meta step, test,
-generator usage) and writes results/<run-name>/metrics.json and checkpoint.pt after every epoch;
---resume continues.
+To change the experiment, edit `Config` below or pass the flag: every field is one, and the two are the same;
+psi may be written as the authors did, e.g. `[5] * 20` or `[2, 3, 4]`. main(), at the bottom, holds the run
+loop; it calls experiment.py for the run machinery (flags, the run folder, checkpoints, resume). Prints one line
+per epoch (train, gradient cosine, meta step, test, generator usage) and writes results/<run-name>/metrics.json
+and checkpoint.pt after every epoch; --resume continues.
 """
 
 from __future__ import annotations
@@ -35,12 +35,10 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import experiment
-from create_dataset import LEVELS, hierarchy_psi
+from create_dataset import LEVELS, hierarchy_psi, primary_labels
 from experiment import (
     FiniteGuard,
-    Loaders,
     Meter,
-    Method,
     RunConfig,
     StepGraphs,
     UsageError,
@@ -49,8 +47,8 @@ from experiment import (
     make_backbone,
     option,
     paper_data,
-    primary_labels,
     require,
+    setting,
 )
 
 META_GRADIENT_METHODS = ("second-order", "finite-difference", "double-backward")
@@ -68,27 +66,26 @@ class Config(RunConfig):
     RunConfig's, in experiment.py."""
 
     primary_level: int | None = option(
-        20,
-        "primary task on CIFAR-100: number of classes in the hierarchy (other datasets: their classes)",
+        None,
+        "primary task on CIFAR-100: number of classes in the hierarchy; default: 20, the superclasses (other "
+        "datasets: their classes)",
         choices=(3, 10, 20),
         type=int,
-        reset_by=("dataset",),
     )
     aux_level: int | None = option(
         None,
         "auxiliary task from the hierarchy: psi[i] = the number of classes of this finer level inside "
-        "primary class i (default: the level psi matches, 100 for [5] * 20)",
+        "primary class i; default: 100, or the level a given psi matches",
         type=int,
         choices=(10, 20, 100),
     )
-    # psi[i] auxiliary classes for primary class i, as the authors wrote it ([5] * 20: the hierarchy's 20 -> 100).
+    # psi[i] auxiliary classes for primary class i, as the authors wrote it: [5] * 20 is the hierarchy's 20 -> 100,
+    # [2, 3, 4] three primary classes. None takes it from the hierarchy (primary_level -> aux_level).
     psi: list[int] | str | None = option(
-        [5] * 20,
-        "auxiliary classes per primary class: k (k for every class) or a comma list, one per class; "
-        "given --primary-level or --aux-level without --psi, psi is the hierarchy's (--aux-level, default 100); "
-        "on the other datasets, 5 per class (default: [5] * 20)",
+        None,
+        "auxiliary classes per primary class: k (k for every class) or a comma list, one per class; default: the "
+        "hierarchy's at --aux-level ([5] * 20 for 20 -> 100), 5 per class on the other datasets",
         type=str,
-        reset_by=("primary_level", "aux_level", "dataset"),
     )
     epochs: int = option(200, "training epochs")
     batch_size: int = option(100, "images per batch, train and test")
@@ -277,8 +274,10 @@ def gradient_cosine(primary_grads: list[torch.Tensor], auxiliary_grads: list[tor
 # theta_1^+ = theta_1 - inner_lr * grad_theta_1 (L_pri + L_aux(labels(theta_2))). L_aux is linear in the
 # generated labels t, so the chain rule through theta_1^+ collapses to a gradient w.r.t. t,
 #     dJ/dt_ik = -inner_lr / N * D_d focal_aux_ik(theta_1),   d = grad L_pri(theta_1^+),
-# the directional derivative along d of the auxiliary head's per-class focal terms, followed by
-# one backward through the generator. The methods differ only in how they get it.
+# the directional derivative along d of the auxiliary head's per-class focal terms (aux_slope: by forward mode,
+# second-order, or the authors' central difference, finite-difference), followed by one backward through the
+# generator (generator_gradients). double-backward backpropagates through the inner gradient instead: the oracle.
+# The auxiliary loss enters as a function of the auxiliary logits, so WAMAL's weighted loss takes the same path.
 
 
 def auxiliary_path(model: VGG16) -> list[tuple[str, nn.Module]]:
@@ -314,7 +313,7 @@ def generated_labels(label_generator: LabelGenerator, images: torch.Tensor, prim
 
 @dataclass
 class InnerStep:
-    """The virtual step of theta_1 on one batch, the generated labels taken as constants."""
+    """The virtual step of theta_1 on one batch, what the generator gave taken as constants."""
 
     theta1: dict[str, torch.Tensor]  # the multi-task network's parameters, detached
     buffers: dict[str, torch.Tensor]  # throw-away copies of its BatchNorm statistics
@@ -329,12 +328,13 @@ def inner_step(
     model: VGG16,
     images: torch.Tensor,
     primary_target: torch.Tensor,
-    labels: torch.Tensor,
+    aux_loss,
     inner_lr: float,
     focal_gamma: float,
     record: tuple[nn.Module, ...] = (),
 ) -> InnerStep:
-    """theta_1^+ = theta_1 - inner_lr * grad(L_pri + L_aux), and d = grad L_pri(theta_1^+). No graph is kept."""
+    """theta_1^+ = theta_1 - inner_lr * grad(L_pri + aux_loss), and d = grad L_pri(theta_1^+); `aux_loss` maps the
+    auxiliary logits to the auxiliary loss, its targets taken as constants. No graph is kept."""
     theta1 = {name: p.detach() for name, p in model.named_parameters()}
     # Running statistics go to throw-away copies: the meta step must not change the networks it involves.
     buffers = {name: b.clone() for name, b in model.named_buffers()}
@@ -342,9 +342,7 @@ def inner_step(
         leaves = {name: p.detach().requires_grad_() for name, p in theta1.items()}
         with recorded_inputs(record) as layer_inputs:
             primary_logits, aux_logits = functional_call(model, (leaves, buffers), (images,))
-        train_loss = focal_loss(primary_logits, primary_target, focal_gamma) + focal_loss(
-            aux_logits, labels.detach(), focal_gamma
-        )
+        train_loss = focal_loss(primary_logits, primary_target, focal_gamma) + aux_loss(aux_logits)
         grads = torch.autograd.grad(train_loss, list(leaves.values()))
         theta1_plus = {name: (p - inner_lr * g).requires_grad_() for (name, p), g in zip(theta1.items(), grads)}
         primary_plus = functional_call(model, (theta1_plus, buffers), (images,))[0]
@@ -355,14 +353,6 @@ def inner_step(
             materialize_grads=True,
         )
     return InnerStep(theta1, buffers, primary_logits, aux_logits, primary_plus, dict(zip(theta1, d)), layer_inputs)
-
-
-def generator_gradients(
-    label_generator: LabelGenerator, labels: torch.Tensor, label_grad: torch.Tensor, entropy_weight: float
-) -> list[torch.Tensor]:
-    """grad_theta_2 of J, given dJ/dt (`label_grad`, constant): one backward through the generator."""
-    surrogate = (labels * label_grad).sum() + entropy_weight * negative_entropy(labels)
-    return list(torch.autograd.grad(surrogate, list(label_generator.parameters())))
 
 
 def path_tangent(
@@ -431,101 +421,88 @@ def network_tangent(
         ) from None
 
 
-# Every method takes the same keywords and returns grad_theta_2 J (one tensor per generator parameter) and the
-# primary logits at theta_1 and at theta_1^+.
-
-
-def second_order(
-    *,
+def aux_slope(
     model: VGG16,
-    label_generator: LabelGenerator,
     images: torch.Tensor,
-    primary: torch.Tensor,
-    inner_lr: float,
-    entropy_weight: float,
+    step: InnerStep,
+    method: str,
     focal_gamma: float,
     fd_step: float,
-) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """Exact: the directional derivative by forward-mode AD: path_tangent on VGG-16, reusing the forward pass at
-    theta_1; network_tangent through any other backbone. `fd_step` is unused (the signature is every method's)."""
-    labels = generated_labels(label_generator, images, primary)
-    path = tangent_path(model, images)
-    primary_target = F.one_hot(primary, model.classifier1[-1].out_features).float()
-    step = inner_step(model, images, primary_target, labels, inner_lr, focal_gamma, tuple(layer for _, layer in path))
+    path: list[tuple[str, nn.Module]],
+) -> torch.Tensor:
+    """D_d focal_aux_ik(theta_1), (N, K): second-order exactly, by forward mode (path_tangent along VGG-16's `path`,
+    reusing the forward pass at theta_1; network_tangent through any other backbone); finite-difference as the
+    authors' first-order variant (DARTS), a central difference at theta_1 +- eps * d, eps = fd_step / ||d||."""
     with torch.no_grad():
+        if method == "finite-difference":
+            d = step.direction
+            eps = fd_step / torch.sqrt(sum(v.pow(2).sum() for v in d.values()))
+
+            def aux_focal_terms(sign: int) -> torch.Tensor:
+                shifted = {name: p + sign * eps * d[name] for name, p in step.theta1.items()}
+                return focal_terms(functional_call(model, (shifted, step.buffers), (images,))[1], focal_gamma)
+
+            return (aux_focal_terms(+1) - aux_focal_terms(-1)) / (2 * eps)
         if path:
             aux_tangent = path_tangent(path, step.layer_inputs, step.theta1, step.direction, step.buffers)
         else:
             aux_tangent = network_tangent(model, step.theta1, step.direction, step.buffers, images)
         with fwAD.dual_level():
             aux_dual = fwAD.make_dual(step.aux_logits.detach(), aux_tangent)
-            slope = fwAD.unpack_dual(focal_terms(aux_dual, focal_gamma)).tangent
-        label_grad = -inner_lr / images.shape[0] * slope
-    return (
-        generator_gradients(label_generator, labels, label_grad, entropy_weight),
-        step.primary_logits,
-        step.primary_plus,
-    )
+            return fwAD.unpack_dual(focal_terms(aux_dual, focal_gamma)).tangent
 
 
-def finite_difference(
-    *,
-    model: VGG16,
-    label_generator: LabelGenerator,
-    images: torch.Tensor,
-    primary: torch.Tensor,
-    inner_lr: float,
+def generator_gradients(
+    label_generator: nn.Module,
+    products: torch.Tensor,
+    labels: torch.Tensor,
+    product_grad: torch.Tensor,
     entropy_weight: float,
-    focal_gamma: float,
-    fd_step: float,
-) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """The authors' first-order variant (DARTS): the directional derivative as a central difference,
-    eps = fd_step / ||d||, from two forward passes at theta_1 +- eps * d."""
-    labels = generated_labels(label_generator, images, primary)
-    primary_target = F.one_hot(primary, model.classifier1[-1].out_features).float()
-    step = inner_step(model, images, primary_target, labels, inner_lr, focal_gamma)
-    with torch.no_grad():
-        d = step.direction
-        eps = fd_step / torch.sqrt(sum(v.pow(2).sum() for v in d.values()))
-
-        def aux_focal_terms(sign: int) -> torch.Tensor:
-            shifted = {name: p + sign * eps * d[name] for name, p in step.theta1.items()}
-            return focal_terms(functional_call(model, (shifted, step.buffers), (images,))[1], focal_gamma)
-
-        slope = (aux_focal_terms(+1) - aux_focal_terms(-1)) / (2 * eps)
-        label_grad = -inner_lr / images.shape[0] * slope
-    return (
-        generator_gradients(label_generator, labels, label_grad, entropy_weight),
-        step.primary_logits,
-        step.primary_plus,
-    )
+) -> list[torch.Tensor]:
+    """grad_theta_2 of J, given dJ/dp (`product_grad`, constant) for what the auxiliary loss is linear in (`products`:
+    the labels; in WAMAL, their products with the images' weights): one backward through the generator."""
+    surrogate = (products * product_grad).sum() + entropy_weight * negative_entropy(labels)
+    return list(torch.autograd.grad(surrogate, list(label_generator.parameters())))
 
 
 def double_backward(
-    *,
     model: VGG16,
-    label_generator: LabelGenerator,
+    label_generator: nn.Module,
     images: torch.Tensor,
-    primary: torch.Tensor,
+    primary_target: torch.Tensor,
+    aux_loss,
+    labels: torch.Tensor,
     inner_lr: float,
     entropy_weight: float,
     focal_gamma: float,
-    fd_step: float,
 ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """Exact, the reference's way: backpropagate J through the inner gradient (create_graph=True). Slowest;
-    kept as the test oracle. `fd_step` is unused (the signature is every method's)."""
-    labels = generated_labels(label_generator, images, primary)
-    primary_target = F.one_hot(primary, model.classifier1[-1].out_features).float()
+    """Exact, the reference's way: backpropagate J through the inner gradient (create_graph=True), `aux_loss` (the
+    auxiliary logits -> the auxiliary loss) differentiable w.r.t. theta_2 through the generated `labels`. Slowest;
+    kept as the test oracle. Returns grad_theta_2 J and the primary logits at theta_1 and at theta_1^+."""
     buffers = {name: b.clone() for name, b in model.named_buffers()}
     params = dict(model.named_parameters())
     primary_logits, aux_logits = functional_call(model, (params, buffers), (images,))
-    train_loss = focal_loss(primary_logits, primary_target, focal_gamma) + focal_loss(aux_logits, labels, focal_gamma)
+    train_loss = focal_loss(primary_logits, primary_target, focal_gamma) + aux_loss(aux_logits)
     grads = torch.autograd.grad(train_loss, list(params.values()), create_graph=True)
     theta1_plus = {name: p - inner_lr * g for (name, p), g in zip(params.items(), grads)}
     primary_plus = functional_call(model, (theta1_plus, buffers), (images,))[0]
     objective = focal_loss(primary_plus, primary_target, focal_gamma) + entropy_weight * negative_entropy(labels)
     grads = list(torch.autograd.grad(objective, list(label_generator.parameters())))
     return grads, primary_logits.detach(), primary_plus.detach()
+
+
+def virtual_step_statistics(
+    primary_logits: torch.Tensor, primary_plus: torch.Tensor, primary: torch.Tensor, focal_gamma: float
+) -> dict[str, torch.Tensor]:
+    """The primary loss and accuracy at theta_1 and at theta_1^+ (tensors): what the virtual step did."""
+    primary_target = F.one_hot(primary, primary_logits.shape[1]).float()
+    with torch.no_grad():
+        return {
+            "meta_primary_loss_before": focal_loss(primary_logits, primary_target, focal_gamma),
+            "meta_primary_acc_before": (primary_logits.argmax(1) == primary).float().mean(),
+            "meta_primary_loss_after": focal_loss(primary_plus, primary_target, focal_gamma),
+            "meta_primary_acc_after": (primary_plus.argmax(1) == primary).float().mean(),
+        }
 
 
 def meta_gradients(
@@ -540,35 +517,36 @@ def meta_gradients(
     focal_gamma: float = 2.0,
     fd_step: float = 0.01,
 ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
-    """grad_theta_2 J for every label-generator parameter, by `method`; and the virtual step's statistics:
-    the primary loss and accuracy at theta_1 and at theta_1^+ (tensors).
+    """grad_theta_2 J for every label-generator parameter, by `method` (META_GRADIENT_METHODS); and the virtual
+    step's statistics (virtual_step_statistics).
 
     BatchNorm uses batch statistics, as in training. Parameters, buffers and .grad of both networks are
     left as they were."""
-    methods = {"second-order": second_order, "finite-difference": finite_difference, "double-backward": double_backward}
-    if method not in methods:
+    if method not in META_GRADIENT_METHODS:
         raise ValueError(f"unknown meta-gradient method {method!r}; one of {META_GRADIENT_METHODS}")
+    primary_target = F.one_hot(primary, model.classifier1[-1].out_features).float()
     # Attention's fused kernels have neither forward-mode rules nor second derivatives: the math kernel has both.
     with sdpa_kernel(SDPBackend.MATH):
-        grads, primary_logits, primary_plus = methods[method](
-            model=model,
-            label_generator=label_generator,
-            images=images,
-            primary=primary,
-            inner_lr=inner_lr,
-            entropy_weight=entropy_weight,
-            focal_gamma=focal_gamma,
-            fd_step=fd_step,
-        )
-    primary_target = F.one_hot(primary, model.classifier1[-1].out_features).float()
-    with torch.no_grad():
-        stats = {
-            "meta_primary_loss_before": focal_loss(primary_logits, primary_target, focal_gamma),
-            "meta_primary_acc_before": (primary_logits.argmax(1) == primary).float().mean(),
-            "meta_primary_loss_after": focal_loss(primary_plus, primary_target, focal_gamma),
-            "meta_primary_acc_after": (primary_plus.argmax(1) == primary).float().mean(),
-        }
-    return grads, stats
+        labels = generated_labels(label_generator, images, primary)
+        if method == "double-backward":
+            grads, primary_logits, primary_plus = double_backward(
+                model, label_generator, images, primary_target,
+                lambda logits: focal_loss(logits, labels, focal_gamma),
+                labels, inner_lr, entropy_weight, focal_gamma,
+            )  # fmt: skip
+        else:
+            path = tangent_path(model, images) if method == "second-order" else []
+            step = inner_step(
+                model, images, primary_target,
+                lambda logits: focal_loss(logits, labels.detach(), focal_gamma),
+                inner_lr, focal_gamma, tuple(layer for _, layer in path),
+            )  # fmt: skip
+            label_grad = (
+                -inner_lr / images.shape[0] * aux_slope(model, images, step, method, focal_gamma, fd_step, path)
+            )
+            grads = generator_gradients(label_generator, labels, labels, label_grad, entropy_weight)
+            primary_logits, primary_plus = step.primary_logits, step.primary_plus
+    return grads, virtual_step_statistics(primary_logits, primary_plus, primary, focal_gamma)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -640,9 +618,7 @@ def meta_step(state: dict, images: torch.Tensor, labels: torch.Tensor, cfg: Conf
     return stats
 
 
-def train_epoch(
-    state: dict, graphs: StepGraphs, loaders: Loaders, cfg: Config, device: torch.device, epoch: int
-) -> dict[str, float]:
+def train_epoch(state: dict, graphs: StepGraphs, loader, cfg: Config, device: torch.device, epoch: int) -> dict:
     """Phase 1 over the train set (theta_1), then phase 2 over it again (theta_2)."""
     meter = Meter()
     guard = FiniteGuard(device)
@@ -651,7 +627,7 @@ def train_epoch(
     num_aux = state["model"].classifier2[-1].out_features
     aux_used = torch.zeros(num_aux, dtype=torch.bool, device=device)
     phase1 = {diagnose: functools.partial(train_step, state, cfg=cfg, diagnose=diagnose) for diagnose in (False, True)}
-    for step, images, labels in batches(loaders.train, cfg, device, phase="phase 1"):
+    for step, images, labels in batches(loader, cfg, device, phase="phase 1"):
         diagnose = step % cfg.cossim_every == 0
         out = graphs("phase 1 + cosine" if diagnose else "phase 1", phase1[diagnose], images, labels)
         guard.watch(out.pop("loss"), epoch, "phase-1", step)
@@ -663,7 +639,7 @@ def train_epoch(
     guard.check(epoch, "phase-1")
 
     phase2 = functools.partial(meta_step, state, cfg=cfg)
-    for step, images, labels in batches(loaders.train, cfg, device, phase="phase 2"):
+    for step, images, labels in batches(loader, cfg, device, phase="phase 2"):
         stats = graphs("phase 2", phase2, images, labels)
         guard.watch(stats["meta_primary_loss_after"], epoch, "phase-2", step)
         for name, value in stats.items():
@@ -686,8 +662,23 @@ def eval_step(state: dict, images: torch.Tensor, labels: torch.Tensor, cfg: Conf
     }
 
 
+# Copied from model_vgg_single.py
+@torch.inference_mode()
+def evaluate(state: dict, graphs: StepGraphs, loader, cfg: Config, device: torch.device) -> dict[str, float]:
+    """eval_step over the test set, averaged per image; the network back in training mode."""
+    meter = Meter()
+    state["model"].eval()
+    step = functools.partial(eval_step, state, cfg=cfg)
+    for _, images, labels in batches(loader, cfg, device, phase="test"):
+        for name, value in graphs("evaluate", step, images, labels).items():
+            meter.add(name, value, images.shape[0])
+    state["model"].train()
+    return meter.means()
+
+
 def build(cfg: Config, device: torch.device) -> dict:
-    """Networks, optimisers and schedulers. Keys without 'forward_' are saved in the checkpoint."""
+    """The networks, their optimisers and schedulers; forward_model and forward_generator are the networks as the
+    steps run them (compiled with --compile)."""
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = VGG16(cfg.psi, make_backbone(cfg)).to(device, memory_format=memory_format)
     label_generator = LabelGenerator(cfg.psi, make_backbone(cfg)).to(device, memory_format=memory_format)
@@ -722,24 +713,25 @@ def epoch_line(record: dict, epochs: int) -> str:
 # Settings: checks, run names, published figures
 
 
-def parse_psi(psi: str | list[int], num_primary: int) -> list[int]:
-    """'5' or [5] -> [5] * num_primary; '2,3,4' or [2, 3, 4] -> [2, 3, 4]. Refuses a wrong length or an entry < 1."""
+def parse_psi(cfg: Config, psi: str | list[int]) -> list[int]:
+    """'5' or [5] -> [5] * primary classes; '2,3,4' or [2, 3, 4] -> [2, 3, 4]; a wrong length or an entry < 1 refused."""
     text = psi if isinstance(psi, str) else ",".join(str(v) for v in psi)
     try:
         values = [int(v) for v in text.split(",")]
     except ValueError:
+        shown = f"--psi {text!r}" if "psi" in cfg.flags_given else setting(cfg, "psi")
         raise UsageError(
-            f"--psi {text!r} is not an integer or a comma list of integers (e.g. --psi 5 or --psi 2,3,4)"
+            f"{shown} is not an integer or a comma list of integers (e.g. --psi 5 or --psi 2,3,4)"
         ) from None
     if len(values) == 1:
-        values = values * num_primary
-    if len(values) != num_primary:
+        values = values * cfg.primary_level
+    if len(values) != cfg.primary_level:
         raise UsageError(
-            f"--psi has {len(values)} entries but the primary task has {num_primary} classes; "
-            f"give one entry per primary class or a single integer"
+            f"{setting(cfg, 'psi', with_value=False)} has {len(values)} entries but the primary task has "
+            f"{cfg.primary_level} classes; give one entry per primary class or a single integer"
         )
     if min(values) < 1:
-        raise UsageError(f"--psi {text}: every primary class needs at least 1 auxiliary class")
+        raise UsageError(f"{setting(cfg, 'psi', text)}: every primary class needs at least 1 auxiliary class")
     return values
 
 
@@ -754,38 +746,46 @@ def check_aux_classes(psi: list[int]) -> list[int]:
     return psi
 
 
-def check_config(cfg: Config) -> Config:
-    """Refuse impossible settings before anything runs; return the config to run, psi as a list.
-
-    psi None is the hierarchy's at aux_level (default 100); a list or --psi's text is parsed, and text together
-    with --aux-level is refused. The returned config has both: the level psi equals, or None."""
-    require(
-        cfg,
-        at_least_1=("epochs", "batch_size", "lr_step", "cossim_every"),
-        at_least_0=("focal_gamma",),
-        positive=("lr", "lr_gamma", "gen_lr", "fd_step"),
-    )
+def resolve_psi(cfg: Config) -> Config:
+    """The config with psi a list and aux_level the hierarchy's level psi equals (or None). psi None is the
+    hierarchy's at aux_level (default 100) on CIFAR-100 and DEFAULT_PSI per class on the other datasets; --psi
+    together with aux_level is refused, and a list psi (the file's, or a checked config's) must agree with it."""
     if cfg.aux_level is not None and cfg.aux_level <= cfg.primary_level:
         raise UsageError(
-            f"--aux-level {cfg.aux_level} must be finer than --primary-level {cfg.primary_level} "
+            f"{setting(cfg, 'aux_level')} must be finer than {setting(cfg, 'primary_level')} "
             f"(choose from {', '.join(str(n) for n in LEVELS if n > cfg.primary_level)})"
         )
     if cfg.dataset != "cifar100":  # no hierarchy: psi alone says how many auxiliary classes each class has
-        psi = check_aux_classes(parse_psi(str(DEFAULT_PSI) if cfg.psi is None else cfg.psi, cfg.primary_level))
+        psi = check_aux_classes(parse_psi(cfg, str(DEFAULT_PSI) if cfg.psi is None else cfg.psi))
         return dataclasses.replace(cfg, psi=psi, aux_level=None)
     if cfg.psi is None:
         aux_level = cfg.aux_level or 100
         return dataclasses.replace(cfg, aux_level=aux_level, psi=hierarchy_psi(cfg.primary_level, aux_level))
     if isinstance(cfg.psi, str) and cfg.aux_level is not None:
         raise UsageError(
-            f"--psi {cfg.psi} and --aux-level {cfg.aux_level} both set psi; give one of them "
+            f"{setting(cfg, 'psi')} and {setting(cfg, 'aux_level')} both set psi; give one of them "
             f"(--aux-level takes psi from the hierarchy, --psi sets it yourself)"
         )
-    psi = check_aux_classes(parse_psi(cfg.psi, cfg.primary_level))
+    psi = check_aux_classes(parse_psi(cfg, cfg.psi))
     levels = [n for n in LEVELS if n > cfg.primary_level and hierarchy_psi(cfg.primary_level, n) == psi]
-    if cfg.aux_level is not None and levels != [cfg.aux_level]:
-        raise UsageError(f"psi {psi} is not the hierarchy's at --aux-level {cfg.aux_level}; set one of them only")
+    if cfg.aux_level is not None and levels != [cfg.aux_level]:  # a list, as in the file: it must agree
+        raise UsageError(
+            f"{setting(cfg, 'psi')} is not the hierarchy's at {setting(cfg, 'aux_level')}; set one of them"
+        )
     return dataclasses.replace(cfg, psi=psi, aux_level=levels[0] if levels else None)
+
+
+def check_config(cfg: Config) -> Config:
+    """Refuse impossible settings before anything runs; return the config to run, its derived defaults resolved
+    (psi a list)."""
+    cfg = experiment.check_data(cfg, "maxl")
+    require(
+        cfg,
+        at_least_1=("epochs", "batch_size", "lr_step", "cossim_every"),
+        at_least_0=("focal_gamma",),
+        positive=("lr", "lr_gamma", "gen_lr", "fd_step"),
+    )
+    return resolve_psi(cfg)
 
 
 def run_name_stem(cfg: Config) -> str:
@@ -832,27 +832,38 @@ def unpublished_because(cfg: Config) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# The method, handed to the run machinery (experiment.py)
-
-METHOD = Method(
-    name="maxl",
-    config=Config,
-    description=__doc__,
-    check_config=check_config,
-    run_name_stem=run_name_stem,
-    paper_settings=paper_settings,
-    build=build,
-    train_epoch=train_epoch,
-    eval_step=eval_step,
-    epoch_line=epoch_line,
-    derived_settings=derived_settings,
-    published_accuracy=published_accuracy,
-    unpublished_because=unpublished_because,
-)
+# The run
 
 
 def main(argv: list[str] | None = None) -> None:
-    experiment.main(METHOD, argv)
+    """Parse the flags into Config, open the run, load the data, build, resume; then each epoch phase 1 and phase 2,
+    evaluate, step the schedules, save and print; then the summary. A refusal is one line and exit code 2."""
+    with experiment.Run(argv) as run:
+        cfg = check_config(run.parse(Config, __doc__))
+        run.open(
+            "maxl", cfg, run_name_stem(cfg), paper_settings(cfg), derived_settings(cfg),
+            published_accuracy(cfg), unpublished_because(cfg),
+        )  # fmt: skip
+        data = run.loaders(*run.datasets())
+        state = build(cfg, run.device)
+        names = ("model", "label_generator", "optimizer", "gen_optimizer", "scheduler", "gen_scheduler")
+        saved = {name: state[name] for name in names}  # what checkpoint.pt holds
+        run.resume(saved)
+        graphs = StepGraphs([state["optimizer"], state["gen_optimizer"]], run.device, cfg.cuda_graphs)
+        if cfg.smoke:
+            run.smoke_baseline(evaluate(state, graphs, data.test, cfg, run.device))
+        for epoch in run.epochs():
+            rates = {
+                "lr": state["optimizer"].param_groups[0]["lr"],
+                "lr_gen": state["gen_optimizer"].param_groups[0]["lr"],
+            }
+            metrics = train_epoch(state, graphs, data.train, cfg, run.device, epoch)
+            metrics |= evaluate(state, graphs, data.test, cfg, run.device)
+            state["scheduler"].step()
+            state["gen_scheduler"].step()
+            record = run.save(saved, metrics | rates)
+            run.say(epoch_line(record, cfg.epochs))
+        run.finish()
 
 
 if __name__ == "__main__":

@@ -14,11 +14,11 @@ on primary 20, auxiliary 100, the default here.
     python model_vgg_wamal.py --primary-level 10 --aux-level 20     # any pair of the hierarchy, psi from it
     python model_vgg_wamal.py --smoke                          # one-minute install check on CPU
 
-To change the experiment, edit `Config` below (or pass the flag: every field is one); psi may be written
-as the authors did, e.g. `[5] * 20` or `[2, 3, 4]`. The run machinery (command line, checkpoints,
-resume) is experiment.py's.
-Prints one line per epoch (train, gradient cosine, meta step, test, the weights' multipliers, generator
-usage) and writes results/<run-name>/metrics.json and checkpoint.pt after every epoch; --resume continues.
+To change the experiment, edit `Config` below or pass the flag: every field is one, and the two are the same;
+psi may be written as the authors did, e.g. `[5] * 20` or `[2, 3, 4]`. main(), at the bottom, holds the run
+loop; it calls experiment.py for the run machinery (flags, the run folder, checkpoints, resume). Prints one line
+per epoch (train, gradient cosine, meta step, test, the weights' multipliers, generator usage) and writes
+results/<run-name>/metrics.json and checkpoint.pt after every epoch; --resume continues.
 """
 
 from __future__ import annotations
@@ -37,12 +37,10 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import experiment
-from create_dataset import LEVELS, hierarchy_psi
+from create_dataset import LEVELS, hierarchy_psi, primary_labels
 from experiment import (
     FiniteGuard,
-    Loaders,
     Meter,
-    Method,
     RunConfig,
     StepGraphs,
     UsageError,
@@ -51,8 +49,8 @@ from experiment import (
     make_backbone,
     option,
     paper_data,
-    primary_labels,
     require,
+    setting,
 )
 
 # Copied from model_vgg_maxl.py
@@ -74,27 +72,26 @@ class Config(RunConfig):
     RunConfig's, in experiment.py."""
 
     primary_level: int | None = option(
-        20,
-        "primary task on CIFAR-100: number of classes in the hierarchy (other datasets: their classes)",
+        None,
+        "primary task on CIFAR-100: number of classes in the hierarchy; default: 20, the superclasses (other "
+        "datasets: their classes)",
         choices=(3, 10, 20),
         type=int,
-        reset_by=("dataset",),
     )
     aux_level: int | None = option(
         None,
         "auxiliary task from the hierarchy: psi[i] = the number of classes of this finer level inside "
-        "primary class i (default: the level psi matches, 100 for [5] * 20)",
+        "primary class i; default: 100, or the level a given psi matches",
         type=int,
         choices=(10, 20, 100),
     )
-    # psi[i] auxiliary classes for primary class i, as the authors wrote it ([5] * 20: the hierarchy's 20 -> 100).
+    # psi[i] auxiliary classes for primary class i, as the authors wrote it: [5] * 20 is the hierarchy's 20 -> 100,
+    # [2, 3, 4] three primary classes. None takes it from the hierarchy (primary_level -> aux_level).
     psi: list[int] | str | None = option(
-        [5] * 20,
-        "auxiliary classes per primary class: k (k for every class) or a comma list, one per class; "
-        "given --primary-level or --aux-level without --psi, psi is the hierarchy's (--aux-level, default 100); "
-        "on the other datasets, 5 per class (default: [5] * 20)",
+        None,
+        "auxiliary classes per primary class: k (k for every class) or a comma list, one per class; default: the "
+        "hierarchy's at --aux-level ([5] * 20 for 20 -> 100), 5 per class on the other datasets",
         type=str,
-        reset_by=("primary_level", "aux_level", "dataset"),
     )
     epochs: int = option(200, "training epochs")
     batch_size: int = option(100, "images per batch, train and test")
@@ -246,9 +243,9 @@ def weight_head(num_features: int = 512) -> nn.Sequential:
     return nn.Sequential(nn.Linear(num_features, 512), nn.ReLU(inplace=True), nn.Linear(512, 1), nn.Sigmoid())
 
 
-class LabelGenerator(Trunk):
-    """The label-generation network theta_2: its own VGG-16, head `classifier` with sum(psi) outputs, and
-    `weight_head`, one weight per image (the WAMAL authors' names)."""
+class LabelWeightGenerator(Trunk):
+    """The label-generation network theta_2 (the authors' LabelWeightWrapper): its own VGG-16, head `classifier` with
+    sum(psi) outputs, and `weight_head`, one weight per image (the WAMAL authors' names)."""
 
     def __init__(self, psi: list[int], backbone: nn.Module | None = None):
         super().__init__(backbone)
@@ -344,8 +341,8 @@ def gradient_cosine(primary_grads: list[torch.Tensor], auxiliary_grads: list[tor
 # multipliers m, or their batch mean), so the chain rule through theta_1^+ collapses to a gradient w.r.t. p,
 #     dJ/dp_ik = -inner_lr / N * D_d focal_aux_ik(theta_1),   d = grad L_pri(theta_1^+),
 # MAXL's dJ/dt (there c = 1): the directional derivative along d of the auxiliary head's per-class focal
-# terms, followed by one backward through the generator's two heads. The methods differ only in how they
-# get it (second_order's docstring has the derivation).
+# terms, followed by one backward through the generator's two heads. MAXL's machinery computes it, copied here
+# whole; only wamal_meta_gradients, which hands it WAMAL's weighted auxiliary loss, is WAMAL's own.
 
 
 # Copied from model_vgg_maxl.py
@@ -376,7 +373,7 @@ def recorded_inputs(layers: list[nn.Module]):
 
 
 def generated_labels_and_weights(
-    label_generator: LabelGenerator, images: torch.Tensor, primary: torch.Tensor
+    label_generator: LabelWeightGenerator, images: torch.Tensor, primary: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The generator's labels and weights, differentiable w.r.t. theta_2; batch statistics, its running
     statistics untouched."""
@@ -384,9 +381,10 @@ def generated_labels_and_weights(
     return functional_call(label_generator, (dict(label_generator.named_parameters()), buffers), (images, primary))
 
 
+# Copied from model_vgg_maxl.py
 @dataclass
 class InnerStep:
-    """The virtual step of theta_1 on one batch, the generated labels and weights taken as constants."""
+    """The virtual step of theta_1 on one batch, what the generator gave taken as constants."""
 
     theta1: dict[str, torch.Tensor]  # the multi-task network's parameters, detached
     buffers: dict[str, torch.Tensor]  # throw-away copies of its BatchNorm statistics
@@ -397,18 +395,18 @@ class InnerStep:
     layer_inputs: dict[nn.Module, torch.Tensor]  # inputs of the `record`ed layers at theta_1
 
 
+# Copied from model_vgg_maxl.py
 def inner_step(
     model: VGG16,
     images: torch.Tensor,
     primary_target: torch.Tensor,
-    labels: torch.Tensor,
-    multipliers: torch.Tensor,
-    weighting: str,
+    aux_loss,
     inner_lr: float,
     focal_gamma: float,
     record: tuple[nn.Module, ...] = (),
 ) -> InnerStep:
-    """theta_1^+ = theta_1 - inner_lr * grad(L_pri + L_aux), and d = grad L_pri(theta_1^+). No graph is kept."""
+    """theta_1^+ = theta_1 - inner_lr * grad(L_pri + aux_loss), and d = grad L_pri(theta_1^+); `aux_loss` maps the
+    auxiliary logits to the auxiliary loss, its targets taken as constants. No graph is kept."""
     theta1 = {name: p.detach() for name, p in model.named_parameters()}
     # Running statistics go to throw-away copies: the meta step must not change the networks it involves.
     buffers = {name: b.clone() for name, b in model.named_buffers()}
@@ -416,9 +414,7 @@ def inner_step(
         leaves = {name: p.detach().requires_grad_() for name, p in theta1.items()}
         with recorded_inputs(record) as layer_inputs:
             primary_logits, aux_logits = functional_call(model, (leaves, buffers), (images,))
-        train_loss = focal_loss(primary_logits, primary_target, focal_gamma) + weighted_aux_loss(
-            per_sample_focal(aux_logits, labels.detach(), focal_gamma), multipliers.detach(), weighting
-        )
+        train_loss = focal_loss(primary_logits, primary_target, focal_gamma) + aux_loss(aux_logits)
         grads = torch.autograd.grad(train_loss, list(leaves.values()))
         theta1_plus = {name: (p - inner_lr * g).requires_grad_() for (name, p), g in zip(theta1.items(), grads)}
         primary_plus = functional_call(model, (theta1_plus, buffers), (images,))[0]
@@ -429,21 +425,6 @@ def inner_step(
             materialize_grads=True,
         )
     return InnerStep(theta1, buffers, primary_logits, aux_logits, primary_plus, dict(zip(theta1, d)), layer_inputs)
-
-
-def generator_gradients(
-    label_generator: LabelGenerator,
-    labels: torch.Tensor,
-    multipliers: torch.Tensor,
-    weighting: str,
-    product_grad: torch.Tensor,
-    entropy_weight: float,
-) -> list[torch.Tensor]:
-    """grad_theta_2 of J, given dJ/dp for the products p = c t (`product_grad`, constant): one backward
-    through the generator, both heads."""
-    products = label_coefficients(multipliers, weighting)[:, None] * labels
-    surrogate = (products * product_grad).sum() + entropy_weight * negative_entropy(labels)
-    return list(torch.autograd.grad(surrogate, list(label_generator.parameters())))
 
 
 # Copied from model_vgg_maxl.py
@@ -515,25 +496,110 @@ def network_tangent(
         ) from None
 
 
-# Every method takes the same keywords and returns grad_theta_2 J (one tensor per generator parameter, both heads)
-# and the primary logits at theta_1 and at theta_1^+.
-
-
-def second_order(
-    *,
+# Copied from model_vgg_maxl.py
+def aux_slope(
     model: VGG16,
-    label_generator: LabelGenerator,
     images: torch.Tensor,
-    primary: torch.Tensor,
+    step: InnerStep,
+    method: str,
+    focal_gamma: float,
+    fd_step: float,
+    path: list[tuple[str, nn.Module]],
+) -> torch.Tensor:
+    """D_d focal_aux_ik(theta_1), (N, K): second-order exactly, by forward mode (path_tangent along VGG-16's `path`,
+    reusing the forward pass at theta_1; network_tangent through any other backbone); finite-difference as the
+    authors' first-order variant (DARTS), a central difference at theta_1 +- eps * d, eps = fd_step / ||d||."""
+    with torch.no_grad():
+        if method == "finite-difference":
+            d = step.direction
+            eps = fd_step / torch.sqrt(sum(v.pow(2).sum() for v in d.values()))
+
+            def aux_focal_terms(sign: int) -> torch.Tensor:
+                shifted = {name: p + sign * eps * d[name] for name, p in step.theta1.items()}
+                return focal_terms(functional_call(model, (shifted, step.buffers), (images,))[1], focal_gamma)
+
+            return (aux_focal_terms(+1) - aux_focal_terms(-1)) / (2 * eps)
+        if path:
+            aux_tangent = path_tangent(path, step.layer_inputs, step.theta1, step.direction, step.buffers)
+        else:
+            aux_tangent = network_tangent(model, step.theta1, step.direction, step.buffers, images)
+        with fwAD.dual_level():
+            aux_dual = fwAD.make_dual(step.aux_logits.detach(), aux_tangent)
+            return fwAD.unpack_dual(focal_terms(aux_dual, focal_gamma)).tangent
+
+
+# Copied from model_vgg_maxl.py
+def generator_gradients(
+    label_generator: nn.Module,
+    products: torch.Tensor,
+    labels: torch.Tensor,
+    product_grad: torch.Tensor,
+    entropy_weight: float,
+) -> list[torch.Tensor]:
+    """grad_theta_2 of J, given dJ/dp (`product_grad`, constant) for what the auxiliary loss is linear in (`products`:
+    the labels; in WAMAL, their products with the images' weights): one backward through the generator."""
+    surrogate = (products * product_grad).sum() + entropy_weight * negative_entropy(labels)
+    return list(torch.autograd.grad(surrogate, list(label_generator.parameters())))
+
+
+# Copied from model_vgg_maxl.py
+def double_backward(
+    model: VGG16,
+    label_generator: nn.Module,
+    images: torch.Tensor,
+    primary_target: torch.Tensor,
+    aux_loss,
+    labels: torch.Tensor,
     inner_lr: float,
     entropy_weight: float,
     focal_gamma: float,
-    fd_step: float,
-    weight_range: float,
-    weighting: str,
 ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """Exact: the directional derivative by forward-mode AD: path_tangent on VGG-16, reusing the forward pass at
-    theta_1; network_tangent through any other backbone.
+    """Exact, the reference's way: backpropagate J through the inner gradient (create_graph=True), `aux_loss` (the
+    auxiliary logits -> the auxiliary loss) differentiable w.r.t. theta_2 through the generated `labels`. Slowest;
+    kept as the test oracle. Returns grad_theta_2 J and the primary logits at theta_1 and at theta_1^+."""
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    params = dict(model.named_parameters())
+    primary_logits, aux_logits = functional_call(model, (params, buffers), (images,))
+    train_loss = focal_loss(primary_logits, primary_target, focal_gamma) + aux_loss(aux_logits)
+    grads = torch.autograd.grad(train_loss, list(params.values()), create_graph=True)
+    theta1_plus = {name: p - inner_lr * g for (name, p), g in zip(params.items(), grads)}
+    primary_plus = functional_call(model, (theta1_plus, buffers), (images,))[0]
+    objective = focal_loss(primary_plus, primary_target, focal_gamma) + entropy_weight * negative_entropy(labels)
+    grads = list(torch.autograd.grad(objective, list(label_generator.parameters())))
+    return grads, primary_logits.detach(), primary_plus.detach()
+
+
+# Copied from model_vgg_maxl.py
+def virtual_step_statistics(
+    primary_logits: torch.Tensor, primary_plus: torch.Tensor, primary: torch.Tensor, focal_gamma: float
+) -> dict[str, torch.Tensor]:
+    """The primary loss and accuracy at theta_1 and at theta_1^+ (tensors): what the virtual step did."""
+    primary_target = F.one_hot(primary, primary_logits.shape[1]).float()
+    with torch.no_grad():
+        return {
+            "meta_primary_loss_before": focal_loss(primary_logits, primary_target, focal_gamma),
+            "meta_primary_acc_before": (primary_logits.argmax(1) == primary).float().mean(),
+            "meta_primary_loss_after": focal_loss(primary_plus, primary_target, focal_gamma),
+            "meta_primary_acc_after": (primary_plus.argmax(1) == primary).float().mean(),
+        }
+
+
+def wamal_meta_gradients(
+    *,
+    model: VGG16,
+    label_generator: LabelWeightGenerator,
+    images: torch.Tensor,
+    primary: torch.Tensor,
+    inner_lr: float,
+    method: str = "second-order",
+    entropy_weight: float = 0.2,
+    focal_gamma: float = 2.0,
+    fd_step: float = 0.01,
+    weight_range: float = 15.0,
+    weighting: str = "sample",
+) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """grad_theta_2 J for every label-generator parameter (trunk, label head, weight head), by `method`; and
+    the virtual step's statistics: MAXL's meta_gradients with the weighted auxiliary loss.
 
     The derivation. With f_ik(theta_1) = -(1 - q_ik)^gamma log q_ik the auxiliary head's focal terms (q its
     softmax) and c_i = m_i (sample) or mean(m) (batch), the inner loss is
@@ -549,153 +615,39 @@ def second_order(
         batch:  dJ/dm_i = 1/N sum_jk t_jk dJ/dp_jk   (the same for every image),
     and dJ/dw_i = dJ/dm_i * 2 R ln(2) m_i. The weights get their gradient through theta_1^+ only.
 
-    `fd_step` is unused (the signature is every method's)."""
-    labels, weights = generated_labels_and_weights(label_generator, images, primary)
-    multipliers = aux_multipliers(weights, weight_range)
-    path = tangent_path(model, images)
-    primary_target = F.one_hot(primary, model.classifier1[-1].out_features).float()
-    step = inner_step(
-        model,
-        images,
-        primary_target,
-        labels,
-        multipliers,
-        weighting,
-        inner_lr,
-        focal_gamma,
-        tuple(layer for _, layer in path),
-    )
-    with torch.no_grad():
-        if path:
-            aux_tangent = path_tangent(path, step.layer_inputs, step.theta1, step.direction, step.buffers)
-        else:
-            aux_tangent = network_tangent(model, step.theta1, step.direction, step.buffers, images)
-        with fwAD.dual_level():
-            aux_dual = fwAD.make_dual(step.aux_logits.detach(), aux_tangent)
-            slope = fwAD.unpack_dual(focal_terms(aux_dual, focal_gamma)).tangent
-        product_grad = -inner_lr / images.shape[0] * slope
-    return (
-        generator_gradients(label_generator, labels, multipliers, weighting, product_grad, entropy_weight),
-        step.primary_logits,
-        step.primary_plus,
-    )
-
-
-def finite_difference(
-    *,
-    model: VGG16,
-    label_generator: LabelGenerator,
-    images: torch.Tensor,
-    primary: torch.Tensor,
-    inner_lr: float,
-    entropy_weight: float,
-    focal_gamma: float,
-    fd_step: float,
-    weight_range: float,
-    weighting: str,
-) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """The authors' first-order variant (DARTS): the directional derivative as a central difference,
-    eps = fd_step / ||d||, from two forward passes at theta_1 +- eps * d."""
-    labels, weights = generated_labels_and_weights(label_generator, images, primary)
-    multipliers = aux_multipliers(weights, weight_range)
-    primary_target = F.one_hot(primary, model.classifier1[-1].out_features).float()
-    step = inner_step(model, images, primary_target, labels, multipliers, weighting, inner_lr, focal_gamma)
-    with torch.no_grad():
-        d = step.direction
-        eps = fd_step / torch.sqrt(sum(v.pow(2).sum() for v in d.values()))
-
-        def aux_focal_terms(sign: int) -> torch.Tensor:
-            shifted = {name: p + sign * eps * d[name] for name, p in step.theta1.items()}
-            return focal_terms(functional_call(model, (shifted, step.buffers), (images,))[1], focal_gamma)
-
-        slope = (aux_focal_terms(+1) - aux_focal_terms(-1)) / (2 * eps)
-        product_grad = -inner_lr / images.shape[0] * slope
-    return (
-        generator_gradients(label_generator, labels, multipliers, weighting, product_grad, entropy_weight),
-        step.primary_logits,
-        step.primary_plus,
-    )
-
-
-def double_backward(
-    *,
-    model: VGG16,
-    label_generator: LabelGenerator,
-    images: torch.Tensor,
-    primary: torch.Tensor,
-    inner_lr: float,
-    entropy_weight: float,
-    focal_gamma: float,
-    fd_step: float,
-    weight_range: float,
-    weighting: str,
-) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """Exact, the reference's way: backpropagate J through the inner gradient (create_graph=True). Slowest;
-    kept as the test oracle. `fd_step` is unused (the signature is every method's)."""
-    labels, weights = generated_labels_and_weights(label_generator, images, primary)
-    multipliers = aux_multipliers(weights, weight_range)
-    primary_target = F.one_hot(primary, model.classifier1[-1].out_features).float()
-    buffers = {name: b.clone() for name, b in model.named_buffers()}
-    params = dict(model.named_parameters())
-    primary_logits, aux_logits = functional_call(model, (params, buffers), (images,))
-    train_loss = focal_loss(primary_logits, primary_target, focal_gamma) + weighted_aux_loss(
-        per_sample_focal(aux_logits, labels, focal_gamma), multipliers, weighting
-    )
-    grads = torch.autograd.grad(train_loss, list(params.values()), create_graph=True)
-    theta1_plus = {name: p - inner_lr * g for (name, p), g in zip(params.items(), grads)}
-    primary_plus = functional_call(model, (theta1_plus, buffers), (images,))[0]
-    objective = focal_loss(primary_plus, primary_target, focal_gamma) + entropy_weight * negative_entropy(labels)
-    grads = list(torch.autograd.grad(objective, list(label_generator.parameters())))
-    return grads, primary_logits.detach(), primary_plus.detach()
-
-
-def meta_gradients(
-    *,
-    model: VGG16,
-    label_generator: LabelGenerator,
-    images: torch.Tensor,
-    primary: torch.Tensor,
-    inner_lr: float,
-    method: str = "second-order",
-    entropy_weight: float = 0.2,
-    focal_gamma: float = 2.0,
-    fd_step: float = 0.01,
-    weight_range: float = 15.0,
-    weighting: str = "sample",
-) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
-    """grad_theta_2 J for every label-generator parameter (trunk, label head, weight head), by `method`; and
-    the virtual step's statistics: the primary loss and accuracy at theta_1 and at theta_1^+ (tensors).
-
     BatchNorm uses batch statistics, as in training. Parameters, buffers and .grad of both networks are
     left as they were."""
-    methods = {"second-order": second_order, "finite-difference": finite_difference, "double-backward": double_backward}
-    if method not in methods:
+    if method not in META_GRADIENT_METHODS:
         raise ValueError(f"unknown meta-gradient method {method!r}; one of {META_GRADIENT_METHODS}")
     if weighting not in WEIGHTINGS:
         raise ValueError(f"unknown weighting {weighting!r}; one of {WEIGHTINGS}")
+    primary_target = F.one_hot(primary, model.classifier1[-1].out_features).float()
     # Attention's fused kernels have neither forward-mode rules nor second derivatives: the math kernel has both.
     with sdpa_kernel(SDPBackend.MATH):
-        grads, primary_logits, primary_plus = methods[method](
-            model=model,
-            label_generator=label_generator,
-            images=images,
-            primary=primary,
-            inner_lr=inner_lr,
-            entropy_weight=entropy_weight,
-            focal_gamma=focal_gamma,
-            fd_step=fd_step,
-            weight_range=weight_range,
-            weighting=weighting,
-        )
-    primary_target = F.one_hot(primary, model.classifier1[-1].out_features).float()
-    with torch.no_grad():
-        stats = {
-            "meta_primary_loss_before": focal_loss(primary_logits, primary_target, focal_gamma),
-            "meta_primary_acc_before": (primary_logits.argmax(1) == primary).float().mean(),
-            "meta_primary_loss_after": focal_loss(primary_plus, primary_target, focal_gamma),
-            "meta_primary_acc_after": (primary_plus.argmax(1) == primary).float().mean(),
-        }
-    return grads, stats
+        labels, weights = generated_labels_and_weights(label_generator, images, primary)
+        multipliers = aux_multipliers(weights, weight_range)
+        if method == "double-backward":
+            grads, primary_logits, primary_plus = double_backward(
+                model, label_generator, images, primary_target,
+                lambda logits: weighted_aux_loss(per_sample_focal(logits, labels, focal_gamma), multipliers, weighting),
+                labels, inner_lr, entropy_weight, focal_gamma,
+            )  # fmt: skip
+        else:
+            path = tangent_path(model, images) if method == "second-order" else []
+            step = inner_step(
+                model, images, primary_target,
+                lambda logits: weighted_aux_loss(
+                    per_sample_focal(logits, labels.detach(), focal_gamma), multipliers.detach(), weighting
+                ),
+                inner_lr, focal_gamma, tuple(layer for _, layer in path),
+            )  # fmt: skip
+            product_grad = (
+                -inner_lr / images.shape[0] * aux_slope(model, images, step, method, focal_gamma, fd_step, path)
+            )
+            products = label_coefficients(multipliers, weighting)[:, None] * labels
+            grads = generator_gradients(label_generator, products, labels, product_grad, entropy_weight)
+            primary_logits, primary_plus = step.primary_logits, step.primary_plus
+    return grads, virtual_step_statistics(primary_logits, primary_plus, primary, focal_gamma)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -744,8 +696,8 @@ def train_step(state: dict, images: torch.Tensor, labels: torch.Tensor, cfg: Con
     return out
 
 
-def meta_step(state: dict, images: torch.Tensor, labels: torch.Tensor, cfg: Config) -> dict:
-    """Phase 2 on one batch: an SGD step of theta_2 along meta_gradients; theta_1 stays as it is.
+def wamal_meta_step(state: dict, images: torch.Tensor, labels: torch.Tensor, cfg: Config) -> dict:
+    """Phase 2 on one batch: an SGD step of theta_2 along wamal_meta_gradients; theta_1 stays as it is.
 
     The inner step size is the multi-task optimiser's current learning rate.
     Returns the primary loss and accuracy before and after the virtual step (tensors).
@@ -755,7 +707,7 @@ def meta_step(state: dict, images: torch.Tensor, labels: torch.Tensor, cfg: Conf
     inner_lr = state["optimizer"].param_groups[0]["lr"]
     # Always fp32, also with --amp: the meta-gradient is a small difference of large terms, and in
     # bf16 it is noise (cosine 0.29 to the float64 gradient on a random batch; fp32: 0.986).
-    grads, stats = meta_gradients(
+    grads, stats = wamal_meta_gradients(
         model=state["model"],
         label_generator=label_generator,
         images=images,
@@ -774,9 +726,7 @@ def meta_step(state: dict, images: torch.Tensor, labels: torch.Tensor, cfg: Conf
     return stats
 
 
-def train_epoch(
-    state: dict, graphs: StepGraphs, loaders: Loaders, cfg: Config, device: torch.device, epoch: int
-) -> dict[str, float]:
+def train_epoch(state: dict, graphs: StepGraphs, loader, cfg: Config, device: torch.device, epoch: int) -> dict:
     """Phase 1 over the train set (theta_1), then phase 2 over it again (theta_2). The multipliers' statistics
     are over phase 1's images."""
     meter = Meter()
@@ -788,7 +738,7 @@ def train_epoch(
     multiplier_min = torch.full((), float("inf"), device=device)
     multiplier_max = torch.full((), -float("inf"), device=device)
     phase1 = {diagnose: functools.partial(train_step, state, cfg=cfg, diagnose=diagnose) for diagnose in (False, True)}
-    for step, images, labels in batches(loaders.train, cfg, device, phase="phase 1"):
+    for step, images, labels in batches(loader, cfg, device, phase="phase 1"):
         diagnose = step % cfg.cossim_every == 0
         out = graphs("phase 1 + cosine" if diagnose else "phase 1", phase1[diagnose], images, labels)
         guard.watch(out.pop("loss"), epoch, "phase-1", step)
@@ -806,8 +756,8 @@ def train_epoch(
             meter.add(name, value, images.shape[0])
     guard.check(epoch, "phase-1")
 
-    phase2 = functools.partial(meta_step, state, cfg=cfg)
-    for step, images, labels in batches(loaders.train, cfg, device, phase="phase 2"):
+    phase2 = functools.partial(wamal_meta_step, state, cfg=cfg)
+    for step, images, labels in batches(loader, cfg, device, phase="phase 2"):
         stats = graphs("phase 2", phase2, images, labels)
         guard.watch(stats["meta_primary_loss_after"], epoch, "phase-2", step)
         for name, value in stats.items():
@@ -833,12 +783,26 @@ def eval_step(state: dict, images: torch.Tensor, labels: torch.Tensor, cfg: Conf
     }
 
 
-# Copied from model_vgg_maxl.py
+# Copied from model_vgg_single.py
+@torch.inference_mode()
+def evaluate(state: dict, graphs: StepGraphs, loader, cfg: Config, device: torch.device) -> dict[str, float]:
+    """eval_step over the test set, averaged per image; the network back in training mode."""
+    meter = Meter()
+    state["model"].eval()
+    step = functools.partial(eval_step, state, cfg=cfg)
+    for _, images, labels in batches(loader, cfg, device, phase="test"):
+        for name, value in graphs("evaluate", step, images, labels).items():
+            meter.add(name, value, images.shape[0])
+    state["model"].train()
+    return meter.means()
+
+
 def build(cfg: Config, device: torch.device) -> dict:
-    """Networks, optimisers and schedulers. Keys without 'forward_' are saved in the checkpoint."""
+    """The networks, their optimisers and schedulers; forward_model and forward_generator are the networks as the
+    steps run them (compiled with --compile)."""
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = VGG16(cfg.psi, make_backbone(cfg)).to(device, memory_format=memory_format)
-    label_generator = LabelGenerator(cfg.psi, make_backbone(cfg)).to(device, memory_format=memory_format)
+    label_generator = LabelWeightGenerator(cfg.psi, make_backbone(cfg)).to(device, memory_format=memory_format)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
     gen_optimizer = torch.optim.SGD(label_generator.parameters(), lr=cfg.gen_lr, weight_decay=cfg.gen_weight_decay)
     return {
@@ -874,24 +838,25 @@ def epoch_line(record: dict, epochs: int) -> str:
 
 
 # Copied from model_vgg_maxl.py
-def parse_psi(psi: str | list[int], num_primary: int) -> list[int]:
-    """'5' or [5] -> [5] * num_primary; '2,3,4' or [2, 3, 4] -> [2, 3, 4]. Refuses a wrong length or an entry < 1."""
+def parse_psi(cfg: Config, psi: str | list[int]) -> list[int]:
+    """'5' or [5] -> [5] * primary classes; '2,3,4' or [2, 3, 4] -> [2, 3, 4]; a wrong length or an entry < 1 refused."""
     text = psi if isinstance(psi, str) else ",".join(str(v) for v in psi)
     try:
         values = [int(v) for v in text.split(",")]
     except ValueError:
+        shown = f"--psi {text!r}" if "psi" in cfg.flags_given else setting(cfg, "psi")
         raise UsageError(
-            f"--psi {text!r} is not an integer or a comma list of integers (e.g. --psi 5 or --psi 2,3,4)"
+            f"{shown} is not an integer or a comma list of integers (e.g. --psi 5 or --psi 2,3,4)"
         ) from None
     if len(values) == 1:
-        values = values * num_primary
-    if len(values) != num_primary:
+        values = values * cfg.primary_level
+    if len(values) != cfg.primary_level:
         raise UsageError(
-            f"--psi has {len(values)} entries but the primary task has {num_primary} classes; "
-            f"give one entry per primary class or a single integer"
+            f"{setting(cfg, 'psi', with_value=False)} has {len(values)} entries but the primary task has "
+            f"{cfg.primary_level} classes; give one entry per primary class or a single integer"
         )
     if min(values) < 1:
-        raise UsageError(f"--psi {text}: every primary class needs at least 1 auxiliary class")
+        raise UsageError(f"{setting(cfg, 'psi', text)}: every primary class needs at least 1 auxiliary class")
     return values
 
 
@@ -910,11 +875,40 @@ def check_aux_classes(psi: list[int]) -> list[int]:
 MAX_WEIGHT_RANGE = 128  # 2^128 is float32's (and bf16's) overflow
 
 
-def check_config(cfg: Config) -> Config:
-    """Refuse impossible settings before anything runs; return the config to run, psi as a list.
+# Copied from model_vgg_maxl.py
+def resolve_psi(cfg: Config) -> Config:
+    """The config with psi a list and aux_level the hierarchy's level psi equals (or None). psi None is the
+    hierarchy's at aux_level (default 100) on CIFAR-100 and DEFAULT_PSI per class on the other datasets; --psi
+    together with aux_level is refused, and a list psi (the file's, or a checked config's) must agree with it."""
+    if cfg.aux_level is not None and cfg.aux_level <= cfg.primary_level:
+        raise UsageError(
+            f"{setting(cfg, 'aux_level')} must be finer than {setting(cfg, 'primary_level')} "
+            f"(choose from {', '.join(str(n) for n in LEVELS if n > cfg.primary_level)})"
+        )
+    if cfg.dataset != "cifar100":  # no hierarchy: psi alone says how many auxiliary classes each class has
+        psi = check_aux_classes(parse_psi(cfg, str(DEFAULT_PSI) if cfg.psi is None else cfg.psi))
+        return dataclasses.replace(cfg, psi=psi, aux_level=None)
+    if cfg.psi is None:
+        aux_level = cfg.aux_level or 100
+        return dataclasses.replace(cfg, aux_level=aux_level, psi=hierarchy_psi(cfg.primary_level, aux_level))
+    if isinstance(cfg.psi, str) and cfg.aux_level is not None:
+        raise UsageError(
+            f"{setting(cfg, 'psi')} and {setting(cfg, 'aux_level')} both set psi; give one of them "
+            f"(--aux-level takes psi from the hierarchy, --psi sets it yourself)"
+        )
+    psi = check_aux_classes(parse_psi(cfg, cfg.psi))
+    levels = [n for n in LEVELS if n > cfg.primary_level and hierarchy_psi(cfg.primary_level, n) == psi]
+    if cfg.aux_level is not None and levels != [cfg.aux_level]:  # a list, as in the file: it must agree
+        raise UsageError(
+            f"{setting(cfg, 'psi')} is not the hierarchy's at {setting(cfg, 'aux_level')}; set one of them"
+        )
+    return dataclasses.replace(cfg, psi=psi, aux_level=levels[0] if levels else None)
 
-    psi None is the hierarchy's at aux_level (default 100); a list or --psi's text is parsed, and text together
-    with --aux-level is refused. The returned config has both: the level psi equals, or None."""
+
+def check_config(cfg: Config) -> Config:
+    """Refuse impossible settings before anything runs; return the config to run, its derived defaults resolved
+    (psi a list)."""
+    cfg = experiment.check_data(cfg, "wamal")
     require(
         cfg,
         at_least_1=("epochs", "batch_size", "lr_step", "cossim_every"),
@@ -923,32 +917,12 @@ def check_config(cfg: Config) -> Config:
     )
     if not 0 < cfg.weight_range < MAX_WEIGHT_RANGE:  # also refuses nan and inf
         raise UsageError(
-            f"--weight-range must be positive and below {MAX_WEIGHT_RANGE} (got {cfg.weight_range}): the "
-            f"multipliers lie between 2^-R and 2^R, and 2^{MAX_WEIGHT_RANGE} overflows float32"
+            f"{setting(cfg, 'weight_range', with_value=False)} must be positive and below {MAX_WEIGHT_RANGE} (got "
+            f"{cfg.weight_range}): the multipliers lie between 2^-R and 2^R, and 2^{MAX_WEIGHT_RANGE} overflows float32"
         )
     if cfg.weighting not in WEIGHTINGS:  # argparse checks the flag, not a default edited in this file
-        raise UsageError(f"--weighting {cfg.weighting!r} is not one of {', '.join(WEIGHTINGS)}")
-    if cfg.aux_level is not None and cfg.aux_level <= cfg.primary_level:
-        raise UsageError(
-            f"--aux-level {cfg.aux_level} must be finer than --primary-level {cfg.primary_level} "
-            f"(choose from {', '.join(str(n) for n in LEVELS if n > cfg.primary_level)})"
-        )
-    if cfg.dataset != "cifar100":  # no hierarchy: psi alone says how many auxiliary classes each class has
-        psi = check_aux_classes(parse_psi(str(DEFAULT_PSI) if cfg.psi is None else cfg.psi, cfg.primary_level))
-        return dataclasses.replace(cfg, psi=psi, aux_level=None)
-    if cfg.psi is None:
-        aux_level = cfg.aux_level or 100
-        return dataclasses.replace(cfg, aux_level=aux_level, psi=hierarchy_psi(cfg.primary_level, aux_level))
-    if isinstance(cfg.psi, str) and cfg.aux_level is not None:
-        raise UsageError(
-            f"--psi {cfg.psi} and --aux-level {cfg.aux_level} both set psi; give one of them "
-            f"(--aux-level takes psi from the hierarchy, --psi sets it yourself)"
-        )
-    psi = check_aux_classes(parse_psi(cfg.psi, cfg.primary_level))
-    levels = [n for n in LEVELS if n > cfg.primary_level and hierarchy_psi(cfg.primary_level, n) == psi]
-    if cfg.aux_level is not None and levels != [cfg.aux_level]:
-        raise UsageError(f"psi {psi} is not the hierarchy's at --aux-level {cfg.aux_level}; set one of them only")
-    return dataclasses.replace(cfg, psi=psi, aux_level=levels[0] if levels else None)
+        raise UsageError(f"{setting(cfg, 'weighting')} is not one of {', '.join(WEIGHTINGS)}")
+    return resolve_psi(cfg)
 
 
 def run_name_stem(cfg: Config) -> str:
@@ -1001,27 +975,38 @@ def unpublished_because(cfg: Config) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# The method, handed to the run machinery (experiment.py)
-
-METHOD = Method(
-    name="wamal",
-    config=Config,
-    description=__doc__,
-    check_config=check_config,
-    run_name_stem=run_name_stem,
-    paper_settings=paper_settings,
-    build=build,
-    train_epoch=train_epoch,
-    eval_step=eval_step,
-    epoch_line=epoch_line,
-    derived_settings=derived_settings,
-    published_accuracy=published_accuracy,
-    unpublished_because=unpublished_because,
-)
+# The run
 
 
 def main(argv: list[str] | None = None) -> None:
-    experiment.main(METHOD, argv)
+    """Parse the flags into Config, open the run, load the data, build, resume; then each epoch phase 1 and phase 2,
+    evaluate, step the schedules, save and print; then the summary. A refusal is one line and exit code 2."""
+    with experiment.Run(argv) as run:
+        cfg = check_config(run.parse(Config, __doc__))
+        run.open(
+            "wamal", cfg, run_name_stem(cfg), paper_settings(cfg), derived_settings(cfg),
+            published_accuracy(cfg), unpublished_because(cfg),
+        )  # fmt: skip
+        data = run.loaders(*run.datasets())
+        state = build(cfg, run.device)
+        names = ("model", "label_generator", "optimizer", "gen_optimizer", "scheduler", "gen_scheduler")
+        saved = {name: state[name] for name in names}  # what checkpoint.pt holds
+        run.resume(saved)
+        graphs = StepGraphs([state["optimizer"], state["gen_optimizer"]], run.device, cfg.cuda_graphs)
+        if cfg.smoke:
+            run.smoke_baseline(evaluate(state, graphs, data.test, cfg, run.device))
+        for epoch in run.epochs():
+            rates = {
+                "lr": state["optimizer"].param_groups[0]["lr"],
+                "lr_gen": state["gen_optimizer"].param_groups[0]["lr"],
+            }
+            metrics = train_epoch(state, graphs, data.train, cfg, run.device, epoch)
+            metrics |= evaluate(state, graphs, data.test, cfg, run.device)
+            state["scheduler"].step()
+            state["gen_scheduler"].step()
+            record = run.save(saved, metrics | rates)
+            run.say(epoch_line(record, cfg.epochs))
+        run.finish()
 
 
 if __name__ == "__main__":

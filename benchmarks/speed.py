@@ -1,56 +1,22 @@
 """Speed benchmark of the training iteration of every method (VGG-16 or --backbones, CIFAR-100-shaped batches).
 
-One iteration is what one batch costs in a real epoch of the scripts:
-  single, human   one `train_step` (forward, backward, SGD step).
-  maxl-*, wamal-* one phase-1 `train_step` (theta_1; the gradient-cosine diagnostic on every
-                  --cossim-every-th iteration, as in training) plus one phase-2 `meta_step` (theta_2).
-                  An epoch runs both passes over the train set, so this pair is one batch's share.
-  maoal           one `train_step` (lambda-weighted gradients) plus 1/--meta-every of a `meta_step`
-                  (lambda's implicit hypergradient on a developing batch), which runs every 20th batch:
-                  both are timed every iteration, the second counted at its share (phase_weights).
-The networks, optimisers and step functions are the scripts' own (`build`, `train_step`,
-`meta_step`), configured from each script's `Config` with only the speed flags and the backbone
-changed, and resolved by `experiment.check_settings(script.METHOD, cfg)` as a run resolves them.
-The batch is random: uint8 pixels normalised as the loaders do, consistent 4-level hierarchy labels.
+One iteration is one batch's share of a real epoch, run by the scripts' own `build`, `train_step` and meta steps
+(through experiment.StepGraphs, as in training: CUDA graphs on CUDA unless --no-cuda-graphs):
+  single, human   one `train_step`.
+  maxl-*, wamal-* one phase-1 `train_step` (with the gradient cosine on every --cossim-every-th iteration, as in
+                  training) plus one phase-2 step (MAXL's `meta_step`, WAMAL's `wamal_meta_step`).
+  maoal           one `train_step` plus 1/--meta-every of a `meta_step` (lambda's hypergradient on a developing
+                  batch): both timed every iteration, the second counted at its share (phase_weights).
+Each script's Config gets only the speed flags and the backbone, as flags, and is resolved by the script's
+`check_config` (and experiment.check_run_settings) as a run resolves them; a method whose script refuses a backbone
+is skipped with its reason. The batch is random: uint8 pixels normalised as the loaders do, consistent 4-level
+hierarchy labels. --reference-style adds MAXL done the authors' way (`reference_train_step`,
+`reference_meta_gradients`: this code exists only here, the scripts never run it). The columns, the flags and the
+measured tables: benchmarks/README.md.
 
---backbones (default vgg16) measures each method on each backbone the scripts take: vgg16 (the
-paper's, the rows named by the method alone), resnet18, resnet50, vit_b_16 (torchvision's, headless,
-from scratch; rows named e.g. "maxl-second-order/resnet18"). The data stay CIFAR-100 (the default
---dataset), so the batches are 32x32 for every backbone: image size 32, hence the ResNets' CIFAR stem
-(3x3 stride-1 first convolution, no max-pool) and ViT-B/16 on 2x2 patches of 16 pixels (4 tokens and
-the class token), exactly as `--backbone X` trains on CIFAR-100. A method whose script refuses a
-backbone in its default task (maoal's hierarchy: vgg16 only) is skipped there, with the script's reason.
-
-    python benchmarks/speed.py                                    # every method on the default device
     python benchmarks/speed.py --device cpu --reference-style --markdown
     python benchmarks/speed.py --device cuda --amp --compile --json results/speed-cuda.json
     python benchmarks/speed.py --device cuda --backbones vgg16,resnet18,resnet50,vit_b_16 --markdown
-
-Columns: ms per iteration (median and min over the timed iterations; "epoch mean" is what an
-average iteration of an epoch costs when one in cossim_every carries the cosine diagnostic:
-median plain + (median with cosine - median plain) / cossim_every; the same as the median otherwise),
-images per second and projected hours for the paper's 200 epochs of 50,000 images (both from the
-epoch mean; training only, without evaluation or data loading), the per-phase medians, peak
-memory above the level before the networks were built, and the matmul/conv FLOPs of one iteration
-(torch.utils.flop_counter, counted once in an untimed iteration on the uncompiled networks; ViT's
-attention included: PyTorch counts its fused CUDA kernels, this benchmark adds the CPU one's formula).
-
---reference-style adds a row "maxl-second-order (reference-style)": the same MAXL iteration done
-the way the authors' reference scripts do it, wasted passes included (see `reference_train_step`
-and `reference_meta_gradients`), so the saving of this project's implementation is measured in one
-run. This code exists only here; the model scripts never run it. It is VGG-16 only, whatever
---backbones says (it is added on vgg16 when --backbones leaves vgg16 out).
-
-On CPU the timings need an otherwise idle machine: other processes competing for the cores slow
-PyTorch's OpenMP kernels several-fold. The notes under the table give the share of CPU time other
-processes took during each row and flag the run above 5%.
-
-On CUDA each step goes through experiment.py's StepGraphs, as in a real epoch: warmed up, captured
-and replayed as a CUDA graph (--no-cuda-graphs: eager). The reference-style row is always eager.
-
-Time at batch 100 with the defaults (CPU: 1 warm-up and 3 timed iterations; CUDA: 50 and 100): about
-a minute with --reference-style on an idle 2-core CPU (a MAXL iteration takes about 2.5 s there, the
-reference-style one about 4.8 s); about a minute on one H100, also with --compile.
 """
 
 from __future__ import annotations
@@ -58,14 +24,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import dataclasses
 import datetime
 import functools
 import gc
+import importlib
 import json
 import math
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -87,24 +52,10 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import experiment  # noqa: E402
-import model_vgg_human  # noqa: E402
-import model_vgg_maoal  # noqa: E402
-import model_vgg_maxl  # noqa: E402
-import model_vgg_single  # noqa: E402
-import model_vgg_wamal  # noqa: E402
-from create_dataset import FINE_TO_COARSE, hierarchy_labels, level_index, normalize  # noqa: E402
+from create_dataset import FINE_TO_COARSE, hierarchy_labels, normalize, primary_labels  # noqa: E402
 
-METHODS = (
-    "single",
-    "human",
-    "maxl-second-order",
-    "maxl-finite-difference",
-    "wamal-second-order",
-    "maoal",
-    "maxl-double-backward",
-    "wamal-finite-difference",
-    "wamal-double-backward",
-)
+METHODS = ("single", "human", "maxl-second-order", "maxl-finite-difference", "wamal-second-order", "maoal")
+METHODS += ("maxl-double-backward", "wamal-finite-difference", "wamal-double-backward")  # not measured by default
 DEFAULT_METHODS = METHODS[:6]
 REFERENCE_STYLE = "maxl-second-order (reference-style)"
 TARGET_RATIO = 0.6  # the issue's CPU target: our MAXL iteration at most 0.6x the reference-style one
@@ -113,6 +64,7 @@ PAPER_EPOCHS = 200
 DEFAULT_WARMUP_ITERS = {"cpu": (1, 3), "cuda": (50, 100)}  # (warm-up, timed) iterations when no flag is given
 RSS_SAMPLE_SECONDS = 0.005
 CONTENTION_THRESHOLD = 0.05  # other processes' share of the CPU above which CPU timings are flagged
+EAGER_NETWORKS = {"forward_model": "model", "forward_generator": "label_generator"}  # build()'s compiled -> eager
 
 
 @dataclass(frozen=True)
@@ -125,7 +77,7 @@ class Method:
 
     @property
     def is_maxl(self) -> bool:
-        """MAXL or WAMAL: phase 1 (train_step with the periodic cosine diagnostic) and phase 2 (meta_step)."""
+        """MAXL or WAMAL: phase 1 (train_step with the periodic cosine diagnostic) and phase 2 (the meta step)."""
         return self.script in ("model_vgg_maxl", "model_vgg_wamal")
 
     @property
@@ -148,27 +100,24 @@ def method_spec(name: str, backbone: str = "vgg16") -> Method:
     return Method(label, f"model_vgg_{name}", backbone=backbone)
 
 
-SCRIPTS = {  # Method.script -> the model script (importing one never trains or writes anything)
-    module.__name__: module
-    for module in (model_vgg_single, model_vgg_human, model_vgg_maxl, model_vgg_wamal, model_vgg_maoal)
-}
-# Everything this benchmark uses of the model scripts, in one place: the scripts are programs, not a library,
-# so a renamed function there must fail here in one clear line, not deep inside a measurement. The run
-# machinery (check_settings, configure_backends, StepGraphs, autocast) is experiment.py's.
-STEP_NAMES = ("Config", "METHOD", "build", "train_step")
+# Everything this benchmark uses of the model scripts, in one place: a renamed function there must fail here in one
+# clear line, not deep inside a measurement. The run machinery (check_run_settings, configure_backends, StepGraphs,
+# autocast) is experiment.py's.
+STEP_NAMES = ("Config", "check_config", "build", "train_step")
+META_STEPS = {"model_vgg_maxl": "meta_step", "model_vgg_wamal": "wamal_meta_step", "model_vgg_maoal": "meta_step"}
 SCRIPT_NAMES = {
     "model_vgg_single": STEP_NAMES,
     "model_vgg_human": STEP_NAMES,
     # meta_step for our MAXL; the reference-style steps use the losses and the cosine diagnostic.
     "model_vgg_maxl": (*STEP_NAMES, "meta_step", "focal_loss", "negative_entropy", "gradient_cosine"),
-    "model_vgg_wamal": (*STEP_NAMES, "meta_step"),
+    "model_vgg_wamal": (*STEP_NAMES, "wamal_meta_step"),
     "model_vgg_maoal": (*STEP_NAMES, "meta_step"),
 }
 
 
 def script(method: Method):
-    """The method's model script, checked for SCRIPT_NAMES."""
-    module = SCRIPTS[method.script]
+    """The method's model script (importing one never trains or writes anything), checked for SCRIPT_NAMES."""
+    module = importlib.import_module(method.script)
     missing = [name for name in SCRIPT_NAMES[method.script] if not hasattr(module, name)]
     if missing:
         raise SystemExit(
@@ -178,23 +127,25 @@ def script(method: Method):
     return module
 
 
+def optimizers(state: dict) -> list[torch.optim.Optimizer]:
+    """The state's optimisers: those whose learning-rate changes drop StepGraphs' graphs, as in the scripts' main()."""
+    return [obj for obj in state.values() if isinstance(obj, torch.optim.Optimizer)]
+
+
 # ---------------------------------------------------------------------------------------------
 # The reference's way (only for --reference-style)
 
 
 def reference_train_step(module, state: dict, images: torch.Tensor, labels: torch.Tensor, cfg) -> dict:
-    """Phase 1 as the reference scripts run it, with its two wasted passes.
+    """Phase 1 as the reference scripts run it: `module.train_step`'s theta_1 update, plus their two wasted passes.
 
-    Same theta_1 update as `module.train_step`, plus:
-      - the label generator runs WITH autograd and the total loss is backpropagated into it too
-        (a full backward through the generator's VGG-16); its .grad is then thrown away (the
-        reference zeroes it before phase 2 uses the generator's optimiser);
-      - the gradient-cosine diagnostic on EVERY step: two extra autograd.grad passes, w.r.t.
-        every parameter of the multi-task network as the reference asks (allow_unused), the
-        cosine taken over the trunk's tensors.
+    - the label generator runs WITH autograd and the total loss is backpropagated into it too (a full backward
+      through the generator's VGG-16), its .grad then thrown away (zeroed before phase 2 uses its optimiser);
+    - the gradient-cosine diagnostic on EVERY step: two extra autograd.grad passes w.r.t. every parameter of the
+      multi-task network (allow_unused, as the reference asks), the cosine taken over the trunk's tensors.
     """
     model, optimizer = state["model"], state["optimizer"]
-    primary = labels[:, level_index(cfg.primary_level)]
+    primary = primary_labels(labels, cfg)
     with experiment.autocast(cfg, images.device):
         aux_targets = state["forward_generator"](images, primary)  # with autograd, as the reference
         primary_logits, aux_logits = state["forward_model"](images)
@@ -218,23 +169,18 @@ def reference_train_step(module, state: dict, images: torch.Tensor, labels: torc
 def reference_meta_gradients(module, state: dict, images: torch.Tensor, labels: torch.Tensor, cfg) -> list:
     """Phase 2's theta_2 gradient as the reference scripts compute it; returns it (also left in .grad).
 
-    The exact gradient by double backward (the script's method "double-backward"), with the
-    reference's extra work:
-      - the forward at theta_1 is the multi-task network's own module call in train mode, so it
-        also updates its BatchNorm running statistics (the script's meta step runs it through
-        functional_call on throw-away buffer copies). In the reference this train-mode forward is
-        the very pass whose graph the create_graph inner gradient differentiates, so it runs once
-        here too; a separate additional forward would overstate the reference by one forward pass;
-      - a full `.backward()` of the meta objective, which also fills the gradients of every
-        theta_1 parameter (Hessian-vector terms included) that nobody uses, instead of
-        `autograd.grad` w.r.t. theta_2 only.
-    theta_1^+ goes through torch.func.functional_call on the same module (the reference uses a
-    hand-written functional copy of the network: same arithmetic), with batch statistics and
-    copied buffers, as the reference's functional forward, which never touches running stats.
-    The result equals `module.meta_gradients(..., method="double-backward")` (tests check it).
+    The exact gradient by double backward, with the reference's extra work:
+      - the forward at theta_1 is the multi-task network's own module call in train mode, so it also updates its
+        BatchNorm running statistics (the script's meta step runs it on throw-away buffer copies). In the reference
+        this is the very pass whose graph the create_graph inner gradient differentiates, so it runs once here too;
+      - a full `.backward()` of the meta objective, which also fills the unused gradients of every theta_1
+        parameter (Hessian-vector terms included), instead of `autograd.grad` w.r.t. theta_2 only.
+    theta_1^+ goes through torch.func.functional_call on the same module (the reference: a hand-written functional
+    copy of the network, the same arithmetic), with batch statistics and copied buffers. The result equals
+    `module.meta_gradients(..., method="double-backward")` (tests check it).
     """
     model, label_generator = state["model"], state["label_generator"]
-    primary = labels[:, level_index(cfg.primary_level)]
+    primary = primary_labels(labels, cfg)
     primary_target = F.one_hot(primary, cfg.primary_level).float()
     inner_lr = state["optimizer"].param_groups[0]["lr"]
     with experiment.autocast(cfg, images.device):
@@ -267,22 +213,27 @@ def reference_meta_step(module, state: dict, images: torch.Tensor, labels: torch
 # Configuration, data, the iteration
 
 
+def checked_config(method: Method, **flags):
+    """The script's Config with the backbone and `flags` set as a run's command line sets them, checked and resolved
+    by the script's check_config and experiment.check_run_settings (image size 32 on CIFAR-100, the ResNets' stem)."""
+    module = script(method)
+    cfg = module.check_config(module.Config(backbone=method.backbone, **flags, flags_given=("backbone", *flags)))
+    experiment.check_run_settings(cfg)
+    return cfg
+
+
 def refusal(method: Method) -> str:
     """Why the method's script refuses the method's backbone in its default task, as a run would; "" if it runs."""
-    module = script(method)
     try:
-        experiment.check_method(module.METHOD, module.Config(backbone=method.backbone))
+        checked_config(method)
     except experiment.UsageError as error:
         return str(error)
     return ""
 
 
 def make_config(method: Method, device: torch.device, args: argparse.Namespace):
-    """The script's Config with its defaults, only the speed-related fields and the backbone replaced, checked
-    and resolved by experiment.check_settings as a run is (image size 32 on CIFAR-100, the ResNets' stem)."""
-    module = script(method)
-    overrides = dict(
-        backbone=method.backbone,
+    """The script's Config with its defaults, only the speed flags and the backbone changed, as a run resolves it."""
+    flags = dict(
         device=str(device),
         batch_size=args.batch_size,
         amp=args.amp,
@@ -293,13 +244,13 @@ def make_config(method: Method, device: torch.device, args: argparse.Namespace):
         workers=0,
     )
     if method.is_maxl:
-        overrides["meta_grad"] = method.meta_grad
+        flags["meta_grad"] = method.meta_grad
         if method.reference_style:
-            overrides["cossim_every"] = 1  # the reference computes the diagnostic on every step
+            flags["cossim_every"] = 1  # the reference computes the diagnostic on every step
         elif args.cossim_every is not None:
-            overrides["cossim_every"] = args.cossim_every
+            flags["cossim_every"] = args.cossim_every
     try:
-        return experiment.check_settings(module.METHOD, dataclasses.replace(module.Config(), **overrides))
+        return checked_config(method, **flags)
     except experiment.UsageError as error:
         raise SystemExit(f"error: {method.name}: {method.script}.py refuses these settings: {error}") from None
 
@@ -320,13 +271,15 @@ def random_batch(batch_size: int, device: torch.device, channels_last: bool, see
 def iteration_phases(
     method: Method, state: dict, graphs, images, labels, cfg
 ) -> list[tuple[str, Callable[[int], object]]]:
-    """The timed pieces of one iteration, each a function of the iteration index k.
-
-    As in the scripts' epochs, each step goes through `graphs` (experiment.StepGraphs: replayed as
-    a CUDA graph once warmed up, or eager), under the same names. The reference-style steps are eager.
-    """
+    """The timed pieces of one iteration, each a function of the iteration index k. As in the scripts' epochs, each
+    step goes through `graphs` (experiment.StepGraphs) under the same names; the reference-style steps are eager."""
     module = script(method)
     train = functools.partial(module.train_step, state, cfg=cfg)
+    if method.reference_style:
+        return [
+            ("phase 1", lambda k: reference_train_step(module, state, images, labels, cfg)),
+            ("phase 2", lambda k: reference_meta_step(module, state, images, labels, cfg)),
+        ]
     if method.is_maoal:
         dev_images, dev_labels = random_batch(len(images), images.device, cfg.channels_last, seed=1)
         return [
@@ -336,21 +289,14 @@ def iteration_phases(
         ]
     if not method.is_maxl:
         return [("train", lambda k: graphs("train", train, images, labels))]
-    if method.reference_style:
-        return [
-            ("phase 1", lambda k: reference_train_step(module, state, images, labels, cfg)),
-            ("phase 2", lambda k: reference_meta_step(module, state, images, labels, cfg)),
-        ]
+    phase1 = {diagnose: functools.partial(train, diagnose=diagnose) for diagnose in (False, True)}
+    phase2 = functools.partial(getattr(module, META_STEPS[method.script]), state, cfg=cfg)
 
-    def phase1(k: int):
+    def run_phase1(k: int):
         diagnose = is_diagnostic(k, cfg)
-        step = functools.partial(module.train_step, state, cfg=cfg, diagnose=diagnose)
-        return graphs("phase 1 + cosine" if diagnose else "phase 1", step, images, labels)
+        return graphs("phase 1 + cosine" if diagnose else "phase 1", phase1[diagnose], images, labels)
 
-    return [
-        ("phase 1", phase1),
-        ("phase 2", lambda k: graphs("phase 2", functools.partial(module.meta_step, state, cfg=cfg), images, labels)),
-    ]
+    return [("phase 1", run_phase1), ("phase 2", lambda k: graphs("phase 2", phase2, images, labels))]
 
 
 def phase_weights(method: Method, cfg) -> list[float]:
@@ -389,64 +335,42 @@ def timed_iterations(phases, start: int, count: int, device: torch.device) -> li
     return times
 
 
-@contextlib.contextmanager
-def uncompiled(state: dict):
-    """The eager networks in place of torch.compile'd ones: FlopCounterMode counts eager ops."""
-    eager = {"forward_model": "model", "forward_generator": "label_generator"}
-    saved = {key: state[key] for key in eager if key in state}
-    for key in saved:
-        state[key] = state[eager[key]]
-    try:
-        yield
-    finally:
-        state.update(saved)
-
-
-def _cpu_attention_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
-def _cpu_attention_backward_flop(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
-    return flop_counter.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
-
-
 def extra_flop_formulas() -> dict:
-    """The CPU's fused attention kernel (ViT-B/16's scaled_dot_product_attention on CPU), which
-    torch.utils.flop_counter counts only for the CUDA kernels: the same formulas (QK^T and AV, and
-    their backward), where this torch has the op and does not count it already."""
-    formulas = {}
-    for name, formula in (
-        ("_scaled_dot_product_flash_attention_for_cpu", _cpu_attention_flop),
-        ("_scaled_dot_product_flash_attention_for_cpu_backward", _cpu_attention_backward_flop),
-    ):
-        op = getattr(torch.ops.aten, name, None)
-        if op is not None and op not in flop_counter.flop_registry:
-            formulas[op] = formula
-    return formulas
+    """ViT's attention on CPU, which torch.utils.flop_counter counts only in the CUDA kernels: the same formulas
+    (QK^T and AV, and their backward), where this torch has the op and does not count it already."""
+
+    def of_shapes(formula, n: int):  # the formula of the op's first n tensors (the others: dropout, scale, ...)
+        return lambda *shapes, out_shape=None, **kwargs: formula(*shapes[:n])
+
+    formulas = {
+        "_scaled_dot_product_flash_attention_for_cpu": of_shapes(flop_counter.sdpa_flop_count, 3),
+        "_scaled_dot_product_flash_attention_for_cpu_backward": of_shapes(flop_counter.sdpa_backward_flop_count, 4),
+    }
+    ops = {getattr(torch.ops.aten, name, None): formula for name, formula in formulas.items()}
+    return {op: formula for op, formula in ops.items() if op is not None and op not in flop_counter.flop_registry}
 
 
-def count_flops(method: Method, phases, cfg, state: dict) -> float:
-    """Matmul/conv FLOPs of one iteration, as an epoch averages them (diagnostic amortised)."""
+def count_flops(method: Method, phases, cfg) -> float:
+    """Matmul/conv FLOPs of one iteration, as an epoch averages them (diagnostic amortised, phases weighted)."""
 
-    def flops(run: Callable[[], object]) -> float:
+    def flops(run: Callable[[int], object], k: int) -> float:
         counter = FlopCounterMode(display=False, custom_mapping=extra_flop_formulas())
         with counter:
-            run()
+            run(k)
         return float(counter.get_total_flops())
 
-    with uncompiled(state):
-        every = periodic_diagnostic(method, cfg)
-        if every > 1:
-            (_, phase1), (_, phase2) = phases
-            with_cosine = flops(lambda: phase1(0))
-            plain = flops(lambda: phase1(1))
-            return plain + (with_cosine - plain) / every + flops(lambda: phase2(0))
-        weights = phase_weights(method, cfg)
-        return sum(w * flops(lambda run=run: run(0)) for w, (_, run) in zip(weights, phases))
+    (_, phase1), *others = phases
+    counts = [flops(phase1, 0)]  # iteration 0: with the cosine diagnostic where there is one
+    every = periodic_diagnostic(method, cfg)
+    if every > 1:
+        plain = flops(phase1, 1)
+        counts = [plain + (counts[0] - plain) / every]
+    counts += [flops(run, 0) for _, run in others]
+    return sum(w * count for w, count in zip(phase_weights(method, cfg), counts))
 
 
 # ---------------------------------------------------------------------------------------------
-# Memory
+# Memory and the CPU's other users
 
 
 def current_rss() -> int | None:
@@ -474,12 +398,9 @@ def release_memory(device: torch.device) -> None:
 
 
 class PeakMemory:
-    """Peak memory while active, in bytes above the level at entry.
-
-    CUDA: torch.cuda.max_memory_allocated (tensors only, not the caching allocator's reserve).
-    CPU: RSS sampled every 5 ms by a thread, and ru_maxrss where the process's lifetime peak
-    rose inside the block (exact then; earlier methods can hide it otherwise).
-    """
+    """Peak memory while active, in bytes above the level at entry. CUDA: torch.cuda.max_memory_allocated (tensors
+    only). CPU: RSS sampled every 5 ms by a thread, and ru_maxrss where the process's lifetime peak rose inside the
+    block (exact then; earlier methods can hide it otherwise)."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -487,16 +408,13 @@ class PeakMemory:
 
     def __enter__(self):
         release_memory(self.device)
+        synchronize(self.device)
         if self.device.type == "cuda":
-            synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self.base = torch.cuda.memory_allocated(self.device)
             return self
-        self.base = current_rss()
-        self.base_max = max_rss()
-        self.sampled = self.base or 0
-        self.stop = threading.Event()
-        self.thread = None
+        self.base, self.base_max = current_rss(), max_rss()
+        self.sampled, self.stop, self.thread = self.base or 0, threading.Event(), None
         if self.base is not None:
             self.thread = threading.Thread(target=self._sample, daemon=True)
             self.thread.start()
@@ -507,8 +425,8 @@ class PeakMemory:
             self.sampled = max(self.sampled, current_rss() or 0)
 
     def __exit__(self, *exc):
+        synchronize(self.device)
         if self.device.type == "cuda":
-            synchronize(self.device)
             self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self.base
             return False
         self.stop.set()
@@ -517,18 +435,14 @@ class PeakMemory:
         peak = max(self.sampled, current_rss() or 0)
         if max_rss() > self.base_max:
             peak = max(peak, max_rss())
-        base = self.base if self.base is not None else self.base_max
-        self.peak_bytes = peak - base
+        self.peak_bytes = peak - (self.base if self.base is not None else self.base_max)
         return False
 
 
 class OtherCpuUse:
-    """Share of the machine's CPU time that other processes used while active (Linux; else NaN).
-
-    Busy time from /proc/stat minus this process's own CPU time, over wall time x CPUs. A few
-    percent is noise; much more means the CPU timings are inflated by competition (with OpenMP,
-    by far more than the share suggests).
-    """
+    """Share of the machine's CPU time that other processes used while active (Linux; else NaN): busy time from
+    /proc/stat minus this process's own, over wall time x CPUs. A few percent is noise; much more inflates the CPU
+    timings (with OpenMP, by far more than the share suggests)."""
 
     def __enter__(self):
         self.start = (self.busy_seconds(), self.own_seconds(), time.perf_counter())
@@ -558,12 +472,6 @@ class OtherCpuUse:
         )
 
 
-def memory_label(device: torch.device) -> str:
-    if device.type == "cuda":
-        return "peak MiB (torch.cuda.max_memory_allocated above the level before build)"
-    return "peak MiB (CPU: peak RSS above the RSS before build; sampled every 5 ms + ru_maxrss)"
-
-
 # ---------------------------------------------------------------------------------------------
 # One measurement
 
@@ -577,37 +485,63 @@ def measure(method: Method, device: torch.device, args: argparse.Namespace) -> d
     images, labels = random_batch(args.batch_size, device, cfg.channels_last)
     with PeakMemory(device) as memory, OtherCpuUse() as others:
         state = module.build(cfg, device)
-        graphs = experiment.StepGraphs(state, device, enabled=cfg.cuda_graphs)
+        graphs = experiment.StepGraphs(optimizers(state), device, enabled=cfg.cuda_graphs)
         phases = iteration_phases(method, state, graphs, images, labels, cfg)
+        # FLOPs: an eager iteration of the uncompiled networks (FlopCounterMode counts eager ops). Without --compile
+        # it is also the first warm-up iteration; with --compile, or with --warmup 0, it is extra and comes last.
+        eager_state = state | {key: state[name] for key, name in EAGER_NETWORKS.items() if key in state}
         eager_phases = iteration_phases(
-            method, state, experiment.StepGraphs(state, device, enabled=False), images, labels, cfg
+            method, eager_state, experiment.StepGraphs([], device, False), images, labels, cfg
         )
-        # The FLOP-counting iteration is untimed and eager. Without --compile it is also the first
-        # warm-up iteration; with --compile, or with --warmup 0, it is extra.
         counted_as_warmup = warmup > 0 and not cfg.compile
         if counted_as_warmup:
-            flops = count_flops(method, eager_phases, cfg, state)
+            flops = count_flops(method, eager_phases, cfg)
         timed_iterations(phases, 1 if counted_as_warmup else 0, warmup - counted_as_warmup, device)
         # Timed iterations start at a multiple of the cosine period, so they hold their share of it.
         first = math.ceil(warmup / cfg.cossim_every) * cfg.cossim_every if method.is_maxl else warmup
         times = timed_iterations(phases, first, iters, device)
         if not counted_as_warmup:
-            flops = count_flops(method, eager_phases, cfg, state)
-    phase_names = [name for name, _ in phases]
-    row = summarize(method, device, cfg, phase_names, times, first, flops, memory.peak_bytes, warmup, iters)
-    row["other_processes_cpu_share"] = others.share
-    del state, phases
+            flops = count_flops(method, eager_phases, cfg)
+        phase_names = [name for name, _ in phases]
+    del state, eager_state, phases, eager_phases
     release_memory(device)
-    return row
+    # An epoch's average iteration: where one in cossim_every carries the cosine diagnostic, the plain median plus
+    # its share of the diagnostic's extra time; else the median.
+    totals = [sum(w * seconds for w, seconds in zip(phase_weights(method, cfg), t)) for t in times]
+    epoch_mean = statistics.median(totals)
+    if periodic_diagnostic(method, cfg) > 1:
+        with_cosine = [t for k, t in enumerate(totals, first) if is_diagnostic(k, cfg)]
+        plain = [t for k, t in enumerate(totals, first) if not is_diagnostic(k, cfg)]
+        if with_cosine and plain:
+            plain_median = statistics.median(plain)
+            epoch_mean = plain_median + (statistics.median(with_cosine) - plain_median) / cfg.cossim_every
+    return {
+        **dict(method=method.name, backbone=cfg.backbone, stem=cfg.stem, image_size=cfg.image_size, device=str(device)),
+        **dict(batch_size=cfg.batch_size, warmup=warmup, iters=iters),
+        "ms_median": 1e3 * statistics.median(totals),
+        "ms_min": 1e3 * min(totals),
+        "ms_epoch_mean": 1e3 * epoch_mean,
+        "phase_ms_median": {name: 1e3 * statistics.median(t[i] for t in times) for i, name in enumerate(phase_names)},
+        "images_per_s": cfg.batch_size / epoch_mean,
+        "hours_200_epochs": epoch_mean * math.ceil(TRAIN_IMAGES / cfg.batch_size) * PAPER_EPOCHS / 3600,
+        "peak_mib": memory.peak_bytes / 2**20,
+        "tflop_per_iter": flops / 1e12,
+        "tflop_per_s": flops / 1e12 / epoch_mean,
+        "cossim_every": cfg.cossim_every if method.is_maxl else None,
+        "meta_grad": cfg.meta_grad if method.is_maxl else None,
+        "amp": cfg.amp and device.type == "cuda",
+        "compile": cfg.compile,
+        "channels_last": cfg.channels_last,
+        "cuda_graphs": cfg.cuda_graphs and device.type == "cuda",
+        "times_ms": [[1e3 * s for s in t] for t in times],
+        "other_processes_cpu_share": others.share,
+    }
 
 
 def warm_runtime(device: torch.device, args: argparse.Namespace, backbone: str = "vgg16") -> None:
-    """One untimed Single step at the benchmark's shapes before the first row of a backbone on a device.
-
-    The first network run in a process pays one-time costs (thread pool, oneDNN/cuDNN primitives
-    for the backbone's layer shapes, allocator growth); without this they would land in the first
-    row's memory and warm-up alone.
-    """
+    """One untimed Single step at the benchmark's shapes before the first row of a backbone on a device: the
+    first network run in a process pays one-time costs (thread pool, oneDNN/cuDNN primitives for the backbone's
+    layer shapes, allocator growth) that would otherwise land in the first row's memory and warm-up."""
     method = method_spec("single", backbone)
     module = script(method)
     cfg = make_config(method, device, args)
@@ -620,51 +554,8 @@ def warm_runtime(device: torch.device, args: argparse.Namespace, backbone: str =
 
 
 def warmup_iters(device: torch.device, args: argparse.Namespace) -> tuple[int, int]:
-    default_warmup, default_iters = DEFAULT_WARMUP_ITERS["cuda" if device.type == "cuda" else "cpu"]
-    warmup = default_warmup if args.warmup is None else args.warmup
-    iters = default_iters if args.iters is None else args.iters
-    return warmup, iters
-
-
-def summarize(method: Method, device, cfg, phase_names, times, first, flops, peak_bytes, warmup, iters) -> dict:
-    """The table row: times are seconds per phase of timed iterations first, first + 1, ..."""
-    weights = phase_weights(method, cfg)
-    totals = [sum(w * seconds for w, seconds in zip(weights, t)) for t in times]
-    every = periodic_diagnostic(method, cfg)
-    epoch_mean = statistics.median(totals)
-    if every > 1:
-        with_cosine = [t for k, t in enumerate(totals, first) if is_diagnostic(k, cfg)]
-        plain = [t for k, t in enumerate(totals, first) if not is_diagnostic(k, cfg)]
-        if with_cosine and plain:  # one iteration in `every` carries the diagnostic
-            plain_median = statistics.median(plain)
-            epoch_mean = plain_median + (statistics.median(with_cosine) - plain_median) / every
-    iters_per_epoch = math.ceil(TRAIN_IMAGES / cfg.batch_size)
-    return {
-        "method": method.name,
-        "backbone": cfg.backbone,
-        "stem": cfg.stem,
-        "image_size": cfg.image_size,
-        "device": str(device),
-        "batch_size": cfg.batch_size,
-        "warmup": warmup,
-        "iters": iters,
-        "ms_median": 1e3 * statistics.median(totals),
-        "ms_min": 1e3 * min(totals),
-        "ms_epoch_mean": 1e3 * epoch_mean,
-        "phase_ms_median": {name: 1e3 * statistics.median(t[i] for t in times) for i, name in enumerate(phase_names)},
-        "images_per_s": cfg.batch_size / epoch_mean,
-        "hours_200_epochs": epoch_mean * iters_per_epoch * PAPER_EPOCHS / 3600,
-        "peak_mib": peak_bytes / 2**20,
-        "tflop_per_iter": flops / 1e12,
-        "tflop_per_s": flops / 1e12 / epoch_mean,
-        "cossim_every": cfg.cossim_every if method.is_maxl else None,
-        "meta_grad": cfg.meta_grad if method.is_maxl else None,
-        "amp": cfg.amp and device.type == "cuda",
-        "compile": cfg.compile,
-        "channels_last": cfg.channels_last,
-        "cuda_graphs": cfg.cuda_graphs and device.type == "cuda",
-        "times_ms": [[1e3 * s for s in t] for t in times],
-    }
+    warmup, iters = DEFAULT_WARMUP_ITERS["cuda" if device.type == "cuda" else "cpu"]
+    return (warmup if args.warmup is None else args.warmup), (iters if args.iters is None else args.iters)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -704,34 +595,24 @@ def format_table(rows: list[dict], markdown: bool = False) -> str:
     return "\n".join([align(header), "  ".join("-" * w for w in widths), *map(align, body)])
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}"
-    model = platform.processor() or "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return f"{model}, {torch.get_num_threads()} torch threads"
-
-
 def header_line(device: torch.device, args: argparse.Namespace) -> str:
     warmup, iters = warmup_iters(device, args)
-    flags = ", ".join(
-        f"{name} {'on' if on else 'off'}"
-        for name, on in (
-            ("amp", args.amp and device.type == "cuda"),
-            ("compile", args.compile),
-            ("channels_last", args.channels_last),
-            ("cuda graphs", args.cuda_graphs and device.type == "cuda"),
-        )
-    )
+    cuda = device.type == "cuda"
+    threads = f", {torch.get_num_threads()} torch threads"
+    name = torch.cuda.get_device_name(device) if cuda else experiment.processor_name() + threads
+    flags = {"amp": args.amp and cuda, "compile": args.compile, "channels_last": args.channels_last}
+    flags["cuda graphs"] = args.cuda_graphs and cuda
     return (
-        f"device {device} ({device_name(device)}) | torch {torch.__version__} | "
+        f"device {device} ({name}) | torch {torch.__version__} | "
         f"{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z} | batch {args.batch_size} | "
-        f"warm-up {warmup}, timed iterations {iters} | {flags}"
+        f"warm-up {warmup}, timed iterations {iters} | "
+        + ", ".join(f"{flag} {'on' if on else 'off'}" for flag, on in flags.items())
     )
+
+
+def contended(row: dict) -> bool:
+    """Whether other processes took a noticeable share of the CPU while this row was measured."""
+    return row["device"] == "cpu" and row.get("other_processes_cpu_share", 0.0) > CONTENTION_THRESHOLD
 
 
 def reference_ratio(rows: list[dict]) -> dict | None:
@@ -746,13 +627,8 @@ def reference_ratio(rows: list[dict]) -> dict | None:
         "time_median": ours["ms_median"] / ref["ms_median"],
         "flops": ours["tflop_per_iter"] / ref["tflop_per_iter"],
         "target": TARGET_RATIO,
-        "contended": any(contended(row) for row in (ours, ref)),
+        "contended": contended(ours) or contended(ref),
     }
-
-
-def contended(row: dict) -> bool:
-    """Whether other processes took a noticeable share of the CPU while this row was measured."""
-    return row["device"] == "cpu" and row.get("other_processes_cpu_share", 0.0) > CONTENTION_THRESHOLD
 
 
 def ratio_line(ratio: dict) -> str:
@@ -762,7 +638,7 @@ def ratio_line(ratio: dict) -> str:
         f"(epoch mean; median {ratio['time_median']:.3f}), FLOPs {ratio['flops']:.3f}; "
         f"{verdict} the target <= {ratio['target']}"
     )
-    if ratio.get("contended"):
+    if ratio["contended"]:
         line += " -- UNRELIABLE: other processes used the CPU during these rows; rerun on an idle machine"
     return line
 
@@ -771,29 +647,29 @@ def backbone_line(rows: list[dict]) -> str | None:
     """How the rows' backbones other than vgg16 were resolved (as `--backbone X` on CIFAR-100); None if none."""
     resolved = {}
     for row in rows:
-        if row.get("backbone", "vgg16") != "vgg16":
+        if row["backbone"] != "vgg16":
             stem = f", {row['stem']} stem" if row["stem"] else ""
             patches = f", {(row['image_size'] // 16) ** 2} patches of 16x16" if row["backbone"] == "vit_b_16" else ""
             resolved[row["backbone"]] = f"{row['backbone']} (image size {row['image_size']}{stem}{patches})"
     if not resolved:
         return None
     return (
-        "backbones as the scripts resolve them for CIFAR-100 (experiment.check_settings; torchvision's, headless, "
+        "backbones as the scripts resolve them for CIFAR-100 (their check_config; torchvision's, headless, "
         "from scratch; random 32x32 batches): " + "; ".join(resolved.values())
     )
 
 
 def report(device: torch.device, rows: list[dict], args: argparse.Namespace, skipped: tuple[str, ...] = ()) -> str:
-    lines = [header_line(device, args), format_table(rows)]
+    memory = "torch.cuda.max_memory_allocated above the level before build"
+    if device.type != "cuda":
+        memory = "CPU: peak RSS above the RSS before build; sampled every 5 ms + ru_maxrss"
     notes = [
         f"one iteration = one batch of one epoch (MAXL: phase 1 + phase 2); hours = epoch-mean ms x "
         f"{math.ceil(TRAIN_IMAGES / args.batch_size)} iterations x {PAPER_EPOCHS} epochs, training only",
-        memory_label(device) + "; FLOPs: matmul/conv ops by torch.utils.flop_counter",
+        f"peak MiB ({memory}); FLOPs: matmul/conv ops by torch.utils.flop_counter",
+        *filter(None, [backbone_line(rows)]),
+        *skipped,
     ]
-    backbones = backbone_line(rows)
-    if backbones is not None:
-        notes.append(backbones)
-    notes += list(skipped)
     if device.type == "cpu":
         shares = ", ".join(f"{row['method']} {max(0.0, 100 * row['other_processes_cpu_share']):.0f}%" for row in rows)
         notes.append(f"CPU time taken by other processes during each row (should be ~0%): {shares}")
@@ -802,10 +678,10 @@ def report(device: torch.device, rows: list[dict], args: argparse.Namespace, ski
     ratio = reference_ratio(rows)
     if ratio is not None:
         notes.append(ratio_line(ratio))
-    lines += notes
+    header = header_line(device, args)
+    lines = [header, format_table(rows), *notes]
     if args.markdown:
-        lines += ["", "**" + header_line(device, args) + "**", "", format_table(rows, markdown=True), ""]
-        lines += [f"- {note}" for note in notes]
+        lines += ["", f"**{header}**", "", format_table(rows, markdown=True), "", *(f"- {note}" for note in notes)]
     return "\n".join(lines)
 
 
@@ -817,50 +693,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    parser.add_argument(
-        "--device",
-        action="append",
-        help="cpu, cuda, cuda:N or all (every CUDA device and the CPU); may be repeated. "
-        "Default: cuda if available, else cpu",
-    )
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(DEFAULT_METHODS))
-    parser.add_argument(
-        "--backbones",
-        nargs="+",
-        default=["vgg16"],
-        metavar="BACKBONE",
+    add, on_off = parser.add_argument, argparse.BooleanOptionalAction
+    add("--device", action="append", help="cpu, cuda, cuda:N or all (every CUDA device and the CPU); may be repeated. "
+        "Default: cuda if available, else cpu")  # fmt: skip
+    add("--methods", nargs="+", choices=METHODS, default=list(DEFAULT_METHODS))
+    add("--backbones", nargs="+", default=["vgg16"], metavar="BACKBONE",
         help=f"measure each method on each of these, comma- or space-separated: {', '.join(experiment.BACKBONES)} "
-        "(rows of vgg16, the paper's, are named by the method alone, the others method/backbone)",
-    )
-    parser.add_argument("--batch-size", type=int, default=100, help="images per batch (the paper: 100)")
-    parser.add_argument(
-        "--warmup", type=int, default=None, help="untimed iterations first (default: 1 on CPU, 50 on CUDA)"
-    )
-    parser.add_argument("--iters", type=int, default=None, help="timed iterations (default: 3 on CPU, 100 on CUDA)")
-    parser.add_argument("--amp", action="store_true", help="bf16 autocast (the scripts apply it on CUDA only)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the scripts' plain forward passes")
-    parser.add_argument(
-        "--channels-last",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="channels_last memory format, as the scripts' default (also the reference-style row)",
-    )
-    parser.add_argument(
-        "--cuda-graphs",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="replay the scripts' steps as CUDA graphs, as the scripts do on CUDA (not the reference-style row)",
-    )
-    parser.add_argument(
-        "--reference-style",
-        action="store_true",
-        help=f"also time '{REFERENCE_STYLE}': MAXL with the reference scripts' wasted passes, and print the ratio",
-    )
-    parser.add_argument(
-        "--cossim-every", type=int, default=None, help="MAXL's gradient-cosine period (default: the script's, 10)"
-    )
-    parser.add_argument("--markdown", action="store_true", help="also print the table in markdown")
-    parser.add_argument("--json", type=Path, default=None, help="also write the rows to this file")
+        "(rows of vgg16, the paper's, are named by the method alone, the others method/backbone)")  # fmt: skip
+    add("--batch-size", type=int, default=100, help="images per batch (the paper: 100)")
+    add("--warmup", type=int, default=None, help="untimed iterations first (default: 1 on CPU, 50 on CUDA)")
+    add("--iters", type=int, default=None, help="timed iterations (default: 3 on CPU, 100 on CUDA)")
+    add("--amp", action="store_true", help="bf16 autocast (the scripts apply it on CUDA only)")
+    add("--compile", action="store_true", help="torch.compile the scripts' plain forward passes")
+    add("--channels-last", action=on_off, default=True,
+        help="channels_last memory format, as the scripts' default (also the reference-style row)")  # fmt: skip
+    add("--cuda-graphs", action=on_off, default=True, help="replay the scripts' steps as CUDA graphs, as the scripts "
+        "do on CUDA (not the reference-style row)")  # fmt: skip
+    add("--reference-style", action="store_true", help=f"also time '{REFERENCE_STYLE}': MAXL with the reference "
+        "scripts' wasted passes, and print the ratio")  # fmt: skip
+    add("--cossim-every", type=int, default=None, help="MAXL's gradient-cosine period (default: the script's, 10)")
+    add("--markdown", action="store_true", help="also print the table in markdown")
+    add("--json", type=Path, default=None, help="also write the rows to this file")
     args = parser.parse_args(argv)
     for name in ("batch_size", "iters", "cossim_every"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -870,9 +723,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.backbones = list(dict.fromkeys(name for value in args.backbones for name in value.split(",") if name))
     unknown = [name for name in args.backbones if name not in experiment.BACKBONES]
     if unknown or not args.backbones:
-        parser.error(
-            f"--backbones: {', '.join(unknown) or 'none given'}; choose from {', '.join(experiment.BACKBONES)}"
-        )
+        known = ", ".join(experiment.BACKBONES)
+        parser.error(f"--backbones: {', '.join(unknown) or 'none given'}; choose from {known}")
     return args
 
 
@@ -956,13 +808,9 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(measure(method, device, args))
             print(f"  {method.name} on {device}: done in {time.perf_counter() - started:.0f}s", flush=True)
         print("\n" + report(device, rows, args, tuple(skipped)) + "\n", flush=True)
+        ratio = reference_ratio(rows)
         results.append(
-            {
-                "header": header_line(device, args),
-                "rows": rows,
-                "reference_ratio": reference_ratio(rows),
-                "skipped": skipped,
-            }
+            {"header": header_line(device, args), "rows": rows, "reference_ratio": ratio, "skipped": skipped}
         )
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -116,17 +116,18 @@ def pieces(data_root: Path, batch_size: int = 100) -> dict[str, float]:
 
     import torch
 
+    import create_dataset
     import experiment
     import model_vgg_maxl as module
 
     out = {"import the script (torch, torchvision)": import_seconds}
-    cfg = experiment.check_settings(
-        module.METHOD,
-        module.Config(data_root=str(data_root), download=False, device="cpu", workers=0, batch_size=batch_size),
+    cfg = module.check_config(
+        module.Config(data_root=str(data_root), download=False, device="cpu", workers=0, batch_size=batch_size)
     )
+    experiment.check_run_settings(cfg)
     device = torch.device("cpu")
     started = time.perf_counter()
-    loaders = experiment.make_loaders(cfg, device, module.METHOD.held_out)
+    loaders = create_dataset.make_loaders(cfg, device, *create_dataset.load_datasets(cfg))  # as the script's main()
     out["load the datasets (md5 once, one read of each file)"] = time.perf_counter() - started
     started = time.perf_counter()
     state = module.build(cfg, device)

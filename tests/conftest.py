@@ -58,3 +58,15 @@ def run_main(module: ModuleType, *args: str) -> SimpleNamespace:
         except SystemExit as exit_:
             code = exit_.code if isinstance(exit_.code, int) else 1
     return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
+def checked(module: ModuleType, **fields):
+    """A script's Config with these fields, checked as the script checks it (its derived defaults resolved)."""
+    return module.check_config(module.Config(**fields))
+
+
+def default_name(module: ModuleType, cfg) -> str:
+    """The default run name the script gives a checked config."""
+    import experiment
+
+    return experiment.run_name(cfg, module.run_name_stem(cfg), module.paper_settings(cfg))

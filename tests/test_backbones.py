@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torchvision
+from conftest import default_name
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.models.vision_transformer import VisionTransformer
 
@@ -38,7 +39,9 @@ def narrow(backbone: str) -> nn.Module:
 
 
 def checked(script, **settings):
-    return experiment.check_settings(script.METHOD, script.Config(device="cpu", **settings))
+    cfg = script.check_config(script.Config(device="cpu", **settings))
+    experiment.check_run_settings(cfg)
+    return cfg
 
 
 @pytest.mark.parametrize(
@@ -82,7 +85,7 @@ def test_vgg_on_larger_images_pools_its_last_feature_map():
     assert model.features(torch.randn(2, 3, 64, 64)).shape == (2, 512)
 
 
-# WAMAL's second_order takes network_tangent from MAXL: ResNet-18's blocks (the slowest in float64) in MAXL only.
+# WAMAL takes network_tangent from MAXL: ResNet-18's blocks (the slowest in float64) in MAXL only.
 @pytest.mark.parametrize(
     "script, backbone",
     [(maxl, "resnet18"), (maxl, "resnet50"), (maxl, "vit_b_16"), (wamal, "resnet50"), (wamal, "vit_b_16")],
@@ -91,7 +94,8 @@ def test_vgg_on_larger_images_pools_its_last_feature_map():
 def test_every_meta_gradient_goes_through_each_backbone(script, backbone):
     psi = [2, 3]
     model = script.VGG16(psi, narrow(backbone)).double()
-    generator = script.LabelGenerator(psi, narrow(backbone)).double()
+    generator = (script.LabelWeightGenerator if script is wamal else script.LabelGenerator)(psi, narrow(backbone))
+    generator = generator.double()
     model.train(), generator.train()
     torch.manual_seed(1)
     size = {"vit_b_16": 32, "resnet50": 16, "resnet18": 8}[backbone]  # the narrow ViT is built for 32x32
@@ -101,7 +105,7 @@ def test_every_meta_gradient_goes_through_each_backbone(script, backbone):
         method: torch.cat(
             [
                 g.flatten()
-                for g in script.meta_gradients(
+                for g in (wamal.wamal_meta_gradients if script is wamal else maxl.meta_gradients)(
                     model=model,
                     label_generator=generator,
                     images=images,
@@ -168,9 +172,9 @@ def test_backbone_and_dataset_refusals(script, settings, message):
 
 @pytest.mark.parametrize("script", [single, human, maxl, wamal], ids=["single", "human", "maxl", "wamal"])
 def test_run_names_carry_the_backbone_and_keep_the_papers(script):
-    paper = experiment.default_run_name(script.METHOD, checked(script))
-    resnet = experiment.default_run_name(script.METHOD, checked(script, backbone="resnet18"))
-    imagenet = experiment.default_run_name(script.METHOD, checked(script, backbone="resnet18", stem="imagenet"))
+    paper = default_name(script, checked(script))
+    resnet = default_name(script, checked(script, backbone="resnet18"))
+    imagenet = default_name(script, checked(script, backbone="resnet18", stem="imagenet"))
     assert "-" not in paper.split("seed0")[1] and resnet == paper.replace("seed0", "seed0-resnet18")
     assert imagenet == paper.replace("seed0", "seed0-resnet18-imagenetstem")
     cfg = checked(script, backbone="resnet18")

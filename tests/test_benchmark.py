@@ -127,7 +127,7 @@ def test_reference_style_matches_the_script(step, one_thread):
             torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
         assert all(p.grad is None for p in state["label_generator"].parameters())
         return
-    primary = labels[:, speed.level_index(cfg.primary_level)]
+    primary = speed.primary_labels(labels, cfg)
     inner_lr = state["optimizer"].param_groups[0]["lr"]
     expected, _ = module.meta_gradients(
         model=state["model"],
@@ -151,6 +151,14 @@ def test_a_name_missing_from_a_script_is_one_clear_line(monkeypatch, capsys):
         speed.script(speed.method_spec("maxl-second-order"))
     message = str(exit_info.value.code)
     assert message.startswith("error: benchmarks/speed.py uses meta_step from model_vgg_maxl.py")
+    assert "SCRIPT_NAMES" in message and "\n" not in message
+    import model_vgg_wamal
+
+    monkeypatch.delattr(model_vgg_wamal, "wamal_meta_step")
+    with pytest.raises(SystemExit) as exit_info:
+        speed.script(speed.method_spec("wamal-second-order"))
+    message = str(exit_info.value.code)
+    assert message.startswith("error: benchmarks/speed.py uses wamal_meta_step from model_vgg_wamal.py")
     assert "SCRIPT_NAMES" in message and "\n" not in message
 
 

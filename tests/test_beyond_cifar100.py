@@ -8,15 +8,18 @@ tests/test_backbones.py builds the full-size ones."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
+import torch
 import torchvision
-from conftest import run_main
+from conftest import default_name, run_main
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.models.vision_transformer import VisionTransformer
 
+import create_dataset
 import experiment
 import model_vgg_human as human
 import model_vgg_maoal as maoal
@@ -69,7 +72,7 @@ def run_dir(tmp_path, name: str):
 @pytest.mark.parametrize(
     "script, dataset, backbone",
     PLAN,
-    ids=[f"{script.METHOD.name}-{dataset}-{backbone}" for script, dataset, backbone in PLAN],
+    ids=[f"{script.__name__[10:]}-{dataset}-{backbone}" for script, dataset, backbone in PLAN],
 )
 def test_every_method_trains_on_every_dataset_and_backbone(script, dataset, backbone, datasets, tmp_path):
     # Large images at 32 keep the runs small; their real pipeline (file decoding, RandomResizedCrop) still runs.
@@ -130,35 +133,31 @@ def test_a_missing_dataset_says_how_to_get_it(tmp_path):
 
 
 def test_a_folder_of_ones_own_images_counts_its_classes(datasets):
-    # Config edited in the file: primary_level None (the dataset's classes); from the command line, --dataset does it.
-    config = maxl.Config(dataset="folder", data_root=str(datasets["folder"]), primary_level=None, psi=None)
-    cfg = experiment.check_settings(maxl.METHOD, config)
+    # The dataset set in Config: primary_level and psi follow it, as after --dataset.
+    cfg = maxl.check_config(maxl.Config(dataset="folder", data_root=str(datasets["folder"])))
     classes = len(list((datasets["folder"] / "train").iterdir()))
     assert cfg.primary_level == classes and cfg.psi == [5] * classes and cfg.aux_level is None
     assert cfg.image_size == 224 and cfg.stem is None
-    assert (
-        experiment.default_run_name(maxl.METHOD, cfg) == f"maxl-second-order-pri{classes}-aux{5 * classes}-seed0-folder"
-    )
+    assert default_name(maxl, cfg) == f"maxl-second-order-pri{classes}-aux{5 * classes}-seed0-folder"
 
 
 def test_train_fraction_is_stratified_and_the_same_for_a_seed(datasets):
     classes = np.repeat(np.arange(10), [10, 20, 30, 40, 50, 60, 70, 80, 90, 100])
-    kept = experiment.stratified_fraction(classes, 0.1, seed=3)
+    kept = create_dataset.stratified_fraction(classes, 0.1, seed=3)
     assert np.array_equal(np.bincount(classes[kept]), np.arange(1, 11))
-    assert np.array_equal(kept, experiment.stratified_fraction(classes, 0.1, seed=3))
-    assert not np.array_equal(kept, experiment.stratified_fraction(classes, 0.1, seed=4))
-    assert len(experiment.stratified_fraction(classes, 0.001, seed=0)) == 10  # at least one image a class
-    config = single.Config(dataset="cifar10", primary_level=None, train_fraction=0.5, device="cpu")
-    cfg = experiment.check_settings(single.METHOD, config)
-    cfg = experiment.dataclasses.replace(cfg, data_root=str(datasets["cifar10"]), workers=0, batch_size=4)
-    loaders = experiment.make_loaders(cfg, experiment.torch.device("cpu"))
+    assert np.array_equal(kept, create_dataset.stratified_fraction(classes, 0.1, seed=3))
+    assert not np.array_equal(kept, create_dataset.stratified_fraction(classes, 0.1, seed=4))
+    assert len(create_dataset.stratified_fraction(classes, 0.001, seed=0)) == 10  # at least one image a class
+    cfg = single.check_config(single.Config(dataset="cifar10", train_fraction=0.5, device="cpu"))
+    cfg = dataclasses.replace(cfg, data_root=str(datasets["cifar10"]), workers=0, batch_size=4)
+    loaders = create_dataset.make_loaders(cfg, torch.device("cpu"), *create_dataset.load_datasets(cfg))
     assert len(loaders.train.dataset) == 20 and len(loaders.test.dataset) == 8
-    assert experiment.default_run_name(single.METHOD, cfg).startswith("single-pri10-seed0-cifar10-frac0.5-")
+    assert default_name(single, cfg).startswith("single-pri10-seed0-cifar10-frac0.5-")
 
 
 def test_the_papers_run_keeps_its_name_and_data_settings():
     for script in (single, human, maxl, wamal, maoal):
-        cfg = experiment.check_settings(script.METHOD, script.Config())
+        cfg = script.check_config(script.Config())
         assert experiment.paper_data(cfg) and experiment.data_tag(cfg) == ""
         assert (cfg.dataset, cfg.backbone, cfg.image_size, cfg.stem, cfg.train_fraction) == (
             "cifar100",

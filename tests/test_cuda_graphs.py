@@ -21,7 +21,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 
 def test_disabled_off_cuda_calls_the_step_itself():
-    graphs = experiment.StepGraphs({}, torch.device("cpu"), enabled=True)
+    graphs = experiment.StepGraphs([], torch.device("cpu"), enabled=True)
     assert not graphs.enabled
     images, labels = torch.randn(2, 3, 32, 32), torch.zeros(2, 4, dtype=torch.long)
     out = graphs("train", lambda x, y: {"sum": x.sum() + y.sum()}, images, labels)
@@ -88,7 +88,7 @@ def test_graphs_replay_after_warm_up_and_are_dropped_when_the_learning_rate_chan
         optimizer.step()
         return {"loss": loss}
 
-    graphs = experiment.StepGraphs({"optimizer": optimizer}, device)
+    graphs = experiment.StepGraphs([optimizer], device)
     images = torch.ones(2, 3, device=device)
     labels = torch.zeros(2, 4, dtype=torch.long, device=device)
     for call in range(6):

@@ -4,7 +4,6 @@ with a preemption, and every refused input."""
 
 from __future__ import annotations
 
-import dataclasses
 import fcntl
 import importlib.util
 import json
@@ -24,8 +23,8 @@ from conftest import REPO, run_main
 import experiment
 import figure3
 import model_vgg_human as human
-import model_vgg_maxl as maxl
 import model_vgg_single as single
+import runner
 
 # The optional extras (requirements-extras.txt; CI installs them): without them these tests are skipped.
 needs_matplotlib = pytest.mark.skipif(
@@ -55,9 +54,9 @@ def assert_refused(result, *phrases: str) -> None:
 
 def grid(results: Path, methods="single,human,maxl", pairs="3-10,3-20,3-100,10-20,10-100,20-100", seeds="0", flags=()):
     selection = figure3.Selection(
-        methods=figure3.parse_methods(methods),
+        methods=runner.parse_methods(methods),
         pairs=figure3.parse_pairs(pairs),
-        seeds=figure3.parse_seeds(seeds),
+        seeds=runner.parse_seeds(seeds),
         results_dir=results,
         script_flags=tuple(flags),
     )
@@ -68,14 +67,14 @@ def metrics(run_dir: Path) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())
 
 
-def recorded_config(run: figure3.Run) -> dict:
+def recorded_config(run: runner.Run) -> dict:
     """The settings a run's metrics.json records, as its script records them."""
-    module = figure3.SCRIPTS[run.method]
-    cfg = figure3.checked_config(module, list(run.args), run.name)
-    return {**dataclasses.asdict(cfg), **module.METHOD.derived_settings(cfg), "method": run.method}
+    module = runner.script(run.method)
+    cfg = runner.checked_config(run.method, list(run.args), run.name)
+    return {**experiment.settings(cfg), **module.derived_settings(cfg), "method": run.method}
 
 
-def write_metrics(run: figure3.Run, accuracies: list[float], reasons=("synthetic data",), seconds=None) -> None:
+def write_metrics(run: runner.Run, accuracies: list[float], reasons=("synthetic data",), seconds=None) -> None:
     """A metrics.json as the scripts write it (accuracies in %, stored as fractions)."""
     run.run_dir.mkdir(parents=True, exist_ok=True)
     epochs = [{"epoch": i + 1, "test_primary_acc": a / 100} for i, a in enumerate(accuracies)]
@@ -141,9 +140,10 @@ def test_the_grid_shares_single_per_primary_level_and_names_folders_as_the_scrip
     singles = [run for run in runs if run.method == "single"]
     assert [run.primary for run in singles] == [3, 10, 20]
     for run in runs:
-        module = {"single": single, "human": human, "maxl": maxl}[run.method]
-        cfg = experiment.check_settings(module.METHOD, experiment.parse_config(module.METHOD, list(run.args)))
-        assert run.run_dir == tmp_path / experiment.default_run_name(module.METHOD, cfg)
+        module = {"single": single, "human": human, "maxl": runner.script("maxl")}[run.method]
+        cfg = module.check_config(experiment.parse_flags(module.Config, list(run.args)))
+        experiment.check_run_settings(cfg)
+        assert run.run_dir == tmp_path / experiment.run_name(cfg, module.run_name_stem(cfg), module.paper_settings(cfg))
         assert run.epochs == cfg.epochs == 7
     maxl_run = next(run for run in runs if run.method == "maxl" and (run.primary, run.aux) == (10, 100))
     assert maxl_run.name == "maxl-finite-difference-pri10-aux100-seed0"
@@ -175,7 +175,7 @@ def test_plan_shows_each_runs_state_and_exact_command(tmp_path):
     assert lines[-1] == "2 runs: 1 stopped, 1 running"
     write_metrics(stopped, [40.0, 41.0, 42.0])
     (running.run_dir / ".lock").unlink()
-    assert [figure3.describe(run, figure3.read_state(run)) for run in runs] == [
+    assert [runner.describe(run, runner.read_state(run)) for run in runs] == [
         "finished (3 epochs)",
         "stopped after epoch 2 of 3",
     ]
@@ -183,16 +183,16 @@ def test_plan_shows_each_runs_state_and_exact_command(tmp_path):
 
 def test_children_on_gpus_get_their_gpu_and_cuda(tmp_path, monkeypatch):
     _, (run,) = grid(tmp_path, methods="single", pairs="3-10")
-    state = figure3.read_state(run)
-    assert figure3.command(run, state, gpu=1)[-2:] == ["--device", "cuda"]
-    assert "--device" not in figure3.command(run, state)
+    state = runner.read_state(run)
+    assert runner.command(run, state, gpu=1)[-2:] == ["--device", "cuda"]
+    assert "--device" not in runner.command(run, state)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    assert figure3.child_environment(1)["CUDA_VISIBLE_DEVICES"] == "1"
+    assert runner.child_environment(1)["CUDA_VISIBLE_DEVICES"] == "1"
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")  # numbered as this process sees them
-    assert figure3.child_environment(1)["CUDA_VISIBLE_DEVICES"] == "5"
+    assert runner.child_environment(1)["CUDA_VISIBLE_DEVICES"] == "5"
     monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
-    assert figure3.check_gpus("0,1", runs_per_gpu=2) == [0, 0, 1, 1]
-    assert figure3.check_gpus(None, runs_per_gpu=1) == [None]
+    assert runner.check_gpus("0,1", runs_per_gpu=2) == [0, 0, 1, 1]
+    assert runner.check_gpus(None, runs_per_gpu=1) == [None]
 
 
 # --- the report, on metrics files written here -------------------------------------------------------
@@ -253,7 +253,7 @@ def test_report_numbers_differences_published_figures_and_picture(tmp_path):
     assert "![Figure 3](figure3.png)" in report_md
     assert (tmp_path / "figure3" / "figure3.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    states = {run: figure3.read_state(run) for run in runs}
+    states = {run: runner.read_state(run) for run in runs}
     figure = figure3.make_figure(figure3.figure_data(selection, runs, states))
     finals, *panels = figure.axes
     assert [ax.get_title() for ax in panels] == ["primary 3, auxiliary 10", "primary 20, auxiliary 100"]
@@ -292,7 +292,7 @@ def figure_of(tmp_path: Path, epochs: int, seeds="0", reasons=("synthetic data",
     selection, runs = grid(tmp_path, pairs="3-10,20-100", seeds=seeds, flags=flags)
     for run in runs:
         write_metrics(run, [30.0 + 0.1 * e + run.seed for e in range(epochs)], reasons=reasons)
-    states = {run: figure3.read_state(run) for run in runs}
+    states = {run: runner.read_state(run) for run in runs}
     return figure3.make_figure(figure3.figure_data(selection, runs, states))
 
 
@@ -456,14 +456,14 @@ def read_only(folder: Path, monkeypatch) -> None:
     into it or below fails as it would there."""
     folder.chmod(0o555)
     if os.geteuid() == 0:
-        make = figure3.tempfile.TemporaryFile
+        make = runner.tempfile.TemporaryFile
 
         def temporary_file(*args, dir=None, **kwargs):
             if dir is not None and Path(dir).resolve().is_relative_to(folder.resolve()):
                 raise PermissionError(13, "Permission denied")
             return make(*args, dir=dir, **kwargs)
 
-        monkeypatch.setattr(figure3.tempfile, "TemporaryFile", temporary_file)
+        monkeypatch.setattr(runner.tempfile, "TemporaryFile", temporary_file)
 
 
 @needs_matplotlib
@@ -533,9 +533,9 @@ def test_messages_say_1_run_and_1_epoch(tmp_path):
     plan = run_main(figure3, "plan", *select).stdout.splitlines()
     assert (plan[0], plan[-1]) == (f"{run.name}: finished (1 epoch)", "1 run: 1 finished")
     (run.run_dir / ".lock").write_text(f"{os.getpid()}\n")
-    state = figure3.read_state(run)
-    assert figure3.describe(run, state) == f"running (pid {os.getpid()}), 1 of 1 epoch done"
-    assert figure3.elsewhere(run, state) == f"running elsewhere (pid {os.getpid()}), 1 of 1 epoch done"
+    state = runner.read_state(run)
+    assert runner.describe(run, state) == f"running (pid {os.getpid()}), 1 of 1 epoch done"
+    assert runner.describe(run, state, elsewhere=True) == f"running elsewhere (pid {os.getpid()}), 1 of 1 epoch done"
 
 
 def test_report_finds_runs_by_their_recorded_settings(tmp_path):
@@ -581,12 +581,12 @@ def test_report_finds_runs_by_their_recorded_settings(tmp_path):
 def test_time_left_shares_the_work_left_between_the_slots():
     _, (single, human) = grid(Path("results"), methods="single,human", pairs="3-10", flags=["--epochs", "10"])
     left = [(single, 5), (human, 0)]
-    assert figure3.time_left(left, {}, 1) == "time left: not known until an epoch has ended"
-    assert figure3.time_left(left, {"single": 6.0}, 1) == "at least 30 s left (no human epoch timed yet)"
-    assert figure3.time_left(left, {"single": 6.0, "human": 60.0}, 1) == "about 10 min left"  # 30 s + 600 s
-    assert figure3.time_left(left, {"single": 6.0, "human": 60.0}, 2) == "about 10 min left"  # its longest run
-    assert figure3.time_left([(single, 10)], {"single": 6.0}, 1) == "no epoch left"
-    assert figure3.seconds_per_epoch({}) == {}
+    assert runner.time_left(left, {}, 1) == "time left: not known until an epoch has ended"
+    assert runner.time_left(left, {"single": 6.0}, 1) == "at least 30 s left (no human epoch timed yet)"
+    assert runner.time_left(left, {"single": 6.0, "human": 60.0}, 1) == "about 10 min left"  # 30 s + 600 s
+    assert runner.time_left(left, {"single": 6.0, "human": 60.0}, 2) == "about 10 min left"  # its longest run
+    assert runner.time_left([(single, 10)], {"single": 6.0}, 1) == "no epoch left"
+    assert runner.seconds_per_epoch({}) == {}
 
 
 # --- real runs ----------------------------------------------------------------------------------------
@@ -600,7 +600,7 @@ def test_run_plan_report_end_to_end(data_root, tmp_path, monkeypatch):
     same command runs what is missing and resumes what stopped (rewriting that file), with a progress line per
     ended epoch and the results table at the end; a third time it does nothing. The report's numbers are the
     metrics files', and a plain report, without the flags, finds the same runs by their recorded settings."""
-    monkeypatch.setattr(figure3, "PROGRESS_SECONDS", 0)  # a line at every ended epoch: tiny epochs are quick
+    monkeypatch.setattr(runner, "PROGRESS_SECONDS", 0)  # a line at every ended epoch: tiny epochs are quick
     select = ["--pairs", "3-10,3-20", "--results-dir", tmp_path]
     flags = ["--", *tiny(data_root, epochs=2)]
     selection, runs = grid(tmp_path, pairs="3-10,3-20", flags=flags[1:])
@@ -682,7 +682,7 @@ def test_run_plan_report_end_to_end(data_root, tmp_path, monkeypatch):
     assert rows["3 → 10"]["MAXL − Human"] == f"{mean[maxl10] - mean[human10]:+.2f} (n=1)"
     assert rows["3 → 20"]["MAXL − Single"] == f"{mean[maxl20] - mean[single3]:+.2f} (n=1)"
     assert table_rows(third.stdout) == rows  # `run` ends with the same table
-    states = {run: figure3.read_state(run) for run in runs}
+    states = {run: runner.read_state(run) for run in runs}
     figure = figure3.make_figure(figure3.figure_data(selection, runs, states))
     assert [[line.get_label() for line in ax.get_lines()] for ax in figure.axes[1:]] == [
         ["Single", "Human", "MAXL"]
@@ -760,7 +760,7 @@ def test_a_run_going_elsewhere_is_skipped_not_failed(data_root, tmp_path):
         fcntl.flock(lock, fcntl.LOCK_EX)
         lock.write("4242 node17\n")
         lock.flush()
-        held_log = figure3.open_job_log(local.job_log)
+        held_log = runner.open_job_log(local.job_log)
         try:
             result = run_main(figure3, "run", "--methods", "single", "--pairs", "3-10,10-20", "--results-dir",
                               tmp_path, "--", *flags)  # fmt: skip
@@ -777,6 +777,42 @@ def test_a_run_going_elsewhere_is_skipped_not_failed(data_root, tmp_path):
     assert not (local.run_dir).exists()
 
 
+def test_a_child_refused_for_its_locked_folder_is_found_running_elsewhere_by_the_lock_not_its_message(
+    data_root, tmp_path, monkeypatch
+):
+    """A child that exits with code 2 is running elsewhere when the folder's lock is held by somebody else, as
+    experiment.locked_by finds by trying the lock (here: this test holds the flock, its lock file naming another
+    host); a child that exits with code 2 for another reason (a folder holding foreign files) failed. The runner
+    never reads the child's message to tell the two apart."""
+    flags = tiny(data_root, epochs=1)
+    _, (held, foreign) = grid(tmp_path, methods="single", pairs="3-10,10-20", flags=flags)
+    asked = []
+
+    def locked_by(run_dir):
+        asked.append(Path(run_dir))
+        return real_locked_by(run_dir)
+
+    real_locked_by = experiment.locked_by
+    monkeypatch.setattr(experiment, "locked_by", locked_by)
+    held.run_dir.mkdir(parents=True)
+    foreign.run_dir.mkdir(parents=True)
+    (foreign.run_dir / "notes.txt").write_text("not a run's file\n")  # the script refuses the folder: exit code 2
+    with open(held.run_dir / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        lock.write("4242 node17\n")
+        lock.flush()
+        result = run_main(figure3, "run", "--methods", "single", "--pairs", "3-10,10-20", "--results-dir", tmp_path,
+                          "--", *flags)  # fmt: skip
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert f"skip  {held.name}: running elsewhere (pid 4242 on node17)" in lines
+    assert f"FAIL  {foreign.name} (exit code 2)" in lines
+    assert "holds files no run of this project wrote" in foreign.job_log.read_text()
+    assert sorted(asked) == sorted([held.run_dir, foreign.run_dir])  # asked of the lock, for each exit code 2
+    for name in ("runner.py", "figure3.py", "tables.py"):  # no message of the scripts is matched
+        assert "in use by another run" not in (REPO / name).read_text(), name
+
+
 @needs_submitit
 def test_submit_through_submitits_local_executor_requeues_a_preempted_job_which_resumes(
     data_root, tmp_path, monkeypatch
@@ -784,7 +820,7 @@ def test_submit_through_submitits_local_executor_requeues_a_preempted_job_which_
     """A run stopped after epoch 1 is submitted through submitit's local executor; the job gets submitit's
     preemption signal as soon as its child starts: figure3 stops the child, submitit requeues the same call, and
     the requeued call resumes the run from its checkpoint and finishes it."""
-    monkeypatch.setenv("PYTHONPATH", str(REPO))  # the job process unpickles figure3.RunJob by reference
+    monkeypatch.setenv("PYTHONPATH", str(REPO))  # the job process unpickles runner.RunJob by reference
     flags = ["--", *tiny(data_root, epochs=3)]
     _, (run,) = grid(tmp_path, methods="single", pairs="3-10", flags=flags[1:])
     assert run_main(single, *run.args, "--epochs", "1").returncode == 0  # in this process: no interpreter start
@@ -813,9 +849,7 @@ def test_submit_through_submitits_local_executor_requeues_a_preempted_job_which_
 @needs_submitit
 def test_the_requeued_call_is_the_same_run_without_the_live_child(tmp_path):
     job_log = str(tmp_path / "figure3" / "jobs" / "run.log")
-    job = figure3.RunJob(
-        "python", "model_vgg_single.py", ["--seed", "0"], str(tmp_path / "run"), job_log, str(tmp_path)
-    )
+    job = runner.RunJob("python", "model_vgg_single.py", ["--seed", "0"], str(tmp_path / "run"), job_log, str(tmp_path))
     assert job.command() == ["python", "model_vgg_single.py", "--seed", "0"]
     requeued = job.checkpoint()
     assert requeued.function is not job and requeued.function.child is None
@@ -889,5 +923,5 @@ def test_submit_without_submitit_names_the_extras(tmp_path, monkeypatch):
 
 
 def test_a_method_whose_script_is_missing_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(figure3, "HERE", tmp_path)
+    monkeypatch.setattr(runner, "HERE", tmp_path)
     assert_refused(run_main(figure3, "plan", "--methods", "single"), "--methods single: its script model_vgg_single.py")

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from conftest import FAST, REPO, run_main
 from torch.func import functional_call
 
+import create_dataset
 import experiment
 import model_vgg_human as human
 import model_vgg_maoal as maoal
@@ -241,9 +242,7 @@ def batch(n: int, seed: int, primary_level: int = 3, aux_level: int = 10, dtype=
     return images, labels
 
 
-TINY = experiment.check_method(
-    maoal.METHOD, maoal.Config(primary_level=3, aux_level=10, lr=0.1, lambda_lr=0.05, channels_last=False)
-)
+TINY = maoal.check_config(maoal.Config(primary_level=3, aux_level=10, lr=0.1, lambda_lr=0.05, channels_last=False))
 
 
 def expected_step(state: dict, images, labels, cfg, weights_of) -> tuple[dict, torch.Tensor]:
@@ -418,10 +417,10 @@ def test_the_meta_step_moves_rho_by_the_clipped_hypergradient_and_nothing_else(h
 
 def real_states(mode: str, other) -> tuple[dict, dict, object, object]:
     """Our state in `mode` and the other script's, with the same initial network."""
-    cfg = experiment.check_method(maoal.METHOD, maoal.Config(mode=mode, primary_level=20, aux_level=100, batch_size=4))
+    cfg = maoal.check_config(maoal.Config(mode=mode, primary_level=20, aux_level=100, batch_size=4))
     torch.manual_seed(0)
     ours = maoal.build(cfg, torch.device("cpu"))
-    other_cfg = experiment.check_method(other.METHOD, other.Config(batch_size=4))
+    other_cfg = other.check_config(other.Config(batch_size=4))
     theirs = other.build(other_cfg, torch.device("cpu"))
     state_dict = ours["model"].state_dict()
     if other is single:
@@ -521,12 +520,20 @@ def test_the_developing_set_is_stratified_and_drawn_from_the_seed(train_set, pri
     assert not np.array_equal(maoal.held_out(train_set, dataclasses.replace(cfg, seed=1)), dev)
 
 
+def maoal_loaders(cfg) -> create_dataset.Loaders:
+    """The loaders of a run of `cfg`, made as main() makes them: the data split by task, the developing set held
+    out of the training set."""
+    train, test = create_dataset.load_datasets(cfg)
+    train, test, auxiliary = maoal.split_data(train, test, cfg)
+    train, dev = train.split(maoal.held_out(train, cfg), held_out_transform=test.transform)
+    return create_dataset.make_loaders(cfg, torch.device("cpu"), train, test, dev, auxiliary)
+
+
 def test_the_developing_set_is_out_of_the_training_batches(data_root, train_set):
-    cfg = experiment.check_method(
-        maoal.METHOD,
-        maoal.Config(data_root=str(data_root), download=False, device="cpu", workers=0, batch_size=30, dev_size=45),
+    cfg = maoal.check_config(
+        maoal.Config(data_root=str(data_root), download=False, device="cpu", workers=0, batch_size=30, dev_size=45)
     )
-    loaders = experiment.make_loaders(cfg, torch.device("cpu"), maoal.METHOD.held_out)
+    loaders = maoal_loaders(cfg)
     dev_rows = {row.tobytes() for row in train_set.data[maoal.held_out(train_set, cfg)]}
     train_rows = {row.tobytes() for row in loaders.train.dataset.data}
     assert len(dev_rows) == 45 and len(train_rows) == 155 and not dev_rows & train_rows
@@ -602,7 +609,7 @@ def build_from_maoals_initial_network(other):
 
     def build(cfg, device):
         state = other_build(cfg, device)
-        torch.manual_seed(cfg.seed)  # run() seeds, loads data (no draws), then builds: the same state as here
+        torch.manual_seed(cfg.seed)  # main() seeds (run.open), loads data (no draws), then builds: the same state
         initial = maoal.VGG16(cfg.primary_level, maoal.Config().aux_level).state_dict()
         if other is single:
             initial = {
@@ -615,28 +622,40 @@ def build_from_maoals_initial_network(other):
 
 
 @pytest.mark.parametrize("mode, other", [("equal", human), ("single", single)], ids=["equal-human", "single-single"])
-def test_a_baseline_mode_trains_as_the_other_script_on_the_same_images(data_root, tmp_path, mode, other):
+def test_a_baseline_mode_trains_as_the_other_script_on_the_same_images(data_root, tmp_path, monkeypatch, mode, other):
     """An epoch of two batches, MAOAL's developing set held out of the other script's training set too: every
     number the other script records is the same, bit for bit."""
-    common = dict(data_root=str(data_root), download=False, device="cpu", workers=0, batch_size=4, epochs=1)
-    common |= dict(limit_batches=2, results_dir=str(tmp_path))
-    cfg = maoal.Config(mode=mode, dev_size=20, run_name="ours", **common)
-    held_out = lambda train_set, _: maoal.held_out(train_set, cfg)
-    method = dataclasses.replace(other.METHOD, held_out=held_out, build=build_from_maoals_initial_network(other))
-    experiment.run(maoal.METHOD, cfg)
-    experiment.run(method, other.Config(run_name="theirs", **common))
+    common = flags(data_root, tmp_path, "--batch-size", "4", "--epochs", "1", "--limit-batches", "2")
+    assert run_main(maoal, *common, "--mode", mode, "--dev-size", "20", "--run-name", "ours").returncode == 0
+    maoal_cfg = maoal.check_config(maoal.Config(mode=mode, dev_size=20))
+    datasets = experiment.Run.datasets
+
+    def without_maoals_developing_set(run):
+        train_set, test_set = datasets(run)
+        return train_set.split(maoal.held_out(train_set, maoal_cfg))[0], test_set
+
+    monkeypatch.setattr(experiment.Run, "datasets", without_maoals_developing_set)
+    monkeypatch.setattr(other, "build", build_from_maoals_initial_network(other))
+    assert run_main(other, *common, "--run-name", "theirs").returncode == 0
     (ours,), (theirs,) = history(tmp_path, "ours"), history(tmp_path, "theirs")
     assert {k: ours[k] for k in theirs} == theirs
 
 
-def test_the_developing_set_is_held_out_in_every_mode(data_root):
+def test_the_developing_set_is_held_out_in_every_mode(data_root, tmp_path, monkeypatch):
+    """main() hands the loaders a training set without the developing set in every mode, so that all train on
+    the same images (caught there, before anything is built)."""
+
+    class Handed(Exception):
+        pass
+
+    def make_loaders(cfg, device, train_set, test_set, dev_set=None, auxiliary_sets=()):
+        raise Handed(len(train_set), len(dev_set))
+
+    monkeypatch.setattr(create_dataset, "make_loaders", make_loaders)
     for mode in maoal.MODES:
-        cfg = experiment.check_method(
-            maoal.METHOD,
-            maoal.Config(mode=mode, data_root=str(data_root), download=False, workers=0, dev_size=30, batch_size=50),
-        )
-        loaders = experiment.make_loaders(cfg, torch.device("cpu"), maoal.METHOD.held_out)
-        assert len(loaders.train.dataset) == 170 and len(loaders.dev.dataset) == 30, mode
+        with pytest.raises(Handed) as handed:
+            run_main(maoal, *flags(data_root, tmp_path, "--mode", mode, "--dev-size", "30", "--batch-size", "50"))
+        assert handed.value.args == (170, 30), mode
 
 
 # ---------------------------------------------------------------------------------------------
@@ -656,7 +675,7 @@ def test_the_developing_set_is_held_out_in_every_mode(data_root):
         (["--lambda-lr", "0"], "--lambda-lr must be positive"),
         (["--lambda-momentum", "-0.5"], "--lambda-momentum must be 0 or more"),
         (["--mode", "gcs-global"], "argument --mode: invalid choice: 'gcs-global'"),
-        (["--aux-level", "20"], "--aux-level 20 must be finer than --primary-level 20"),
+        (["--primary-level", "20", "--aux-level", "20"], "--aux-level 20 must be finer than --primary-level 20"),
     ],
 )
 def test_impossible_settings_are_refused_and_nothing_is_written(data_root, tmp_path, extra, phrase):
@@ -755,8 +774,13 @@ HIERARCHY_ONLY = {"primary_level", "aux_level", "dev_size", "lr_step", "lr_gamma
 DOMAINS_ONLY = {"target_domain", "aux_domains", "renormalize", "dev_fraction", "aux_reduction"}
 
 
+def run_name(cfg: maoal.Config, script=maoal) -> str:
+    """The default run name of a checked config."""
+    return experiment.run_name(cfg, script.run_name_stem(cfg), script.paper_settings(cfg))
+
+
 def name(**changes) -> str:
-    return experiment.default_run_name(maoal.METHOD, experiment.check_method(maoal.METHOD, maoal.Config(**changes)))
+    return run_name(maoal.check_config(maoal.Config(**changes)))
 
 
 def test_the_default_names_carry_the_mode():
@@ -793,7 +817,7 @@ def counts(field: str, mode: str, task: str) -> bool:
 def test_every_setting_is_in_the_name_or_never_changes_it(mode, task):
     """Every setting that changes the result changes the name; a mode ignores the upper level's settings it does
     not use, and a task the other task's settings: those leave its names alone."""
-    for field in dataclasses.fields(maoal.Config):
+    for field in experiment.fields(maoal.Config):
         if field.name in RUN_ONLY | FIXED or field.name in ("mode", "task"):
             continue
         assert field.name in EDITS, f"no test value for {field.name}"
@@ -813,9 +837,42 @@ def test_edited_settings_add_a_stable_hash():
     edited = name(neumann_alpha=0.1)
     assert re.fullmatch(r"maoal-maoal-pri20-aux100-seed0-[0-9a-f]{8}", edited)
     assert name(neumann_alpha=0.1) == edited and name(neumann_alpha=0.2) != edited
-    assert experiment.edited_settings(
-        maoal.METHOD, experiment.check_method(maoal.METHOD, maoal.Config(dev_size=100, mode="equal"))
-    ) == {"dev_size": 100}
+    cfg = maoal.check_config(maoal.Config(dev_size=100, mode="equal"))
+    assert experiment.edited_settings(cfg, maoal.paper_settings(cfg)) == {"dev_size": 100}
+
+
+@pytest.mark.parametrize(
+    "edits, argv",
+    [
+        (dict(primary_level=3, aux_level=10), ["--primary-level", "3", "--aux-level", "10"]),
+        (dict(mode="gcs", primary_level=10), ["--mode", "gcs", "--primary-level", "10"]),
+        (dict(task="domains"), ["--task", "domains"]),
+        (dict(task="domains", mode="equal"), ["--task", "domains", "--mode", "equal"]),
+    ],
+)
+def test_a_setting_edited_in_config_is_the_same_as_its_flag(edits, argv):
+    """Editing primary_level, mode or task in Config is passing its flag: the same checked config (the defaults
+    derived from them too: the task's batch size and network, the domains' auxiliary reduction by mode) and the
+    same run name."""
+    edited = maoal.check_config(maoal.Config(**edits))
+    flagged = maoal.check_config(experiment.parse_flags(maoal.Config, argv))
+    assert experiment.settings(edited) == experiment.settings(flagged)
+    assert run_name(edited) == run_name(flagged) != name()
+
+
+def test_a_refusal_names_the_setting_as_it_was_set():
+    """A flag by its flag, as docs/reliability.md shows it; a Config edit by its field; a default left to the
+    script as the default."""
+    flagged = experiment.parse_flags(maoal.Config, ["--primary-level", "20", "--aux-level", "20"])
+    with pytest.raises(experiment.UsageError, match=r"^--aux-level 20 must be finer than --primary-level 20 "):
+        maoal.check_config(flagged)
+    with pytest.raises(experiment.UsageError) as refused:
+        maoal.check_config(maoal.Config(aux_level=20))
+    assert str(refused.value) == (
+        "aux_level = 20 in Config must be finer than primary_level 20 (choose from 100)"
+    )
+    with pytest.raises(experiment.UsageError, match=r"^aux_domains = '0-14' in Config: each once, and not "):
+        maoal.check_config(maoal.Config(task="domains", aux_domains="0-14"))
 
 
 def test_settings_that_cannot_change_the_result_never_change_the_name():
@@ -825,7 +882,7 @@ def test_settings_that_cannot_change_the_result_never_change_the_name():
 
 
 def test_config_defaults_are_the_recorded_settings():
-    cfg = experiment.check_method(maoal.METHOD, maoal.Config())
+    cfg = maoal.check_config(maoal.Config())
     for key, value in maoal.paper_settings(cfg).items():
         assert getattr(cfg, key) == value, key
     assert UPPER_LEVEL <= set(maoal.paper_settings(cfg)) and "dev_size" in maoal.paper_settings(cfg)
@@ -842,8 +899,6 @@ def test_a_default_edited_in_the_file_gives_a_new_name(tmp_path):
     sys.modules[spec.name] = module  # dataclasses looks the module up while building Config
     try:
         spec.loader.exec_module(module)
-        assert experiment.default_run_name(
-            module.METHOD, experiment.check_method(module.METHOD, module.Config())
-        ) == name(hypergrad_clip=5.0)
+        assert run_name(module.check_config(module.Config()), module) == name(hypergrad_clip=5.0)
     finally:
         del sys.modules[spec.name]

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from conftest import FAST, run_main
 from torch.func import functional_call
 
+import create_dataset
 import experiment
 import model_vgg_maoal as maoal
 from create_dataset import COARSE_LABEL_NAMES, DOMAIN_LABEL, FINE_LABEL_NAMES, FINE_TO_COARSE, domain_classes
@@ -40,15 +41,17 @@ def test_the_domains_are_cifar100s_superclasses_with_their_classes_in_ascending_
 
 
 def domain_config(data_root, **changes):
-    return experiment.check_method(
-        maoal.METHOD,
-        maoal.Config(task="domains", data_root=str(data_root), download=False, workers=0, device="cpu", **changes),
+    return maoal.check_config(
+        maoal.Config(task="domains", data_root=str(data_root), download=False, workers=0, device="cpu", **changes)
     )
 
 
 def test_split_data_and_the_developing_set_take_the_target_and_the_auxiliary_domains(data_root):
     cfg = domain_config(data_root, batch_size=4, dev_fraction=0.2, aux_domains="0-2")
-    loaders = experiment.make_loaders(cfg, torch.device("cpu"), maoal.held_out, maoal.split_data)
+    train, test = create_dataset.load_datasets(cfg)
+    train, test, auxiliary = maoal.split_data(train, test, cfg)  # as main() does: the split, then the held-out set
+    train, dev = train.split(maoal.held_out(train, cfg), held_out_transform=test.transform)
+    loaders = create_dataset.make_loaders(cfg, torch.device("cpu"), train, test, dev, auxiliary)
     train, test, dev = loaders.train.dataset, loaders.test.dataset, loaders.dev.dataset
     for part in (train, test, dev):
         assert (part.labels[:, 2] == 14).all()
@@ -143,7 +146,7 @@ HAND = {
 
 @pytest.mark.parametrize("mode", ["maoal", "equal", "gcs"])
 def test_one_step_of_each_mode_is_the_hand_computation(mode):
-    cfg = experiment.check_method(maoal.METHOD, dataclasses.replace(TINY, mode=mode))
+    cfg = maoal.check_config(dataclasses.replace(TINY, mode=mode))
     state = tiny_state(cfg)
     batches = [domain_batch(4, 1, 14), domain_batch(4, 2, 0), domain_batch(4, 3, 1)]
     expected, weights, _ = by_hand(state, batches, cfg, HAND[mode])
@@ -181,7 +184,7 @@ def test_the_combiner_is_monotone_and_its_gradient_is_the_chain_rule_by_hand():
 
 def test_an_aux_step_is_sgd_on_the_combined_loss():
     """The network's gradient is sum_i dC/dL_i * dL_i/dW, dC/dL_i from the combiner written out by hand."""
-    cfg = experiment.check_method(maoal.METHOD, dataclasses.replace(TINY, mode="aux"))
+    cfg = maoal.check_config(dataclasses.replace(TINY, mode="aux"))
     state = tiny_state(cfg)
     batches = [domain_batch(4, 1, 14), domain_batch(4, 2, 0), domain_batch(4, 3, 1)]
     model = state["model"]
@@ -266,7 +269,7 @@ def test_a_cosine_run_resumes_over_its_own_schedule_only(data_root, tmp_path, mo
 
 
 def test_the_real_network_is_torchvisions_resnet18_with_the_cifar_stem_and_its_modules():
-    cfg = experiment.check_method(maoal.METHOD, maoal.Config(task="domains"))
+    cfg = maoal.check_config(maoal.Config(task="domains"))
     model = maoal.make_network(cfg)
     assert isinstance(model.backbone.maxpool, nn.Identity) and model.backbone.conv1.stride == (1, 1)
     modules = maoal.trunk_modules(model)
@@ -296,7 +299,7 @@ def test_the_combiners_hypergradient_is_the_truncated_implicit_gradient_in_dense
     H = d^2 L / dW^2 of the combined training loss L(W, phi); the script takes it by vector-Jacobian products."""
     alpha, terms = 0.05, 3
     changes = dict(mode="aux", authors_neumann_sum=False, combiner_alpha=alpha, neumann_terms=terms)
-    cfg = experiment.check_method(maoal.METHOD, dataclasses.replace(TINY, **changes))
+    cfg = maoal.check_config(dataclasses.replace(TINY, **changes))
     torch.manual_seed(0)
     model = TinyDomainNet(5, 2, channels=1).double()  # one channel: the dense Hessian has 150 rows
     combiner = maoal.LossCombiner(3, (4, 2)).double()

@@ -1,7 +1,7 @@
 """tables.py maoal: every mode of model_vgg_maoal.py on the MAOAL authors' multi-domain task (--task domains) over
-seeds, on figure3's runner: the plan and its exact commands, refused input, the table on hand-written metrics (both
-measures as mean ± std, differences to SLL paired by seed, missing and partial runs, hierarchy runs never taken),
-and one tiny real run that a second `run` leaves alone."""
+seeds, on the runner (runner.py): the plan and its exact commands, refused input, the table on hand-written metrics
+(both measures as mean ± std, differences to SLL paired by seed, missing and partial runs, hierarchy runs never
+taken), and one tiny real run that a second `run` leaves alone."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import pytest
 from conftest import REPO, run_main
 
 import experiment
-import figure3
 import model_vgg_maoal as maoal
+import runner
 import tables
 
 # The cheapest real run: one batch of 4 images, VGG-16, one auxiliary domain, on the CPU.
@@ -30,19 +30,19 @@ ALL_MODES = ",".join(tables.MAOAL_MODES)
 def grid(results: Path, modes=ALL_MODES, seeds="0", flags=()) -> list[tables.DomainRun]:
     selection = tables.MaoalSelection(
         modes=tables.parse_names(modes, tuple(tables.MAOAL_MODES), "--modes", "mode"),
-        seeds=figure3.parse_seeds(seeds),
+        seeds=runner.parse_seeds(seeds),
         results_dir=results,
         script_flags=tuple(flags),
     )
     return tables.maoal_grid(selection)
 
 
-def write_metrics(run: figure3.Run, accuracies: list[float], **changed) -> None:
+def write_metrics(run: runner.Run, accuracies: list[float], **changed) -> None:
     """A metrics.json as the script writes it: the settings it records (`changed` edited), accuracies (%) as
     fractions."""
-    cfg = figure3.checked_config(maoal, list(run.args), run.name)
+    cfg = runner.checked_config("maoal", list(run.args), run.name)
     cfg = dataclasses.replace(cfg, **changed)
-    recorded = {**dataclasses.asdict(cfg), **maoal.METHOD.derived_settings(cfg), "method": "maoal"}
+    recorded = {**experiment.settings(cfg), **maoal.derived_settings(cfg), "method": "maoal"}
     run.run_dir.mkdir(parents=True, exist_ok=True)
     epochs = [{"epoch": i + 1, "test_primary_acc": a / 100, "seconds": 1.0} for i, a in enumerate(accuracies)]
     summary = {"not_comparable_because": ["synthetic data"]}
@@ -87,10 +87,10 @@ def test_plan_lists_every_mode_and_seed_with_its_exact_command(tmp_path):
     runs = grid(tmp_path, seeds="0,1", flags=["--epochs", "3"])
     assert [run.mode for run in runs] == [*maoal.MODES, *maoal.MODES] and [r.seed for r in runs] == [0] * 6 + [1] * 6
     first = runs[0]
-    cfg = figure3.checked_config(maoal, list(first.args), first.name)
+    cfg = runner.checked_config("maoal", list(first.args), first.name)
     assert (cfg.task, cfg.mode, cfg.seed, cfg.epochs, cfg.target_domain, cfg.aux_domains) == (
         "domains", "maoal", 0, 3, 14, "0-9")  # fmt: skip
-    assert first.run_dir == tmp_path / experiment.default_run_name(maoal.METHOD, cfg)
+    assert first.run_dir == tmp_path / experiment.run_name(cfg, maoal.run_name_stem(cfg), maoal.paper_settings(cfg))
     assert first.name.startswith("maoal-maoal-domain14-aux0-9-seed0")
     assert first.job_log == tmp_path / "tables" / "jobs" / f"{first.name}.log"
     assert lines[:2] == [
@@ -175,8 +175,8 @@ def test_report_builds_the_table_with_both_measures_differences_and_missing_runs
     assert table["MAOAL"][best] != table["MAOAL"][last5]
     assert "chosen on the test set, as the MAOAL authors report" in report.stdout
     assert f"Published: none for this configuration: {maoal.unpublished_because(hierarchy_cfg)}" not in report.stdout
-    domains_cfg = figure3.checked_config(maoal, list(runs[0].args), runs[0].name)
-    assert f"Published: none for this configuration: {maoal.METHOD.unpublished_because(domains_cfg)}." in report.stdout
+    domains_cfg = runner.checked_config("maoal", list(runs[0].args), runs[0].name)
+    assert f"Published: none for this configuration: {maoal.unpublished_because(domains_cfg)}." in report.stdout
     assert "Not comparable with the published figures: synthetic data" in report.stdout
     assert "90.00" not in report.stdout and "folders hold" not in report.stdout  # the hierarchy run is not taken
 
@@ -199,7 +199,7 @@ def test_report_builds_the_table_with_both_measures_differences_and_missing_runs
     assert printed_table(named.stdout) == table
     # figure3 and the datasets x backbones tables never take a domains run for a hierarchy one.
     domains_config = json.loads(runs[0].run_dir.joinpath("metrics.json").read_text())["config"]
-    assert figure3.recorded_slot(domains_config) is None and tables.domain_slot(domains_config) == runs[0].slot
+    assert runner.recorded_slot(domains_config) is None and tables.domain_slot(domains_config) == runs[0].slot
     assert tables.domain_slot(record["config"]) is None
 
 

@@ -11,6 +11,7 @@ on a batch of four 32x32 images (BatchNorm in train mode, i.e. batch statistics,
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import re
 from types import SimpleNamespace
@@ -515,7 +516,7 @@ def test_gradient_cosine_is_the_references_per_output_channel_mean():
 
 def test_train_step_cosine_and_update_match_a_direct_computation():
     """Phase 1's cosine diagnostic is the reference's (two separate gradients); it does not change the step."""
-    cfg = experiment.check_method(maxl.METHOD, maxl.Config(device="cpu", primary_level=3, psi="2,3,1", cossim_every=1))
+    cfg = maxl.check_config(maxl.Config(device="cpu", primary_level=3, psi="2,3,1", cossim_every=1))
     torch.manual_seed(0)
     state = maxl.build(cfg, torch.device("cpu"))
     images = torch.randn(6, 3, 32, 32)
@@ -553,9 +554,7 @@ def test_train_step_cosine_and_update_match_a_direct_computation():
 @pytest.mark.parametrize("pair", [(3, 10), (3, 20), (3, 100), (10, 20), (10, 100), (20, 100)])
 def test_aux_level_sets_psi_from_the_hierarchy(pair):
     primary_level, aux_level = pair
-    cfg = experiment.check_method(
-        maxl.METHOD, experiment.make_config(maxl.METHOD, primary_level=primary_level, aux_level=aux_level)
-    )
+    cfg = maxl.check_config(maxl.Config(primary_level=primary_level, aux_level=aux_level))
     assert cfg.psi == hierarchy_psi(primary_level, aux_level) and cfg.aux_level == aux_level
     assert maxl.derived_settings(cfg) == {"psi_list": cfg.psi, "aux_classes": aux_level}
     assert maxl.run_name_stem(cfg) == f"maxl-second-order-pri{primary_level}-aux{aux_level}-seed0"
@@ -564,43 +563,66 @@ def test_aux_level_sets_psi_from_the_hierarchy(pair):
 
 
 def test_the_default_is_the_papers_psi_and_psi_5_is_the_same_run():
-    default = experiment.check_method(maxl.METHOD, maxl.Config())
+    default = maxl.check_config(maxl.Config())
     assert default.psi == [5] * 20 and default.aux_level == 100
-    given = experiment.check_method(maxl.METHOD, maxl.Config(psi="5"))
+    given = maxl.check_config(maxl.Config(psi="5"))
     assert given == default  # the same settings: the same run name, resumable either way
-    assert experiment.check_method(maxl.METHOD, default) == default  # a checked config passes again unchanged
+    assert maxl.check_config(default) == default  # a checked config passes again unchanged
+    assert maxl.check_config(maxl.Config(psi=[5] * 20)) == default  # as the authors wrote it in the file
 
 
 def test_a_psi_outside_the_hierarchy_has_no_aux_level():
-    cfg = experiment.check_method(maxl.METHOD, maxl.Config(primary_level=3, psi="2,3,4"))
+    cfg = maxl.check_config(maxl.Config(primary_level=3, psi="2,3,4"))
     assert cfg.psi == [2, 3, 4] and cfg.aux_level is None
-    assert (
-        experiment.check_method(maxl.METHOD, maxl.Config(primary_level=3, psi=[2, 3, 4])) == cfg
-    )  # as written in the file
+    assert maxl.check_config(maxl.Config(primary_level=3, psi=[2, 3, 4])) == cfg  # as written in the file
 
 
-def test_psi_is_a_list_in_the_file_and_follows_the_levels_given_on_the_command_line():
-    assert maxl.Config().psi == [5] * 20  # as the authors wrote it
-    for argv, psi in [
-        ([], [5] * 20),
-        (["--primary-level", "10"], hierarchy_psi(10, 100)),
-        (["--primary-level", "3", "--aux-level", "10"], [5, 1, 4]),
-        (["--primary-level", "3", "--psi", "2,3,4"], [2, 3, 4]),
+def test_psi_follows_the_levels_in_the_file_as_on_the_command_line():
+    """A Config edit is a flag: psi None (the file's default) follows primary_level and aux_level however they are
+    set; a psi set in the file is kept unless --psi overrides it."""
+    assert maxl.Config().psi is None
+    for fields, argv, psi in [
+        ({}, [], [5] * 20),
+        ({"primary_level": 10}, ["--primary-level", "10"], hierarchy_psi(10, 100)),
+        ({"primary_level": 3, "aux_level": 10}, ["--primary-level", "3", "--aux-level", "10"], [5, 1, 4]),
+        ({"primary_level": 3, "psi": [2, 3, 4]}, ["--primary-level", "3", "--psi", "2,3,4"], [2, 3, 4]),
     ]:
-        assert experiment.check_method(maxl.METHOD, experiment.parse_config(maxl.METHOD, argv)).psi == psi, argv
-    with pytest.raises(experiment.UsageError, match="--psi has 20 entries but the primary task has 10 classes"):
-        experiment.check_method(maxl.METHOD, maxl.Config(primary_level=10))  # a psi given in Python is taken as given
+        from_file = maxl.check_config(maxl.Config(**fields))
+        from_flags = maxl.check_config(experiment.parse_flags(maxl.Config, argv))
+        assert from_file.psi == from_flags.psi == psi, argv
+        assert experiment.settings(from_file) == experiment.settings(from_flags)
+    # A psi edited in the file stays when a level flag is given, and a flag overrides it.
+    psi = ("psi", "list[int] | str | None", experiment.option([2, 3, 4], "psi", type=str))
+    edited = dataclasses.make_dataclass("Edited", [psi], bases=(maxl.Config,))  # psi = [2, 3, 4] in the file
+    assert maxl.check_config(experiment.parse_flags(edited, ["--primary-level", "3"])).psi == [2, 3, 4]
+    assert maxl.check_config(experiment.parse_flags(edited, ["--primary-level", "3", "--psi", "5"])).psi == [5, 5, 5]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--psi", "5", "--aux-level", "100"], "--psi 5 and --aux-level 100 both set psi"),
+        (["--aux-level", "20"], "--aux-level 20 must be finer than primary_level 20 (choose from 100)"),
+        (["--primary-level", "10", "--aux-level", "10"], "must be finer than --primary-level 10 (choose from 20, 100)"),
+        (["--psi", "2,3"], "--psi has 2 entries but the primary task has 20 classes"),
+        (["--primary-level", "3", "--psi", "2,0,1"], "--psi 2,0,1: every primary class needs at least 1 auxiliary"),
+    ],
+)
+def test_psi_and_aux_level_refusals_name_the_flags(argv, message):
+    with pytest.raises(experiment.UsageError, match=re.escape(message)):
+        maxl.check_config(experiment.parse_flags(maxl.Config, argv))
 
 
 @pytest.mark.parametrize(
     "changes, message",
     [
-        ({"psi": "5", "aux_level": 100}, "--psi 5 and --aux-level 100 both set psi"),
-        ({"aux_level": 20}, "--aux-level 20 must be finer than --primary-level 20 (choose from 100)"),
-        ({"primary_level": 10, "aux_level": 10}, "must be finer than --primary-level 10 (choose from 20, 100)"),
-        ({"psi": [4, 6] * 10, "aux_level": 100}, "is not the hierarchy's at --aux-level 100"),
+        ({"psi": [4, 6] * 10, "aux_level": 100}, "psi [4, 6, 4, 6, 4, 6, 4, 6, 4, 6, 4, 6, 4, 6, 4, 6, 4, 6, 4, 6] is not "
+         "the hierarchy's at aux_level 100"),
+        ({"primary_level": 10, "psi": [5] * 20}, "psi has 20 entries but the primary task has 10 classes"),
+        ({"primary_level": 10, "aux_level": 10}, "aux_level 10 must be finer than primary_level 10"),
     ],
-)
-def test_psi_and_aux_level_refusals(changes, message):
+)  # fmt: skip
+def test_psi_and_aux_level_refusals_name_the_fields_edited_in_config(changes, message):
+    """A setting edited in the file is named as the Config field it is, not as a flag nobody gave."""
     with pytest.raises(experiment.UsageError, match=re.escape(message)):
-        experiment.check_method(maxl.METHOD, maxl.Config(**changes))
+        maxl.check_config(maxl.Config(**changes))

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import default_name
 from torch.func import functional_call
 
 import experiment
@@ -337,26 +338,22 @@ def config_fields(module_or_class) -> dict[str, dataclasses.Field]:
 
 def test_shared_config_fields_are_identical():
     """Every script's data and run settings are RunConfig's (one definition), listed after the experiment's."""
-    shared = config_fields(experiment.RunConfig)
+    shared = {f.name: f for f in experiment.fields(experiment.RunConfig)}
     assert list(shared) == DATA_FIELDS + RUN_FIELDS
     for script, module in SCRIPTS.items():
         by_name = config_fields(module)
         for name, ref in shared.items():
             f = by_name[name]
             assert (f.type, f.default, dict(f.metadata)) == (ref.type, ref.default, dict(ref.metadata)), (script, name)
-        ordered = [f.name for f in experiment.ordered_fields(module.Config)]
+        ordered = [f.name for f in experiment.fields(module.Config)]
         assert ordered[-len(shared) :] == DATA_FIELDS + RUN_FIELDS, script
 
 
-def test_run_name_help_examples_match_each_scripts_default_run_name():
-    """The one help text that differs on purpose: its example is what default_run_name gives there."""
-    for module in SCRIPTS.values():
-        (action,) = [a for a in experiment.command_line(module.METHOD)._actions if a.dest == "run_name"]
-        example = action.help.split("(e.g. ")[1].rstrip(")")
-        assert (
-            experiment.default_run_name(module.METHOD, experiment.check_method(module.METHOD, module.Config()))
-            == example
-        )
+def test_the_run_name_help_example_is_a_name_the_scripts_give():
+    """--run-name's help gives MAXL's default run name as its example: a name a run really gets."""
+    (action,) = [a for a in experiment.command_line(maxl.Config, maxl.__doc__)._actions if a.dest == "run_name"]
+    example = action.help.split("(e.g. ")[1].rstrip(")")
+    assert default_name(maxl, maxl.check_config(maxl.Config())) == example
 
 
 def test_shared_experiment_defaults_agree():

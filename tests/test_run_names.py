@@ -3,13 +3,12 @@ and differ from the paper's add a short, stable hash; settings that cannot chang
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import re
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, default_name
 
 import experiment
 import model_vgg_human as human
@@ -72,14 +71,17 @@ DATA_BASE = {"stem": {"backbone": "resnet18"}, "pretrained": {"backbone": "resne
 def accepts(module, field: str) -> bool:
     """Whether the method takes a value of this data or network setting other than the paper's."""
     if field == "dataset":
-        return not module.METHOD.cifar100_only
-    return field not in ("backbone", "stem", "pretrained") or "resnet18" in module.METHOD.backbones
+        return not getattr(module, "CIFAR100_ONLY", "")
+    if field in ("backbone", "stem", "pretrained"):
+        try:
+            module.check_config(module.Config(backbone="resnet18"))
+        except experiment.UsageError:
+            return False
+    return True
 
 
 def name(module, **changes) -> str:
-    return experiment.default_run_name(
-        module.METHOD, experiment.check_method(module.METHOD, experiment.make_config(module.METHOD, **changes))
-    )
+    return default_name(module, module.check_config(module.Config(**changes)))
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -91,7 +93,7 @@ def test_the_papers_configuration_keeps_its_readable_name(script):
 def test_every_setting_is_in_the_name_or_never_changes_it(script):
     """Each field either never enters the name (RUN_ONLY) or, changed alone, gives a new name."""
     module = SCRIPTS[script]
-    for field in dataclasses.fields(module.Config):
+    for field in experiment.fields(module.Config):
         if field.name in RUN_ONLY or not accepts(module, field.name):
             continue
         assert field.name in EDITS | DATA_EDITS, f"{script}: no test value for {field.name}"
@@ -118,9 +120,8 @@ def test_edited_settings_add_a_stable_hash():
     assert name(maxl, lr=0.03) != edited
     assert name(maxl, lr=0.02, gen_lr=1e-4) not in (edited, name(maxl, gen_lr=1e-4))
     # The hash is of the edited settings' values: known value, so it stays the same across versions.
-    assert experiment.edited_settings(maxl.METHOD, experiment.check_method(maxl.METHOD, maxl.Config(lr=0.02))) == {
-        "lr": 0.02
-    }
+    cfg = maxl.check_config(maxl.Config(lr=0.02))
+    assert experiment.edited_settings(cfg, maxl.paper_settings(cfg)) == {"lr": 0.02}
 
 
 def test_psi_is_compared_as_the_parsed_list():
@@ -149,9 +150,7 @@ def test_a_default_edited_in_the_file_gives_a_new_name(tmp_path):
     sys.modules[spec.name] = module  # dataclasses looks the module up while building Config
     try:
         spec.loader.exec_module(module)
-        assert experiment.default_run_name(
-            module.METHOD, experiment.check_method(module.METHOD, module.Config())
-        ) == name(maxl, entropy_weight=0.4)
+        assert default_name(module, module.check_config(module.Config())) == name(maxl, entropy_weight=0.4)
     finally:
         del sys.modules[spec.name]
 
@@ -160,6 +159,6 @@ def test_a_default_edited_in_the_file_gives_a_new_name(tmp_path):
 def test_config_defaults_are_the_papers_settings(script):
     """The defaults in the file are the paper's record (a user who edits them gets new run names, as above)."""
     module = SCRIPTS[script]
-    cfg = experiment.check_method(module.METHOD, module.Config())
+    cfg = module.check_config(module.Config())
     for key, value in module.paper_settings(cfg).items():
         assert getattr(cfg, key) == value, key

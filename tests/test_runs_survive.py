@@ -7,7 +7,6 @@ One test (or a group) per case a user hit; each failed before the run machinery 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import fcntl
 import io
@@ -228,10 +227,16 @@ def test_the_same_psi_written_differently_resumes(data_root, tmp_path):
 
 
 def test_a_checkpoint_of_psi_as_text_compares_as_the_list(tmp_path):
-    """Older checkpoints hold psi as its text ('5'): it compares equal to the parsed list of this run."""
-    cfg = experiment.check_method(maxl.METHOD, maxl.Config(primary_level=3, psi="5,5,5"))
-    saved = {**dataclasses.asdict(cfg), "psi": " 5 ", "aux_level": None}
-    assert experiment.settings_as_checked(maxl.METHOD, saved) == dataclasses.asdict(cfg)
+    """Older checkpoints hold psi as its text ('5'), and none of the settings added since: the text compares equal
+    to the parsed list of this run, and a missing setting as the script's default."""
+    cfg = maxl.check_config(maxl.Config(primary_level=3, psi="5,5,5"))
+    saved = {**experiment.settings(cfg), "psi": " 5 ", "aux_level": None, "method": "maxl"}
+    del saved["tensorboard"]  # a setting this checkpoint predates
+    torch.save({"config": saved, "next_epoch": 1}, tmp_path / "checkpoint.pt")
+    assert experiment.load_checkpoint(tmp_path / "checkpoint.pt", "maxl", cfg)["config"] == saved
+    other = maxl.check_config(maxl.Config(primary_level=3, psi="5,5,4"))
+    with pytest.raises(experiment.UsageError, match=r"was written with --psi +5 +but this run has --psi 5,5,4"):
+        experiment.load_checkpoint(tmp_path / "checkpoint.pt", "maxl", other)
 
 
 # --- 9, 10. an interrupt before anything was saved; failed starts leave nothing ------------------
@@ -333,12 +338,11 @@ def test_a_limited_run_on_synthetic_data_says_so_and_prints_no_published_figure(
 
 
 def test_only_the_papers_setup_is_comparable(tmp_path):
-    cfg = experiment.check_settings(maxl.METHOD, maxl.Config(data_root=str(tmp_path)))
-    assert experiment.not_comparable(maxl.METHOD, cfg, 200) == []
-    assert experiment.not_comparable(maxl.METHOD, cfg, 150) == ["150 of the paper's 200 epochs"]
-    assert experiment.not_comparable(
-        maxl.METHOD, experiment.check_settings(maxl.METHOD, maxl.Config(data_root=str(tmp_path), lr=0.02)), 200
-    ) == ["--lr 0.02"]
+    cfg = maxl.check_config(maxl.Config(data_root=str(tmp_path)))
+    assert experiment.not_comparable(cfg, maxl.paper_settings(cfg), 200) == []
+    assert experiment.not_comparable(cfg, maxl.paper_settings(cfg), 150) == ["150 of the paper's 200 epochs"]
+    edited = maxl.check_config(maxl.Config(data_root=str(tmp_path), lr=0.02))
+    assert experiment.not_comparable(edited, maxl.paper_settings(edited), 200) == ["--lr 0.02"]
 
 
 # --- TensorBoard ----------------------------------------------------------------------------------
@@ -473,14 +477,15 @@ def test_a_finished_run_resumed_at_its_epochs_takes_no_folder_and_writes_nothing
 # --- messages -----------------------------------------------------------------------------------
 
 
-def test_an_interrupt_after_the_epoch_was_saved_says_so(data_root, tmp_path):
+def test_an_interrupt_after_the_epoch_was_saved_says_so(data_root, tmp_path, monkeypatch):
     def interrupted_line(record, epochs):
         raise experiment.Interrupted(signal.SIGINT)
 
-    method = dataclasses.replace(single.METHOD, epoch_line=interrupted_line)
-    cfg = experiment.parse_config(method, args(data_root, tmp_path, "--limit-batches", 1, "--run-name", "i"))
+    monkeypatch.setattr(single, "epoch_line", interrupted_line)  # the signal arrives just after the save
+    previous = signal.getsignal(signal.SIGINT)
     with pytest.raises(SystemExit) as exit_info, contextlib.redirect_stderr(io.StringIO()) as stderr:
-        experiment.run(method, cfg)
+        single.main(args(data_root, tmp_path, "--limit-batches", 1, "--run-name", "i"))
+    signal.signal(signal.SIGINT, previous)  # an interrupted run ignores further signals until its process ends
     assert exit_info.value.code == 130
     assert "interrupted after epoch 1 was saved; the checkpoint after epoch 1 is in" in stderr.getvalue()
 
@@ -502,7 +507,7 @@ def test_no_published_figure_says_why(data_root, tmp_path):
 
 @pytest.mark.parametrize("module", [single, maxl], ids=["single", "maxl"])
 def test_help_shows_each_default_once_and_none_empty(module):
-    entries = experiment.command_line(module.METHOD).format_help().split("\n  --")
+    entries = experiment.command_line(module.Config, module.__doc__).format_help().split("\n  --")
     for entry in entries:
         text = " ".join(entry.split())
         assert text.count("(default:") <= 1 and "(default: None)" not in text and "(default: )" not in text, text
@@ -594,15 +599,14 @@ def test_metrics_and_log_record_where_when_and_with_what_each_session_ran(data_r
     assert "resuming" in log and log.count("final test primary accuracy") == 2
 
 
-def test_every_optimisers_learning_rate_is_recorded_per_epoch():
-    model = torch.nn.Linear(2, 2)
-    state = {
-        "optimizer": torch.optim.SGD(model.parameters(), lr=0.01),
-        "gen_optimizer": torch.optim.SGD(model.parameters(), lr=1e-3),
-        "lambda_optimizer": torch.optim.SGD(model.parameters(), lr=1e-4),
-        "model": model,
-    }
-    assert experiment.learning_rates(state) == {"lr": 0.01, "lr_gen": 1e-3, "lr_lambda": 1e-4}
+def test_every_optimisers_learning_rate_is_recorded_per_epoch(data_root, tmp_path):
+    """Each epoch records the learning rate every optimiser trained it with: lr (the network's), lr_gen (MAXL's
+    label generator), after the epoch's numbers."""
+    flags = args(data_root, tmp_path, "--epochs", 2, "--limit-batches", 1, "--run-name", "lr", "--lr-step", 1)
+    assert run_main(maxl, *flags, "--gen-lr", "0.004").returncode == 0
+    epochs = strict_json(tmp_path / "lr" / "metrics.json")["epochs"]
+    assert [(e["lr"], e["lr_gen"]) for e in epochs] == [(0.01, 0.004), (0.005, 0.002)]
+    assert list(epochs[0])[-3:] == ["lr", "lr_gen", "seconds"]
 
 
 def test_a_batch_larger_than_the_training_set_is_refused(data_root, tmp_path):

@@ -5,7 +5,6 @@ then has nothing to do, submit's folders, runs kept apart from figure3's, and ev
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import statistics
@@ -19,6 +18,7 @@ from conftest import REPO, run_main
 import experiment
 import figure3
 import model_vgg_single as single
+import runner
 import tables
 from create_dataset import make_synthetic
 
@@ -33,26 +33,25 @@ def cifar10(tmp_path_factory) -> Path:
 
 
 def grid(results: Path, datasets="cifar10", backbones="vgg16", methods="single,maxl,wamal", seeds="0", flags=()):
-    selection = tables.Selection(
+    selection = tables.TableSelection(
         datasets=tables.parse_names(datasets, tables.DATASETS, "--datasets", "dataset"),
         backbones=tables.parse_names(backbones, tables.BACKBONES, "--backbones", "backbone"),
-        methods=figure3.parse_methods(methods),
-        seeds=figure3.parse_seeds(seeds),
+        methods=runner.parse_methods(methods),
+        seeds=runner.parse_seeds(seeds),
         results_dir=results,
         script_flags=tuple(flags),
     )
-    return selection, tables.build_grid(selection)
+    return selection, tables.build_tables(selection)
 
 
-def checked(run: figure3.Run):
-    module = figure3.SCRIPTS[run.method]
-    return module, figure3.checked_config(module, list(run.args), run.name)
+def checked(run: runner.Run):
+    return runner.script(run.method), runner.checked_config(run.method, list(run.args), run.name)
 
 
-def write_metrics(run: figure3.Run, accuracies: list[float], reasons=("synthetic data",), config=None) -> None:
+def write_metrics(run: runner.Run, accuracies: list[float], reasons=("synthetic data",), config=None) -> None:
     """A metrics.json as the scripts write it: the settings they record, accuracies (in %) stored as fractions."""
     module, cfg = checked(run)
-    recorded = {**dataclasses.asdict(cfg), **module.METHOD.derived_settings(cfg), "method": run.method}
+    recorded = {**experiment.settings(cfg), **module.derived_settings(cfg), "method": run.method}
     run.run_dir.mkdir(parents=True, exist_ok=True)
     epochs = [{"epoch": i + 1, "test_primary_acc": a / 100, "seconds": 1.0} for i, a in enumerate(accuracies)]
     record = {"config": config or recorded, "epochs": epochs, "summary": {"not_comparable_because": list(reasons)}}
@@ -106,7 +105,7 @@ def test_the_grid_is_the_scripts_own_runs_and_human_runs_on_cifar100_only(tmp_pa
     assert {place for place in result.not_run} == {("human", "cifar10", "vgg16"), ("human", "cifar10", "resnet18")}
     for run in runs:
         module, cfg = checked(run)
-        assert run.run_dir == tmp_path / experiment.default_run_name(module.METHOD, cfg)
+        assert run.run_dir == tmp_path / experiment.run_name(cfg, module.run_name_stem(cfg), module.paper_settings(cfg))
         assert (cfg.dataset, cfg.backbone, cfg.seed, cfg.epochs) == (run.dataset, run.backbone, run.seed, 3)
         assert run.job_log == tmp_path / "tables" / "jobs" / f"{run.name}.log"
         assert ("--meta-grad" in run.args) == (run.method == "maxl")  # only the scripts that have a flag get it
@@ -233,7 +232,7 @@ def test_runs_of_figure3_and_of_the_tables_are_kept_apart_and_old_runs_are_cifar
     figure3_single = next(run for run in figure3_runs if run.method == "single")
     write_metrics(cifar10_single, [70.0])
     _, cfg = checked(figure3_single)
-    old = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in figure3.RECORDED_DEFAULTS}
+    old = {k: v for k, v in experiment.settings(cfg).items() if k not in runner.RECORDED_DEFAULTS}
     write_metrics(figure3_single, [20.0], config={**old, "method": "single", "aux_classes": 0})
     table = run_main(tables, "report", "--methods", "single", "--results-dir", tmp_path)
     assert table.returncode == 0, table.stderr
@@ -254,11 +253,11 @@ def test_time_left_is_estimated_per_method_dataset_and_backbone(tmp_path):
     _, result = grid(tmp_path, "cifar10,svhn", "vgg16", "single", flags=["--epochs", "10"])
     cifar10_run, svhn_run = result.runs
     write_metrics(cifar10_run, [50.0] * 5)  # 1 s an epoch
-    states = {run: figure3.read_state(run) for run in result.runs}
-    per_epoch = figure3.seconds_per_epoch(states)
+    states = {run: runner.read_state(run) for run in result.runs}
+    per_epoch = runner.seconds_per_epoch(states)
     assert per_epoch == {"single on cifar10 with vgg16": 1.0}
     left = [(cifar10_run, 5), (svhn_run, 0)]
-    assert figure3.time_left(left, per_epoch, 1) == "at least 5 s left (no single on svhn with vgg16 epoch timed yet)"
+    assert runner.time_left(left, per_epoch, 1) == "at least 5 s left (no single on svhn with vgg16 epoch timed yet)"
 
 
 def figure3_grid(results: Path):
@@ -298,7 +297,7 @@ def test_run_on_synthetic_cifar10_resumes_what_stopped_and_then_has_nothing_to_d
 
 
 def test_submit_makes_the_array_in_the_tables_folder(tmp_path, monkeypatch):
-    """submit is figure3's: the runs still to do as one job array, logged in <results-dir>/tables/."""
+    """submit is the runner's: the runs still to do as one job array, logged in <results-dir>/tables/."""
     made = {}
 
     class Executor:
@@ -317,7 +316,7 @@ def test_submit_makes_the_array_in_the_tables_folder(tmp_path, monkeypatch):
             return SimpleNamespace(job_id=str(len(made["jobs"])))
 
     monkeypatch.setitem(sys.modules, "submitit", SimpleNamespace(AutoExecutor=Executor))
-    monkeypatch.setattr(figure3.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(runner.shutil, "which", lambda name: f"/usr/bin/{name}")
     _, result = grid(tmp_path, methods="single,maxl", flags=["--epochs", "2"])
     write_metrics(result.runs[0], [50.0, 51.0])  # finished: not submitted
     args = ["submit", "--methods", "single,maxl", "--time", "1:00:00", "--results-dir", tmp_path, "--", "--epochs", "2"]

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import importlib.util
 import json
 import math
@@ -25,7 +24,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import FAST, REPO, run_main
+from conftest import FAST, REPO, default_name, run_main
 from test_run_names import DATA_BASE, DATA_EDITS, EDITS, RUN_ONLY
 from torch.func import functional_call
 
@@ -75,8 +74,8 @@ def built() -> dict:
     states = {}
     for module in (maxl, wamal):
         torch.manual_seed(0)
-        cfg = experiment.check_method(module.METHOD, module.Config(**EQUAL_START_SETTINGS))
-        states[module.METHOD.name] = module.build(cfg, torch.device("cpu"))
+        cfg = module.check_config(module.Config(**EQUAL_START_SETTINGS))
+        states[module.__name__.removeprefix("model_vgg_")] = module.build(cfg, torch.device("cpu"))
     return states
 
 
@@ -90,19 +89,19 @@ def test_an_epoch_with_unit_multipliers_is_maxls(built, method):
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     fine = np.array([4, 0])  # superclasses 0 and 1: classes 0 and 1 of the 3-class level
     labels = torch.from_numpy(hierarchy_labels(fine, np.asarray(FINE_TO_COARSE)[fine]))
-    loaders = experiment.Loaders(train=[(images, labels)], test=[])
+    loader = [(images, labels)]  # an epoch of one batch
     results = {}
     for module in (maxl, wamal):
-        cfg = experiment.check_method(module.METHOD, module.Config(**EQUAL_START_SETTINGS, meta_grad=method))
-        state = copy.deepcopy(built[module.METHOD.name])
+        cfg = module.check_config(module.Config(**EQUAL_START_SETTINGS, meta_grad=method))
+        state = copy.deepcopy(built[module.__name__.removeprefix("model_vgg_")])
         if module is wamal:
             state["label_generator"].weight_head[-1] = HalfWeight()
         start = {
             net: {k: v.clone() for k, v in state[net].state_dict().items()} for net in ("model", "label_generator")
         }
-        graphs = experiment.StepGraphs(state, device, enabled=False)
-        metrics = module.train_epoch(state, graphs, loaders, cfg, device, epoch=1)
-        results[module.METHOD.name] = SimpleNamespace(start=start, metrics=metrics, state=state)
+        graphs = experiment.StepGraphs([], device, enabled=False)
+        metrics = module.train_epoch(state, graphs, loader, cfg, device, epoch=1)
+        results[module.__name__.removeprefix("model_vgg_")] = SimpleNamespace(start=start, metrics=metrics, state=state)
     ours, theirs = results["wamal"], results["maxl"]
     for net in ("model", "label_generator"):
         assert set(theirs.start[net]) <= set(ours.start[net])
@@ -155,7 +154,7 @@ class MetaRuns:
 
             hook = s.generator.weight_head.register_forward_hook(keep_output_grad)
             try:
-                grads, stats = wamal.meta_gradients(
+                grads, stats = wamal.wamal_meta_gradients(
                     model=s.model,
                     label_generator=s.generator,
                     images=s.x,
@@ -199,7 +198,7 @@ def setup() -> SimpleNamespace:
     on every parameter, all of which meta_gradients must leave alone."""
     torch.manual_seed(0)
     model = wamal.VGG16(PSI).to(F64).train()
-    generator = wamal.LabelGenerator(PSI).to(F64).train()
+    generator = wamal.LabelWeightGenerator(PSI).to(F64).train()
     for net in (model, generator):
         for m in net.modules():
             if isinstance(m, nn.BatchNorm2d):
@@ -388,9 +387,7 @@ def test_the_generator_gives_labels_and_a_weight_per_image(setup):
 
 
 def name(**changes) -> str:
-    return experiment.default_run_name(
-        wamal.METHOD, experiment.check_method(wamal.METHOD, experiment.make_config(wamal.METHOD, **changes))
-    )
+    return default_name(wamal, wamal.check_config(wamal.Config(**changes)))
 
 
 WAMAL_EDITS = {**EDITS, **DATA_EDITS, "weight_range": 10.0, "weighting": "batch"}
@@ -404,7 +401,7 @@ def test_the_papers_configuration_keeps_its_readable_name():
 
 def test_every_setting_is_in_the_name_or_never_changes_it():
     """As test_run_names.py does for the other scripts, with WAMAL's two settings."""
-    for field in dataclasses.fields(wamal.Config):
+    for field in experiment.fields(wamal.Config):
         if field.name in RUN_ONLY:
             continue
         assert field.name in WAMAL_EDITS, f"no test value for {field.name}"
@@ -421,9 +418,8 @@ def test_the_new_settings_add_a_stable_hash():
     batch = name(weighting="batch")
     assert re.fullmatch(PAPER_NAME + r"-[0-9a-f]{8}", batch)
     assert name(weighting="batch") == batch and name(weight_range=10.0) not in (batch, PAPER_NAME)
-    assert experiment.edited_settings(
-        wamal.METHOD, experiment.check_method(wamal.METHOD, wamal.Config(weighting="batch", weight_range=10.0))
-    ) == {
+    cfg = wamal.check_config(wamal.Config(weighting="batch", weight_range=10.0))
+    assert experiment.edited_settings(cfg, wamal.paper_settings(cfg)) == {
         "weight_range": 10.0,
         "weighting": "batch",
     }
@@ -431,7 +427,7 @@ def test_the_new_settings_add_a_stable_hash():
 
 
 def test_config_defaults_are_the_papers_settings():
-    cfg = experiment.check_method(wamal.METHOD, wamal.Config())
+    cfg = wamal.check_config(wamal.Config())
     paper = wamal.paper_settings(cfg)
     assert paper["weight_range"] == 15.0 and paper["weighting"] == "sample"
     for key, value in paper.items():
@@ -451,22 +447,15 @@ def test_a_weight_range_edited_in_the_file_gives_a_new_name(tmp_path):
     sys.modules[spec.name] = module  # dataclasses looks the module up while building Config
     try:
         spec.loader.exec_module(module)
-        assert experiment.default_run_name(
-            module.METHOD, experiment.check_method(module.METHOD, module.Config())
-        ) == name(weight_range=10.0)
+        assert default_name(module, module.check_config(module.Config())) == name(weight_range=10.0)
     finally:
         del sys.modules[spec.name]
 
 
 def test_published_accuracy_and_derived_settings():
-    cfg = experiment.check_method(wamal.METHOD, wamal.Config())
+    cfg = wamal.check_config(wamal.Config())
     assert wamal.published_accuracy(cfg) == {"WAMAL paper's abstract": 80.2, "WAMAL authors' README": 81.5}
-    assert (
-        wamal.published_accuracy(
-            experiment.check_method(wamal.METHOD, experiment.make_config(wamal.METHOD, primary_level=10, aux_level=100))
-        )
-        == {}
-    )
+    assert wamal.published_accuracy(wamal.check_config(wamal.Config(primary_level=10, aux_level=100))) == {}
     assert wamal.derived_settings(cfg)["aux_multiplier_bounds"] == [2.0**-15, 2.0**15]
 
 
@@ -530,10 +519,13 @@ def test_bad_weight_settings_are_refused(data_root, tmp_path, extra, phrase):
 
 @pytest.mark.parametrize("value", [0.0, -1.0, math.inf, math.nan, 200.0])
 def test_check_config_refuses_a_weight_range_outside_the_open_interval(value):
-    with pytest.raises(experiment.UsageError, match="--weight-range must be positive and below 128"):
-        experiment.check_method(wamal.METHOD, wamal.Config(weight_range=value))
+    with pytest.raises(experiment.UsageError, match="weight_range in Config must be positive and below 128"):
+        wamal.check_config(wamal.Config(weight_range=value))
+    if math.isfinite(value):
+        with pytest.raises(experiment.UsageError, match="--weight-range must be positive and below 128"):
+            wamal.check_config(experiment.parse_flags(wamal.Config, ["--weight-range", str(value)]))
 
 
 def test_check_config_refuses_an_unknown_weighting_written_into_the_file():
-    with pytest.raises(experiment.UsageError, match="--weighting 'Sample' is not one of sample, batch"):
-        experiment.check_method(wamal.METHOD, wamal.Config(weighting="Sample"))
+    with pytest.raises(experiment.UsageError, match="weighting = 'Sample' in Config is not one of sample, batch"):
+        wamal.check_config(wamal.Config(weighting="Sample"))

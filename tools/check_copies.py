@@ -5,10 +5,12 @@ heads, the focal loss; what WAMAL takes from MAXL) is copied into every script t
 marked on the line above it with the script it was copied from:
 
     # Copied from model_vgg_single.py
-    class VGGTrunk(nn.Module):
+    class Trunk(nn.Module):
 
-The source is the definition of the same name in that script, which must not be a marked copy itself (point
-the mark at the original). Edit the original, then
+A mark may sit above a definition at any depth (a method, a function inside a function): the source is the
+definition of the same qualified name (`Trunk.features`) in the script the mark names, which must not be a
+marked copy itself (point the mark at the original). A mark above anything but a definition is refused.
+Edit the original, then
 
     python tools/check_copies.py           # change nothing; exit 1 naming every copy that differs (or --check)
     python tools/check_copies.py --fix     # rewrite every copy from its source; prints what changed
@@ -22,6 +24,7 @@ import argparse
 import ast
 import re
 import sys
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,38 +35,68 @@ FIX_COMMAND = "python tools/check_copies.py --fix"
 
 
 class CopyError(Exception):
-    """A mark that cannot be followed: its source script or definition does not exist, or is itself a copy."""
+    """A mark that cannot be followed: not above a definition, or its source script or definition does not exist,
+    or is itself a copy."""
 
 
 @dataclass
 class Definition:
-    """A top-level statement of a script: its name, its lines [start, stop) and the script its mark names."""
+    """A definition of a script at any depth: its qualified name, its lines [start, stop), its text (dedented) and
+    indentation, and the script its mark names."""
 
     name: str
     start: int
     stop: int
     text: str
+    indent: str
     copied_from: str | None
 
 
 def definitions(path: Path) -> dict[str, Definition]:
-    """The script's top-level definitions (functions, classes, assigned names) by name."""
+    """The script's definitions (functions, classes, assigned names) at any depth, by qualified name (`f`,
+    `Class.method`, `f.inner`). CopyError for a mark that is not on the line above a definition."""
     source = path.read_text()
     lines = source.splitlines(keepends=True)
-    found = {}
-    for node in ast.parse(source, filename=str(path)).body:
-        if isinstance(node, ast.FunctionDef | ast.ClassDef):
-            name = node.name
-        elif isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-            name = node.targets[0].id
-        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            name = node.target.id
-        else:
-            continue
-        start = min([node.lineno, *(d.lineno for d in getattr(node, "decorator_list", []))]) - 1
-        mark = MARK.fullmatch(lines[start - 1].strip()) if start > 0 else None
-        text = "".join(lines[start : node.end_lineno])
-        found[name] = Definition(name, start, node.end_lineno, text, mark.group(1) if mark else None)
+    found, marked_lines = {}, set()
+
+    def visit(body: list[ast.stmt], prefix: str, in_function: bool) -> None:
+        for node in body:
+            name, assigned = None, not in_function  # a function's own variables are not definitions
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                name = node.name
+            elif assigned and isinstance(node, ast.Assign) and len(node.targets) == 1:
+                name = node.targets[0].id if isinstance(node.targets[0], ast.Name) else None
+            elif assigned and isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                name = node.target.id
+            if name is not None:
+                start = min([node.lineno, *(d.lineno for d in getattr(node, "decorator_list", []))]) - 1
+                mark = MARK.fullmatch(lines[start - 1].strip()) if start > 0 else None
+                if mark:
+                    marked_lines.add(start - 1)
+                text = "".join(lines[start : node.end_lineno])
+                indent = text[: len(text) - len(text.lstrip(" "))]
+                found[prefix + name] = Definition(
+                    prefix + name,
+                    start,
+                    node.end_lineno,
+                    textwrap.dedent(text),
+                    indent,
+                    mark.group(1) if mark else None,
+                )
+            for child in ("body", "orelse", "finalbody", "handlers"):  # definitions inside, at any depth
+                inner = getattr(node, child, None)
+                if isinstance(inner, list) and inner and isinstance(inner[0], ast.stmt | ast.ExceptHandler):
+                    function = in_function or isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+                    visit([n for item in inner for n in (item.body if isinstance(item, ast.ExceptHandler) else [item])],
+                          prefix + name + "." if name is not None else prefix, function)  # fmt: skip
+
+    visit(ast.parse(source, filename=str(path)).body, "", False)
+    for number, line in enumerate(lines):
+        if MARK.fullmatch(line.strip()) and number not in marked_lines:
+            raise CopyError(
+                f"{path.name}, line {number + 1}: the mark is not on the line above a definition; mark whole "
+                "functions, classes or names only"
+            )
     return found
 
 
@@ -97,15 +130,17 @@ def check(repo: Path = REPO) -> list[str]:
 
 
 def fix(repo: Path = REPO) -> list[str]:
-    """Rewrite every copy that differs from its source; one line per script changed."""
+    """Rewrite every copy that differs from its source (at the copy's own indentation); one line per script."""
     changed: dict[Path, list[tuple[Definition, Definition]]] = {}
     for path, copy, source in copies(repo):
         if copy.text != source.text:
             changed.setdefault(path, []).append((copy, source))
     for path, pairs in changed.items():
+        # A copy inside another copy being rewritten is rewritten with it.
+        pairs[:] = [p for p in pairs if not any(o.start < p[0].start and p[0].stop <= o.stop for o, _ in pairs)]
         lines = path.read_text().splitlines(keepends=True)
         for copy, source in sorted(pairs, key=lambda pair: pair[0].start, reverse=True):  # spans above stay valid
-            lines[copy.start : copy.stop] = source.text.splitlines(keepends=True)
+            lines[copy.start : copy.stop] = textwrap.indent(source.text, copy.indent).splitlines(keepends=True)
         path.write_text("".join(lines))
     return [f"{path.name}: rewrote {', '.join(copy.name for copy, _ in pairs)}" for path, pairs in changed.items()]
 
