@@ -33,7 +33,7 @@ import itertools
 import json
 import os
 import pickle
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from urllib.error import URLError
 
@@ -90,14 +90,6 @@ TRAIN_TRANSFORM = transforms.Compose(
 )
 TEST_TRANSFORM = transforms.Compose([transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
 
-SYNTHETIC_MARKER = "cifar-100-python.synthetic.json"
-"""Written beside ``cifar-100-python/`` by make_synthetic_cifar100: the md5 of each file."""
-SYNTHETIC_FILES = ("train", "test", "meta")
-"""The files of ``cifar-100-python/`` whose md5 the marker holds."""
-
-CIFAR100_SIZES = {"train": 50_000, "test": 10_000}
-"""Images in CIFAR-100's train and test sets: the most the command line writes."""
-
 DATASETS = ("cifar100", "cifar10", "svhn", "oxford-pet", "food101", "cub200", "folder")
 """What ``open_dataset`` opens; "folder" is one's own images, root/train/<class>/ and root/test/<class>/."""
 SMALL_IMAGE_DATASETS = ("cifar100", "cifar10", "svhn")
@@ -108,25 +100,20 @@ DATASET_NAMES = {"cifar100": "CIFAR-100", "cifar10": "CIFAR-10", "svhn": "SVHN",
 DATASET_NAMES |= {"food101": "Food-101", "cub200": "CUB-200-2011", "folder": "the image folder"}
 DOWNLOAD_SIZES = {"cifar100": "161 MB", "cifar10": "163 MB", "svhn": "246 MB", "oxford-pet": "790 MB"}
 DOWNLOAD_SIZES |= {"food101": "5.0 GB", "cub200": "1.1 GB"}
+# Images in each real train and test set: the most the command line writes (no script needs more).
+REAL_SIZES = {"cifar100": (50_000, 10_000), "cifar10": (50_000, 10_000), "svhn": (73_257, 26_032)}
+REAL_SIZES |= {"oxford-pet": (3_680, 3_669), "food101": (75_750, 25_250), "cub200": (5_994, 5_794)}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-DATASET_FOLDERS = {
-    "cifar100": "cifar-100-python",
-    "cifar10": "cifar-10-batches-py",
-    "svhn": "svhn",
-    "oxford-pet": "oxford-iiit-pet",
-    "food101": "food-101",
-    "cub200": "CUB_200_2011",
-    "folder": ".",
-}
-"""Where each dataset's files live under its root (dataset_folder)."""
-SYNTHETIC_MARKERS = {
-    **{name: f"{folder}.synthetic.json" for name, folder in DATASET_FOLDERS.items()},
-    "folder": "synthetic.json",  # the folder dataset is the root itself: its marker is inside
-}
-"""The file make_synthetic writes under root beside each dataset's folder (is_synthetic)."""
-CIFAR10_FILES = (*(f"data_batch_{k}" for k in range(1, 6)), "test_batch", "batches.meta")
+# Where each dataset's files live under its root (dataset_folder): "folder" is the root itself.
+DATASET_FOLDERS = {"cifar100": "cifar-100-python", "cifar10": "cifar-10-batches-py", "svhn": "svhn"}
+DATASET_FOLDERS |= {"oxford-pet": "oxford-iiit-pet", "food101": "food-101", "cub200": "CUB_200_2011", "folder": "."}
+# The file make_synthetic writes under root beside each dataset's folder (is_synthetic); for cifar10, svhn and
+# cifar100 (SYNTHETIC_MARKER) it holds the md5 of each file, which torchvision checks instead of the real ones.
+SYNTHETIC_MARKERS = {name: f"{folder}.synthetic.json" for name, folder in DATASET_FOLDERS.items()}
+SYNTHETIC_MARKERS["folder"] = "synthetic.json"  # the folder dataset is the root itself: its marker is inside
+SYNTHETIC_MARKER = SYNTHETIC_MARKERS["cifar100"]
 SVHN_FILES = ("train_32x32.mat", "test_32x32.mat")
 
 CIFAR10_LABEL_NAMES = "airplane automobile bird cat deer dog frog horse ship truck".split()
@@ -176,22 +163,13 @@ def domain_indices(labels, domain: int) -> np.ndarray:
     return np.flatnonzero(np.asarray(labels)[:, LEVELS.index(20)] == domain)
 
 
-def coarser_class(label: int, level: int, coarser_level: int) -> int:
-    """The class at `coarser_level` that contains class `label` of `level` (levels as class counts: 3, 10, 20, 100)."""
-    maps = {100: FINE_TO_COARSE, 20: COARSE_TO_10, 10: TEN_TO_3}
-    while level != coarser_level:
-        label, level = maps[level][label], LEVELS[LEVELS.index(level) - 1]
-    return label
-
-
 def hierarchy_psi(primary_level: int, aux_level: int) -> list[int]:
     """psi[i] = the number of classes of the finer `aux_level` inside class i of `primary_level`."""
     if LEVELS.index(aux_level) <= LEVELS.index(primary_level):
         raise ValueError(f"aux_level {aux_level} is not finer than primary_level {primary_level}")
-    psi = [0] * primary_level
-    for label in range(aux_level):
-        psi[coarser_class(label, aux_level, primary_level)] += 1
-    return psi
+    every_class = hierarchy_labels(np.arange(100), FINE_TO_COARSE)  # each fine class's label at every level
+    pairs = np.unique(every_class[:, [LEVELS.index(primary_level), LEVELS.index(aux_level)]], axis=0)
+    return np.bincount(pairs[:, 0], minlength=primary_level).tolist()
 
 
 def hierarchy_labels(fine: np.ndarray, coarse: np.ndarray) -> np.ndarray:
@@ -206,8 +184,8 @@ def _md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 
 
-def _marker_checksums(marker: Path, names: tuple[str, ...] = SYNTHETIC_FILES) -> dict[str, str]:
-    """The md5 of each of `names`, as make_synthetic_cifar100 (or make_synthetic) wrote them into `marker`.
+def _marker_checksums(marker: Path, names: Sequence[str]) -> dict[str, str]:
+    """The md5 of each of `names`, as make_synthetic wrote them into `marker`.
 
     A marker that does not hold them leaves nothing to check the files against: the folder is corrupt, and
     RuntimeError is what torchvision raises for a corrupt folder (the scripts say "not found or corrupted").
@@ -233,166 +211,9 @@ def _verified(path: Path, md5: str) -> bool:
     except OSError:
         return False
     key = (str(path.resolve()), md5, stat.st_size, stat.st_mtime_ns)
-    if key not in _VERIFIED_FILES:
-        if not check_integrity(str(path), md5):
-            return False
+    if key not in _VERIFIED_FILES and check_integrity(str(path), md5):
         _VERIFIED_FILES.add(key)
-    return True
-
-
-class _Subsets:
-    """``subset`` for a dataset whose per-item state is ``labels`` plus the attributes named in _ITEMS."""
-
-    _ITEMS: tuple[str, ...] = ()
-
-    def subset(self, indices, transform=None):
-        """A dataset of the same kind holding the items at `indices`, in that order (transform None: this one's)."""
-        index = np.asarray(indices, dtype=np.int64).reshape(-1)
-        part = copy.copy(self)
-        for name in ("labels", *self._ITEMS):
-            value = getattr(self, name)
-            if isinstance(value, np.ndarray):
-                value = value[index]
-            elif isinstance(value, torch.Tensor):
-                value = value[torch.from_numpy(index)]
-            else:
-                value = [value[i] for i in index]
-            setattr(part, name, value)
-        if transform is not None:
-            part.transform = transform
-        return part
-
-
-class CIFAR100(_Subsets, torchvision.datasets.CIFAR100):
-    """torchvision's CIFAR-100 (download, md5 checks) whose items are ``(image, labels)``.
-
-    ``labels`` is a LongTensor of shape (4,): the 3-, 10-, 20- and 100-class labels.
-    A folder written by ``make_synthetic_cifar100`` is accepted too: its marker file holds
-    the md5 of each file, and torchvision checks the files against those instead.
-    """
-
-    _ITEMS = ("data", "targets")
-
-    def __init__(self, root: str | Path, train: bool = True, transform=None, download: bool = False):
-        marker = Path(root) / SYNTHETIC_MARKER
-        if marker.is_file():
-            md5 = _marker_checksums(marker)
-            self.train_list = [["train", md5["train"]]]
-            self.test_list = [["test", md5["test"]]]
-            self.meta = {**self.meta, "md5": md5["meta"]}
-            download = False  # never download the real archive over a synthetic folder
-        super().__init__(root, train=train, transform=transform, download=download)
-        # The files are md5-checked, so their coarse_labels are FINE_TO_COARSE of the fine labels: mapping
-        # them saves reading the 150 MB train file a second time (torchvision keeps only the fine labels).
-        fine = np.asarray(self.targets, dtype=np.int64)
-        self.labels = torch.from_numpy(hierarchy_labels(fine, np.asarray(FINE_TO_COARSE, dtype=np.int64)[fine]))
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image, _ = super().__getitem__(index)
-        return image, self.labels[index]
-
-    def _check_integrity(self) -> bool:
-        """torchvision's md5 check of the train and test files, once per process for a file that has not
-        changed since: torchvision runs it up to three times to load the train and the test set (180 MB)."""
-        return all(
-            _verified(Path(self.root, self.base_folder, name), md5) for name, md5 in self.train_list + self.test_list
-        )
-
-    def split(self, held_out: np.ndarray, held_out_transform=None) -> tuple[CIFAR100, CIFAR100]:
-        """(the images not in `held_out`, the images in it), as two datasets; the second with its own transform."""
-        mask = np.zeros(len(self.data), dtype=bool)
-        mask[np.asarray(held_out, dtype=np.int64)] = True
-        parts = []
-        for keep, transform in ((~mask, self.transform), (mask, held_out_transform)):
-            part = copy.copy(self)
-            part.data, part.labels, part.transform = self.data[keep], self.labels[torch.from_numpy(keep)], transform
-            part.targets = [t for t, k in zip(self.targets, keep) if k]
-            parts.append(part)
-        return parts[0], parts[1]
-
-
-def make_synthetic_cifar100(root: str | Path, n_train: int = 500, n_test: int = 100, seed: int = 0) -> Path:
-    """Write a small CIFAR-100 in the real archive's on-disk format under ``root``.
-
-    Each image is its class prototype (a superclass colour plus a smooth fine-class pattern)
-    plus noise, so a network can learn both levels, also after random crops and flips. Fine
-    and coarse labels follow the real fine -> superclass map. Returns ``root``.
-
-    On any error (a full disk, running out of memory, Ctrl-C) the folders this call made and the files
-    it wrote are removed again before the error propagates: no half-written dataset, no empty folder.
-    """
-    rng = np.random.default_rng(seed)
-    # Smooth 8x8 patterns upsampled to 32x32 survive random crops and flips. Each superclass has
-    # a colour, each fine class a pattern on top of it: both levels of the hierarchy are learnable.
-    coarse_colour = rng.uniform(40, 215, size=(20, 3, 1, 1))
-    fine_pattern = rng.uniform(-40, 40, size=(100, 3, 8, 8))
-    prototypes = np.repeat(np.repeat(fine_pattern, 4, axis=2), 4, axis=3) + coarse_colour[list(FINE_TO_COARSE)]
-
-    def split(n: int) -> dict:
-        fine = np.arange(n) % 100
-        rng.shuffle(fine)
-        images = prototypes[fine] + rng.normal(0, 25, size=(n, 3, 32, 32))
-        data = np.clip(images, 0, 255).astype(np.uint8).reshape(n, 3072)
-        return {
-            "filenames": [f"synthetic_{i:06d}.png" for i in range(n)],
-            "batch_label": "synthetic",
-            "fine_labels": fine.tolist(),
-            "coarse_labels": [FINE_TO_COARSE[k] for k in fine],
-            "data": data,
-        }
-
-    # Everything is made in memory before the first folder is: running out of memory leaves nothing on disk.
-    contents = {
-        "train": split(n_train),
-        "test": split(n_test),
-        "meta": {"fine_label_names": FINE_LABEL_NAMES, "coarse_label_names": COARSE_LABEL_NAMES},
-    }
-    made: list[Path] = []  # folders and files this call has made, in order
-    try:
-        _write_archive(Path(root), contents, made)
-    except BaseException:
-        _remove_made(made)
-        raise
-    return Path(root)
-
-
-def _write_archive(root: Path, contents: dict[str, object], made: list[Path]) -> None:
-    """Pickle each of `contents` into root/cifar-100-python/, then the marker with their md5 beside that folder;
-    appends to `made` each folder it makes and each file it opens for writing."""
-    folder = root / CIFAR100.base_folder
-    _make_folders(folder, made)
-    md5 = {}
-    for name, obj in contents.items():
-        with open(folder / name, "wb") as f:
-            made.append(folder / name)  # opened for writing, its old content (if any) is gone: ours to remove
-            pickle.dump(obj, f, protocol=2)
-        md5[name] = _md5(folder / name)
-    with open(root / SYNTHETIC_MARKER, "w") as f:
-        made.append(root / SYNTHETIC_MARKER)
-        f.write(json.dumps(md5, indent=1) + "\n")
-
-
-def _make_folders(folder: Path, made: list[Path]) -> None:
-    """mkdir -p `folder`, appending to `made` each folder made, outermost first (mkdir -p does not say which)."""
-    missing = list(itertools.takewhile(lambda path: not path.exists(), (folder, *folder.parents)))
-    for path in reversed(missing):
-        path.mkdir()
-        made.append(path)
-
-
-def _remove_made(made: list[Path]) -> None:
-    """Remove what a failed make_synthetic_cifar100 (or make_synthetic) made, newest first (files before their
-    folders). A folder is removed only when empty, so that what someone else put there meanwhile stays; a removal
-    that fails is skipped, so that the caller sees the error that stopped the writing."""
-    for path in reversed(made):
-        with contextlib.suppress(OSError):
-            if path.is_dir():
-                path.rmdir()
-            else:
-                path.unlink()
-
-
-# --------------------------------------------------------------------------- the other datasets
+    return key in _VERIFIED_FILES
 
 
 class DatasetProblem(Exception):
@@ -418,45 +239,108 @@ def _one_label(classes: list[int]) -> torch.Tensor:
     return torch.as_tensor(np.asarray(classes, dtype=np.int64).reshape(-1, 1))
 
 
-class CIFAR10(_Subsets, torchvision.datasets.CIFAR10):
-    """torchvision's CIFAR-10 (download, md5 checks) whose items are ``(image, labels)``, labels of shape (1,).
+class _Dataset:
+    """What the dataset classes add to torchvision's: items ``(image, labels)``, ``labels`` a LongTensor row of the
+    (N, 4) or (N, 1) ``labels``, and ``subset``. Each class reads its image with ``_image`` (default: the 32x32
+    sets' uint8 ``data``); ``transform`` is read at every item, so it can be set after construction. _NAME: the
+    dataset's name in DATASETS; _ITEMS: the attributes besides ``labels`` that hold per-item state."""
 
-    A folder written by ``make_synthetic("cifar10", ...)`` is accepted too: its marker beside
-    cifar-10-batches-py/ holds the md5 of each file, and torchvision checks the files against those.
-    """
+    _NAME: str
+    _ITEMS: tuple[str, ...] = ()
+
+    def _image(self, index: int) -> Image.Image:
+        return Image.fromarray(self.data[index])
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = self._image(index)
+        return (self.transform(image) if self.transform is not None else image), self.labels[index]
+
+    def subset(self, indices, transform=None):
+        """A dataset of the same kind holding the items at `indices`, in that order (transform None: this one's)."""
+        index = np.asarray(indices, dtype=np.int64).reshape(-1)
+        part = copy.copy(self)
+        for name in ("labels", *self._ITEMS):
+            value = getattr(self, name)
+            if isinstance(value, np.ndarray):
+                value = value[index]
+            elif isinstance(value, torch.Tensor):
+                value = value[torch.from_numpy(index)]
+            else:
+                value = [value[i] for i in index]
+            setattr(part, name, value)
+        if transform is not None:
+            part.transform = transform
+        return part
+
+
+class _CIFAR(_Dataset):
+    """torchvision's CIFAR-10 or CIFAR-100 (download, md5 checks), also from a folder make_synthetic wrote: its
+    marker beside the archive's folder holds the md5 of each file, and torchvision checks the files against those."""
 
     _ITEMS = ("data", "targets")
 
     def __init__(self, root: str | Path, train: bool = True, transform=None, download: bool = False):
-        marker = Path(root) / SYNTHETIC_MARKERS["cifar10"]
+        marker = Path(root) / SYNTHETIC_MARKERS[self._NAME]
         if marker.is_file():
-            md5 = _marker_checksums(marker, CIFAR10_FILES)
+            meta = self.meta["filename"]
+            md5 = _marker_checksums(marker, [name for name, _ in self.train_list + self.test_list] + [meta])
             self.train_list = [[name, md5[name]] for name, _ in self.train_list]
-            self.test_list = [["test_batch", md5["test_batch"]]]
-            self.meta = {**self.meta, "md5": md5["batches.meta"]}
+            self.test_list = [[name, md5[name]] for name, _ in self.test_list]
+            self.meta = {**self.meta, "md5": md5[meta]}
             download = False  # never download the real archive over a synthetic folder
         super().__init__(root, train=train, transform=transform, download=download)
-        self.labels = _one_label(self.targets)
+        self.labels = self._labels()
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image, _ = super().__getitem__(index)
-        return image, self.labels[index]
+    def _labels(self) -> torch.Tensor:
+        return _one_label(self.targets)
 
     def _check_integrity(self) -> bool:
-        """torchvision's md5 check, once per process for an unchanged file (it runs it twice per split)."""
+        """torchvision's md5 check of the train and test files, once per process for a file that has not
+        changed since: torchvision runs it up to three times to load the train and the test set (CIFAR-100: 180 MB)."""
         return all(
             _verified(Path(self.root, self.base_folder, name), md5) for name, md5 in self.train_list + self.test_list
         )
 
 
-class SVHN(_Subsets, torchvision.datasets.SVHN):
+class CIFAR100(_CIFAR, torchvision.datasets.CIFAR100):
+    """torchvision's CIFAR-100 (download, md5 checks) whose items are ``(image, labels)``.
+
+    ``labels`` is a LongTensor of shape (4,): the 3-, 10-, 20- and 100-class labels.
+    A folder written by ``make_synthetic_cifar100`` is accepted too: its marker file holds
+    the md5 of each file, and torchvision checks the files against those instead.
+    """
+
+    _NAME = "cifar100"
+
+    def _labels(self) -> torch.Tensor:
+        # The files are md5-checked, so their coarse_labels are FINE_TO_COARSE of the fine labels: mapping
+        # them saves reading the 150 MB train file a second time (torchvision keeps only the fine labels).
+        fine = np.asarray(self.targets, dtype=np.int64)
+        return torch.from_numpy(hierarchy_labels(fine, np.asarray(FINE_TO_COARSE, dtype=np.int64)[fine]))
+
+    def split(self, held_out: np.ndarray, held_out_transform=None) -> tuple[CIFAR100, CIFAR100]:
+        """(the images not in `held_out`, the images in it), as two datasets; the second with its own transform."""
+        mask = np.zeros(len(self.data), dtype=bool)
+        mask[np.asarray(held_out, dtype=np.int64)] = True
+        rest, held = self.subset(np.flatnonzero(~mask)), self.subset(np.flatnonzero(mask))
+        held.transform = held_out_transform
+        return rest, held
+
+
+class CIFAR10(_CIFAR, torchvision.datasets.CIFAR10):
+    """torchvision's CIFAR-10 whose items are ``(image, labels)``, labels of shape (1,); see _CIFAR."""
+
+    _NAME = "cifar10"
+
+
+class SVHN(_Dataset, torchvision.datasets.SVHN):
     """torchvision's SVHN (root/svhn/{train,test}_32x32.mat; needs scipy), labels 0-9 of shape (N, 1).
 
     ``data`` is uint8 (N, 32, 32, 3) as CIFAR's (torchvision keeps (N, 3, 32, 32)). A folder written by
     ``make_synthetic("svhn", ...)`` is accepted too: its marker holds the md5 torchvision checks.
     """
 
-    _ITEMS = ("data",)
+    _NAME, _ITEMS = "svhn", ("data",)
 
     def __init__(self, root: str | Path, train: bool = True, transform=None, download: bool = False):
         split = "train" if train else "test"
@@ -470,28 +354,23 @@ class SVHN(_Subsets, torchvision.datasets.SVHN):
         self.data = np.ascontiguousarray(self.data.transpose(0, 2, 3, 1))
         self.labels = _one_label(self.labels)  # torchvision has mapped the digit 0's label 10 to 0
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image = Image.fromarray(self.data[index])
-        return (self.transform(image) if self.transform is not None else image), self.labels[index]
-
     def _check_integrity(self) -> bool:
         """torchvision's md5 check (the train file is 182 MB), once per process for an unchanged file."""
         return _verified(Path(self.root, self.filename), self.split_list[self.split][2])
 
 
-class OxfordIIITPet(_Subsets, torchvision.datasets.OxfordIIITPet):
+class OxfordIIITPet(_Dataset, torchvision.datasets.OxfordIIITPet):
     """torchvision's Oxford-IIIT Pet, 37 breeds: "trainval" for train, "test" for test; labels of shape (N, 1).
 
     Also refused as "not found or corrupted" (RuntimeError): a missing or unreadable split list, and a listed
-    image that is not there. ``transform`` is read at every item, so it can be set after construction.
+    image that is not there.
     """
 
-    _ITEMS = ("_images", "_labels", "_bin_labels", "_segs")
+    _NAME, _ITEMS = "oxford-pet", ("_images", "_labels", "_bin_labels", "_segs")
 
     def __init__(self, root: str | Path, train: bool = True, transform=None, download: bool = False):
-        if (Path(root) / SYNTHETIC_MARKERS["oxford-pet"]).is_file():
-            download = False  # never download the real archives over a synthetic folder
         split = "trainval" if train else "test"
+        download = download and not is_synthetic(self._NAME, root)  # never download the real archives over it
         try:
             super().__init__(root, split=split, target_types="category", download=download)
         except ValueError as error:  # a line that is not "Image CLASS-ID SPECIES BREED-ID", or not text
@@ -505,24 +384,22 @@ class OxfordIIITPet(_Subsets, torchvision.datasets.OxfordIIITPet):
     def _check_exists(self) -> bool:
         return super()._check_exists() and (self._anns_folder / f"{self._split}.txt").is_file()
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image = Image.open(self._images[index]).convert("RGB")
-        return (self.transform(image) if self.transform is not None else image), self.labels[index]
+    def _image(self, index: int) -> Image.Image:
+        return Image.open(self._images[index]).convert("RGB")
 
 
-class Food101(_Subsets, torchvision.datasets.Food101):
+class Food101(_Dataset, torchvision.datasets.Food101):
     """torchvision's Food-101, 101 classes; labels of shape (N, 1).
 
     Also refused as "not found or corrupted" (RuntimeError): a missing or unreadable meta/<split>.json, one that
     does not name the 101 classes, and a listed image that is not there.
     """
 
-    _ITEMS = ("_image_files", "_labels")
+    _NAME, _ITEMS = "food101", ("_image_files", "_labels")
 
     def __init__(self, root: str | Path, train: bool = True, transform=None, download: bool = False):
-        if (Path(root) / SYNTHETIC_MARKERS["food101"]).is_file():
-            download = False  # never download the real archive over a synthetic folder
         split = "train" if train else "test"
+        download = download and not is_synthetic(self._NAME, root)  # never download the real archive over it
         try:
             super().__init__(root, split=split, transform=transform, download=download)
         except (ValueError, TypeError, AttributeError) as error:  # not JSON, or not {class: [image, ...]}
@@ -535,12 +412,11 @@ class Food101(_Subsets, torchvision.datasets.Food101):
     def _check_exists(self) -> bool:
         return super()._check_exists() and (self._meta_folder / f"{self._split}.json").is_file()
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image = self.loader(self._image_files[index])
-        return (self.transform(image) if self.transform is not None else image), self.labels[index]
+    def _image(self, index: int) -> Image.Image:
+        return self.loader(self._image_files[index])
 
 
-class CUB200(_Subsets, torch.utils.data.Dataset):
+class CUB200(_Dataset, torch.utils.data.Dataset):
     """Caltech-UCSD Birds-200-2011 (200 species) from the official CUB_200_2011.tgz; labels of shape (N, 1).
 
     Reads root/CUB_200_2011/: images.txt ("<id> <class folder>/<file>.jpg"), image_class_labels.txt
@@ -551,12 +427,12 @@ class CUB200(_Subsets, torch.utils.data.Dataset):
     base_folder = "CUB_200_2011"
     url = "https://data.caltech.edu/records/65de6-vxr72/files/CUB_200_2011.tgz"
     md5 = "97eceeb196236b17998738112f37df78"
-    _ITEMS = ("files",)
+    _NAME, _ITEMS = "cub200", ("files",)
 
     def __init__(self, root: str | Path, train: bool = True, transform=None, download: bool = False):
         self.root, self.train, self.transform = Path(root), train, transform
         folder = self.root / self.base_folder
-        if download and not folder.is_dir() and not (self.root / SYNTHETIC_MARKERS["cub200"]).is_file():
+        if download and not folder.is_dir() and not is_synthetic(self._NAME, root):
             download_and_extract_archive(self.url, str(self.root), md5=self.md5)
         paths = self._table(folder, "images.txt")
         classes = self._table(folder, "image_class_labels.txt")
@@ -588,10 +464,9 @@ class CUB200(_Subsets, torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _image(self, index: int) -> Image.Image:
         with Image.open(self.files[index]) as image:
-            image = image.convert("RGB")  # a few CUB images are greyscale
-        return (self.transform(image) if self.transform is not None else image), self.labels[index]
+            return image.convert("RGB")  # a few CUB images are greyscale
 
 
 def _image_classes(folder: Path, images: bool) -> list[str]:
@@ -606,40 +481,34 @@ def _image_classes(folder: Path, images: bool) -> list[str]:
     classes = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
     if not classes:
         raise DatasetProblem(f"'{folder}' holds no class folder: put each class's images in {folder}/<class>/")
-    if images:
-        empty = [name for name in classes if not _holds_an_image(folder / name)]
-        if empty:
-            raise DatasetProblem(
-                f"the class folder '{folder / empty[0]}' holds no image{_and_more(empty)} (readable: "
-                f"{' '.join(IMG_EXTENSIONS)}); add images or remove the folder"
-            )
+    empty = [name for name in classes if not _holds_an_image(folder / name)] if images else []
+    if empty:
+        more = f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""
+        raise DatasetProblem(
+            f"the class folder '{folder / empty[0]}' holds no image{more} (readable: "
+            f"{' '.join(IMG_EXTENSIONS)}); add images or remove the folder"
+        )
     return classes
 
 
 def _holds_an_image(folder: Path) -> bool:
-    for _, _, files in os.walk(folder, followlinks=True):  # ImageFolder reads subfolders of a class too
-        if any(name.lower().endswith(IMG_EXTENSIONS) for name in files):
-            return True
-    return False
+    walk = os.walk(folder, followlinks=True)  # ImageFolder reads subfolders of a class too
+    return any(name.lower().endswith(IMG_EXTENSIONS) for _, _, files in walk for name in files)
 
 
-def _and_more(names: list[str]) -> str:
-    return f" (and {len(names) - 1} more)" if len(names) > 1 else ""
-
-
-def _listed(names: list[str] | set[str], most: int = 5) -> str:
+def _listed(names: set[str], most: int = 5) -> str:
     names = sorted(names)
     return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
-class FolderDataset(_Subsets, torchvision.datasets.ImageFolder):
+class FolderDataset(_Dataset, torchvision.datasets.ImageFolder):
     """One's own images: torchvision's ImageFolder over root/train/<class>/ or root/test/<class>/; labels (N, 1).
 
     Classes are numbered by sorted folder name; train/ and test/ must have the same class folders, each
     with an image (else DatasetProblem). A missing root: RuntimeError, as for the other datasets.
     """
 
-    _ITEMS = ("samples", "imgs", "targets")
+    _NAME, _ITEMS = "folder", ("samples", "imgs", "targets")
 
     def __init__(self, root: str | Path, train: bool = True, transform=None, download: bool = False):
         root = Path(root)
@@ -648,32 +517,21 @@ class FolderDataset(_Subsets, torchvision.datasets.ImageFolder):
         mine, other = (root / "train", root / "test") if train else (root / "test", root / "train")
         classes, other_classes = _image_classes(mine, images=True), _image_classes(other, images=False)
         if classes != other_classes:
-            only_train, only_test = set(classes) - set(other_classes), set(other_classes) - set(classes)
-            if not train:
-                only_train, only_test = only_test, only_train
-            differences = [f"only in train/: {_listed(only_train)}"] * bool(only_train)
-            differences += [f"only in test/: {_listed(only_test)}"] * bool(only_test)
+            train_classes, test_classes = (classes, other_classes) if train else (other_classes, classes)
+            only = {"train": set(train_classes) - set(test_classes), "test": set(test_classes) - set(train_classes)}
+            differences = "; ".join(f"only in {split}/: {_listed(names)}" for split, names in only.items() if names)
             raise DatasetProblem(
-                f"the class folders of '{root / 'train'}' and '{root / 'test'}' differ ({'; '.join(differences)}); "
+                f"the class folders of '{root / 'train'}' and '{root / 'test'}' differ ({differences}); "
                 "give both the same class folders"
             )
         super().__init__(str(mine), transform=transform)  # download: there is nothing to download
         self.labels = _one_label(self.targets)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image, _ = super().__getitem__(index)  # ImageFolder's loader converts to RGB
-        return image, self.labels[index]
+    def _image(self, index: int) -> Image.Image:
+        return self.loader(self.samples[index][0])  # ImageFolder's loader converts to RGB
 
 
-_DATASET_CLASSES = {
-    "cifar100": CIFAR100,
-    "cifar10": CIFAR10,
-    "svhn": SVHN,
-    "oxford-pet": OxfordIIITPet,
-    "food101": Food101,
-    "cub200": CUB200,
-    "folder": FolderDataset,
-}
+_DATASET_CLASSES = {cls._NAME: cls for cls in (CIFAR100, CIFAR10, SVHN, OxfordIIITPet, Food101, CUB200, FolderDataset)}
 
 
 def _known(name: str) -> str:
@@ -707,24 +565,15 @@ def dataset_transforms(name: str, image_size: int) -> tuple[transforms.Compose, 
         tensor = [transforms.ToTensor(), transforms.Normalize(MEAN, STD)]
         train = transforms.Compose([transforms.RandomCrop(32, padding=4), *flip, *resize, *tensor])
         return train, (transforms.Compose([*resize, *tensor]) if resize else TEST_TRANSFORM)
-    normalize_ = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
-    train = transforms.Compose(
-        [transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(), transforms.ToTensor(), normalize_]
-    )
-    test = transforms.Compose(
-        [
-            transforms.Resize(round(image_size * 256 / 224)),
-            transforms.CenterCrop(image_size),
-            transforms.ToTensor(),
-            normalize_,
-        ]
-    )
-    return train, test
+    tensor = [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    train = transforms.Compose([transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(), *tensor])
+    resize = [transforms.Resize(round(image_size * 256 / 224)), transforms.CenterCrop(image_size)]
+    return train, transforms.Compose([*resize, *tensor])
 
 
 def dataset_folder(name: str, root: str | Path) -> Path:
     """Where the dataset's files live under `root` (root itself for "folder"), for messages."""
-    return Path(root) if _known(name) == "folder" else Path(root) / DATASET_FOLDERS[name]
+    return Path(root) / DATASET_FOLDERS[_known(name)]
 
 
 def is_synthetic(name: str, root: str | Path) -> bool:
@@ -745,9 +594,107 @@ def open_dataset(name: str, root: str | Path, train: bool, transform, download: 
 # --------------------------------------------------------------------------- synthetic datasets in each real layout
 
 
+def make_synthetic(name: str, root: str | Path, n_train: int, n_test: int, seed: int = 0) -> Path:
+    """Write a small, learnable dataset `name` under `root` in the real dataset's on-disk layout; returns root.
+
+    Classes cycle, so every class appears once n_train reaches the class count. A marker (SYNTHETIC_MARKERS)
+    makes is_synthetic true and keeps open_dataset from downloading over it; for the 32x32 sets it holds
+    the md5 torchvision checks. On any error what this call made is removed again (_write_synthetic).
+    cifar100: make_synthetic_cifar100.
+    """
+    if _known(name) == "cifar100":
+        return make_synthetic_cifar100(root, n_train=n_train, n_test=n_test, seed=seed)
+    if n_train < 0 or n_test < 0:
+        raise ValueError(f"n_train and n_test must not be negative (got {n_train}, {n_test})")
+    files = _SYNTHETIC_WRITERS[name](np.random.default_rng(seed), n_train, n_test)
+    return _write_synthetic(name, root, files, {"dataset": name, "train": n_train, "test": n_test, "seed": seed})
+
+
+def make_synthetic_cifar100(root: str | Path, n_train: int = 500, n_test: int = 100, seed: int = 0) -> Path:
+    """Write a small CIFAR-100 in the real archive's on-disk format under ``root``.
+
+    Each image is its class prototype (a superclass colour plus a smooth fine-class pattern)
+    plus noise, so a network can learn both levels, also after random crops and flips. Fine
+    and coarse labels follow the real fine -> superclass map. Returns ``root``.
+
+    On any error (a full disk, running out of memory, Ctrl-C) the folders this call made and the files
+    it wrote are removed again before the error propagates: no half-written dataset, no empty folder.
+    """
+    rng = np.random.default_rng(seed)
+    # Smooth 8x8 patterns upsampled to 32x32 survive random crops and flips. Each superclass has
+    # a colour, each fine class a pattern on top of it: both levels of the hierarchy are learnable.
+    coarse_colour = rng.uniform(40, 215, size=(20, 3, 1, 1))
+    fine_pattern = rng.uniform(-40, 40, size=(100, 3, 8, 8))
+    prototypes = np.repeat(np.repeat(fine_pattern, 4, axis=2), 4, axis=3) + coarse_colour[list(FINE_TO_COARSE)]
+
+    def split(n: int) -> bytes:
+        fine = _cycled(n, 100, rng)
+        images = prototypes[fine] + rng.normal(0, 25, size=(n, 3, 32, 32))
+        content = {
+            "filenames": [f"synthetic_{i:06d}.png" for i in range(n)],
+            "batch_label": "synthetic",
+            "fine_labels": fine.tolist(),
+            "coarse_labels": [FINE_TO_COARSE[k] for k in fine],
+            "data": np.clip(images, 0, 255).astype(np.uint8).reshape(n, 3072),
+        }
+        return pickle.dumps(content, protocol=2)
+
+    # Everything is made in memory before the first folder is: running out of memory leaves nothing on disk.
+    meta = {"fine_label_names": FINE_LABEL_NAMES, "coarse_label_names": COARSE_LABEL_NAMES}
+    files = [("train", split(n_train)), ("test", split(n_test)), ("meta", pickle.dumps(meta, protocol=2))]
+    return _write_synthetic("cifar100", root, files)
+
+
+def _write_synthetic(name: str, root: str | Path, files: Iterable[tuple[str, bytes]], info: dict | None = None) -> Path:
+    """Write `files` (path under the dataset's folder, content), then the dataset's marker under `root`: for the
+    32x32 sets the md5 of each file (what torchvision checks), else `info`. On any error, removes what it made."""
+    root = Path(root)
+    folder = dataset_folder(name, root)
+    checked = name in SMALL_IMAGE_DATASETS
+    made: list[Path] = []  # folders and files this call has made, in order
+    try:
+        md5 = {}
+        for relative, content in files:
+            path = folder / relative
+            if not path.parent.is_dir():
+                _make_folders(path.parent, made)
+            with open(path, "wb") as f:
+                made.append(path)  # opened for writing, its old content (if any) is gone: ours to remove
+                f.write(content)
+            if checked:
+                md5[path.name] = _md5(path)
+        _make_folders(root, made)  # n_train = n_test = 0 for "folder" writes no image
+        with open(root / SYNTHETIC_MARKERS[name], "w") as f:
+            made.append(root / SYNTHETIC_MARKERS[name])
+            f.write(json.dumps(md5 if checked else info, indent=1) + "\n")
+    except BaseException:
+        _remove_made(made)
+        raise
+    return root
+
+
+def _make_folders(folder: Path, made: list[Path]) -> None:
+    """mkdir -p `folder`, appending to `made` each folder made, outermost first (mkdir -p does not say which)."""
+    missing = list(itertools.takewhile(lambda path: not path.exists(), (folder, *folder.parents)))
+    for path in reversed(missing):
+        path.mkdir()
+        made.append(path)
+
+
+def _remove_made(made: list[Path]) -> None:
+    """Remove what a failed _write_synthetic made, newest first (files before their folders). A folder is removed
+    only when empty, so that what someone else put there meanwhile stays; a removal that fails is skipped, so
+    that the caller sees the error that stopped the writing."""
+    for path in reversed(made):
+        with contextlib.suppress(OSError):
+            if path.is_dir():
+                path.rmdir()
+            else:
+                path.unlink()
+
+
 def _cycled(n: int, num_classes: int, rng: np.random.Generator | None = None) -> np.ndarray:
-    """Labels 0, 1, ..., num_classes - 1, 0, 1, ...: every class appears once n reaches num_classes (shuffled
-    with `rng` if given)."""
+    """Labels 0, 1, ..., num_classes - 1, 0, 1, ...: each class once n reaches num_classes; shuffled by `rng` if any."""
     labels = np.arange(n) % num_classes
     if rng is not None:
         rng.shuffle(labels)
@@ -896,52 +843,8 @@ def _synthetic_folder(rng: np.random.Generator, n_train: int, n_test: int) -> It
             yield f"{split}/{SYNTHETIC_FOLDER_CLASSES[label]}/{k:05d}.png", image(label)
 
 
-_SYNTHETIC_WRITERS = {
-    "cifar10": _synthetic_cifar10,
-    "svhn": _synthetic_svhn,
-    "oxford-pet": _synthetic_pet,
-    "food101": _synthetic_food101,
-    "cub200": _synthetic_cub200,
-    "folder": _synthetic_folder,
-}
-
-
-def make_synthetic(name: str, root: str | Path, n_train: int, n_test: int, seed: int = 0) -> Path:
-    """Write a small, learnable dataset `name` under `root` in the real dataset's on-disk layout; returns root.
-
-    Classes cycle, so every class appears once n_train reaches the class count. A marker (SYNTHETIC_MARKERS)
-    makes is_synthetic true and keeps open_dataset from downloading over it; for cifar10 and svhn it holds
-    the md5 torchvision checks. On any error what this call made is removed again. cifar100:
-    make_synthetic_cifar100.
-    """
-    if _known(name) == "cifar100":
-        return make_synthetic_cifar100(root, n_train=n_train, n_test=n_test, seed=seed)
-    if n_train < 0 or n_test < 0:
-        raise ValueError(f"n_train and n_test must not be negative (got {n_train}, {n_test})")
-    root = Path(root)
-    folder = dataset_folder(name, root)
-    rng = np.random.default_rng(seed)
-    made: list[Path] = []  # folders and files this call has made, in order
-    try:
-        md5 = {}
-        for relative, content in _SYNTHETIC_WRITERS[name](rng, n_train, n_test):
-            path = folder / relative
-            if not path.parent.is_dir():
-                _make_folders(path.parent, made)
-            with open(path, "wb") as f:
-                made.append(path)  # opened for writing, its old content (if any) is gone: ours to remove
-                f.write(content)
-            if name in ("cifar10", "svhn"):
-                md5[path.name] = hashlib.md5(content).hexdigest()
-        marker = md5 or {"dataset": name, "train": n_train, "test": n_test, "seed": seed}
-        _make_folders(root, made)  # n_train = n_test = 0 for "folder" writes no image
-        with open(root / SYNTHETIC_MARKERS[name], "w") as f:
-            made.append(root / SYNTHETIC_MARKERS[name])
-            f.write(json.dumps(marker, indent=1) + "\n")
-    except BaseException:
-        _remove_made(made)
-        raise
-    return root
+_SYNTHETIC_WRITERS = {"cifar10": _synthetic_cifar10, "svhn": _synthetic_svhn, "oxford-pet": _synthetic_pet}
+_SYNTHETIC_WRITERS |= {"food101": _synthetic_food101, "cub200": _synthetic_cub200, "folder": _synthetic_folder}
 
 
 def crop_flip_indices(
@@ -966,11 +869,8 @@ def crop_flip_indices(
 def augment_on_device(
     images: torch.Tensor, generator: torch.Generator, padding: int = 4, flip: bool = True
 ) -> torch.Tensor:
-    """Random crop with zero padding and horizontal flip (unless ``flip=False``) of uint8 (N, 3, H, W) images,
-    per image.
-
-    Zero padding happens on the uint8 image, before normalisation, as in torchvision.
-    """
+    """Random crop with zero padding and horizontal flip (unless ``flip=False``) of uint8 (N, 3, H, W) images, per
+    image. Zero padding happens on the uint8 image, before normalisation, as in torchvision."""
     n, _, size, _ = images.shape
     padded = F.pad(images, (padding,) * 4)
     rows, cols = crop_flip_indices(n, generator, images.device, size, padding, flip)
@@ -1002,20 +902,12 @@ class DeviceLoader:
     """
 
     def __init__(
-        self,
-        dataset: CIFAR100,
-        batch_size: int,
-        device: torch.device,
-        shuffle: bool,
-        augment: bool,
-        seed: int,
-        flip: bool = True,
+        self, dataset, batch_size: int, device: torch.device, shuffle: bool, augment: bool, seed: int, flip: bool = True
     ):
         self.images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous().to(device)
         self.labels = dataset.labels.to(device)
         self.batch_size, self.shuffle, self.augment, self.flip = batch_size, shuffle, augment, flip
-        self.generator = torch.Generator(device=device)
-        self.generator.manual_seed(seed)
+        self.generator = torch.Generator(device=device).manual_seed(seed)
 
     def __len__(self) -> int:
         return -(-len(self.images) // self.batch_size)
@@ -1023,11 +915,9 @@ class DeviceLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.images)
         device = self.images.device
-        order = (
-            torch.randperm(n, generator=self.generator, device=device)
-            if self.shuffle
-            else torch.arange(n, device=device)
-        )
+        order = torch.arange(n, device=device)
+        if self.shuffle:
+            order = torch.randperm(n, generator=self.generator, device=device)
         for start in range(0, n, self.batch_size):
             index = order[start : start + self.batch_size]
             images = self.images[index]
@@ -1071,18 +961,15 @@ def load_datasets(cfg):
     try:
         train_set = open_dataset(cfg.dataset, cfg.data_root, True, train_transform, cfg.download)
         test_set = open_dataset(cfg.dataset, cfg.data_root, False, test_transform, test_download)
-    except DatasetProblem:
-        raise
     except ImportError as error:
         raise DatasetProblem(
             f"--dataset {cfg.dataset} needs the {error.name or 'missing'} package to read its files: "
             "pip install -r requirements-extras.txt"
         ) from None
     except (URLError, OSError) as error:
-        where = "cifar-100-python/" if cfg.dataset == "cifar100" else f"{folder.name}/"
         raise DatasetProblem(
             f"could not download {name} into '{cfg.data_root}' ({error}); download it yourself and extract it "
-            f"there, or point --data-root at a folder that holds {where}"
+            f"there, or point --data-root at a folder that holds {folder.name}/"
         ) from None
     except RuntimeError:
         again = "" if cfg.dataset == "cifar100" else f" --dataset {cfg.dataset}"
@@ -1136,14 +1023,12 @@ def make_loaders(cfg, device: torch.device, train_set, test_set, dev_set=None, a
     def loader(dataset, shuffle: bool, augment: bool, seed: int = cfg.seed):
         if on_device:
             return DeviceLoader(dataset, cfg.batch_size, device, shuffle=shuffle, augment=augment, seed=seed, flip=flip)
-        generator = torch.Generator()
-        generator.manual_seed(seed)
         # Workers are re-seeded from `generator` every epoch (no persistent workers) so a resumed run repeats exactly.
+        generator = torch.Generator().manual_seed(seed) if shuffle else None
         workers = default_workers() if cfg.workers is None else cfg.workers
-        common = dict(batch_size=cfg.batch_size, num_workers=workers, pin_memory=device.type == "cuda")
-        if not shuffle:
-            return torch.utils.data.DataLoader(dataset, shuffle=False, **common)
-        return torch.utils.data.DataLoader(dataset, shuffle=True, generator=generator, **common)
+        return torch.utils.data.DataLoader(
+            dataset, cfg.batch_size, shuffle, num_workers=workers, pin_memory=device.type == "cuda", generator=generator
+        )
 
     dev = loader(dev_set, shuffle=True, augment=False) if dev_set is not None else None
     # Each auxiliary set its own stream of shuffles, not the train loader's seed (equal sizes would shuffle alike).
@@ -1154,23 +1039,14 @@ def make_loaders(cfg, device: torch.device, train_set, test_set, dev_set=None, a
     )
 
 
-# The command line's limits: the real sets' sizes (no script needs more), and their names for its messages.
-_REAL_SIZES = {
-    "cifar100": ("CIFAR-100", CIFAR100_SIZES["train"], CIFAR100_SIZES["test"]),
-    "cifar10": ("CIFAR-10", 50_000, 10_000),
-    "svhn": ("SVHN", 73_257, 26_032),
-    "oxford-pet": ("Oxford-IIIT Pet", 3_680, 3_669),
-    "food101": ("Food-101", 75_750, 25_250),
-    "cub200": ("CUB-200-2011", 5_994, 5_794),
-}
-_FOLDER_MOST = 10_000  # images per split of a synthetic "folder" dataset
+_FOLDER_MOST = 10_000  # images per split of a synthetic "folder" dataset (the others: REAL_SIZES)
 
 
 def _default_sizes(name: str) -> tuple[int, int]:
     """(train, test) images written when --train/--test are not given: a 32x32 set's own sizes (it is held in
     memory anyway); for the others 10 and 5 per class, enough to try a script in minutes."""
     if name in SMALL_IMAGE_DATASETS:
-        return _REAL_SIZES[name][1:]
+        return REAL_SIZES[name]
     classes = NUM_CLASSES.get(name, len(SYNTHETIC_FOLDER_CLASSES))
     return 10 * classes, 5 * classes
 
@@ -1184,7 +1060,7 @@ def _folder(text: str) -> Path:
 
 def _sizes_help(split: int) -> str:
     defaults = "; ".join(f"{name} {_default_sizes(name)[split]:,}" for name in DATASETS)
-    most = "; ".join(f"{name} {sizes[split + 1]:,}" for name, sizes in _REAL_SIZES.items())
+    most = "; ".join(f"{name} {sizes[split]:,}" for name, sizes in REAL_SIZES.items())
     per_class = (10, 5)[split]
     return (
         f"default: {defaults} ({per_class} per class beyond the 32x32 sets). At most the real set's size: {most}; "
@@ -1216,17 +1092,18 @@ def _command_line() -> argparse.ArgumentParser:
 
 def _refusal(args: argparse.Namespace) -> str | None:
     """Why the parsed command line cannot be run, or None. Checked before anything is written."""
-    title, *sizes = _REAL_SIZES.get(args.dataset, (None, _FOLDER_MOST, _FOLDER_MOST))
-    for name, most in zip(("train", "test"), sizes):
+    for name, most in zip(("train", "test"), REAL_SIZES.get(args.dataset, (_FOLDER_MOST, _FOLDER_MOST))):
         count = getattr(args, name)
         if count < 1:
             return f"--{name} must be at least 1 (got {count})"
         # All 32x32 images are made in memory first (3.2 GB at CIFAR-100's own sizes): a size beyond the real
         # set's is refused here rather than left to run out of memory; no script needs more images than that.
         if count > most:
-            if title is None:
+            if args.dataset == "folder":
                 return f"--{name} must be at most {most} for --dataset {args.dataset} (got {count})"
-            return f"--{name} must be at most {most}, the size of {title}'s {name} set (got {count})"
+            return (
+                f"--{name} must be at most {most}, the size of {DATASET_NAMES[args.dataset]}'s {name} set (got {count})"
+            )
     if not 0 <= args.seed < 2**32:
         return f"--seed must be between 0 and {2**32 - 1}"
     return None

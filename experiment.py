@@ -62,7 +62,6 @@ PAPER_EPOCHS = 200  # the paper reports the mean test accuracy of the last 5 of 
 MAX_SEED = 2**32 - 1  # numpy's limit, the narrowest of the seeded generators
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a plain folder name, created inside --results-dir
 MAX_RUN_NAME = 200  # characters: a file system's 255-byte names, less the temporary files' prefix and suffix
-# Folders figure3.py and tables.py keep their reports and job logs in, inside --results-dir.
 RESERVED_RUN_NAMES = {
     "figure3": "figure3.py keeps its report, picture and job logs",
     "tables": "tables.py keeps its reports and job logs",
@@ -70,17 +69,15 @@ RESERVED_RUN_NAMES = {
 LOCK_FILE = ".lock"
 # What a run writes into its folder; a folder holding anything else was not made by a run of this project.
 RUN_FILES = re.compile(r"metrics\.json|checkpoint\.pt|log\.txt|\.lock|\..*\.tmp|events\.out\.tfevents\..*")
-# Settings a resumed run may change; every other one must match the checkpoint.
+# Settings a resumed run may change (none changes the result); every other one must match the checkpoint.
 RESUMABLE_CHANGES = {"epochs", "resume", "overwrite", "data_root", "download", "workers", "cuda_graphs"}
 RESUMABLE_CHANGES |= {"results_dir", "tensorboard"}
 SMOKE_SETTINGS = dict(download=False, device="cpu", epochs=1, batch_size=20, limit_batches=2, workers=0)
 SMOKE_SETTINGS |= dict(run_name="smoke", resume=False, overwrite=False)
-# Two steps move a sound network's test loss little at the paper's learning rate (2.704 -> 2.707 .. 2.715 for
-# Single over three seeds), up to about 10x at 0.1 with momentum (BatchNorm's running statistics lag the weights:
-# 1.94 -> 8.29 for MAOAL's CIFAR-100/20 ResNet-18, 6.37 -> 58.8 for Single's at --lr 0.1); a diverging one's
-# by many orders of magnitude (--lr 0.5: 2.70 -> 4e18).
-SMOKE_TOLERANCE = 100
 SMOKE_SETS = {*SMOKE_SETTINGS, "data_root", "results_dir"}  # flags --smoke refuses: it sets them
+# --smoke fails above this many times the untrained test loss: two steps move a sound network's up to about 10x (6.37
+# -> 58.8 for Single at --lr 0.1), a diverging one's by orders of magnitude (docs/reliability.md, "The smoke test").
+SMOKE_TOLERANCE = 100
 # The settings that choose the data and the network, every script's: grouped in --help, named in run names.
 DATA_SETTINGS = ("dataset", "data_root", "download", "train_fraction", "image_size", "backbone", "stem", "pretrained")
 BACKBONES = ("vgg16", "resnet18", "resnet50", "vit_b_16")  # vgg16: the paper's; the others torchvision's
@@ -108,8 +105,11 @@ class RunFault(Exception):
     """The run could not go on (a full disk, a quota): the last good checkpoint stays; exit code 1."""
 
 
-# ---------------------------------------------------------------------------------------------
-# Settings: Config's fields as flags, named as the user set them
+class _Finished(Exception):
+    """A --resume of a finished run: its summary is printed, and the `with Run` block ends there."""
+
+
+# --- Settings: Config's fields as flags, named as the user set them ----------------------------------------------
 
 
 def option(default, help: str, **argparse_kwargs):
@@ -122,7 +122,7 @@ def option(default, help: str, **argparse_kwargs):
 
 @dataclass
 class RunConfig:
-    """The data and run settings of every model script. A script's Config subclasses it with the experiment's
+    """The data and run settings of every model script; a script's Config subclasses it with the experiment's
     fields, `epochs` and `batch_size` among them. A default of None is derived from the other settings when the
     script checks them: editing a field in the file is the same as passing its flag."""
 
@@ -136,17 +136,14 @@ class RunConfig:
         "dataset", "folder that holds (or receives) the dataset, e.g. cifar-100-python/; for folder: train/ and test/"
     )
     download: bool = option(True, "download the dataset when it is missing (torchvision's download and md5 check)")
-    train_fraction: float = option(
-        1.0, "train on this stratified fraction of the training set (per class; the same images for a seed)"
-    )
+    train_fraction: float = option(1.0, "train on this stratified fraction of the training set (same images per seed)")
     image_size: int | None = option(
         None, "input size; default: 32 for the 32x32 datasets (cifar100, cifar10, svhn), 224 for the others", type=int
     )
     backbone: str | None = option(
         None,
-        "the trunk of every network: vgg16 (the paper's, written out in the script), or torchvision's resnet18, "
-        "resnet50, vit_b_16 without their classifier; default: the paper's, vgg16 (MAOAL's --task domains: its "
-        "authors' resnet18)",
+        "the trunk of every network: vgg16 (the paper's, written out in the script), or torchvision's network "
+        "without its classifier; default: the paper's, vgg16 (MAOAL's --task domains: its authors' resnet18)",
         choices=BACKBONES,
     )
     stem: str | None = option(
@@ -155,19 +152,14 @@ class RunConfig:
         "default: cifar at image size 32, imagenet otherwise",
         choices=("cifar", "imagenet"),
     )
-    pretrained: bool = option(
-        False, "start the backbone from torchvision's ImageNet weights (downloaded on first use; not vgg16)"
-    )
+    pretrained: bool = option(False, "start from torchvision's ImageNet weights (downloaded on first use; not vgg16)")
     data_path: str = option(
         "auto",
-        "device: whole dataset on the device, augmented there; loader: torchvision DataLoader; "
-        "auto: device on CUDA, loader on CPU",
+        "device: the dataset held and augmented on the device; loader: a DataLoader; auto: device on CUDA, else loader",
         choices=("auto", "device", "loader"),
     )
     workers: int | None = option(
-        None,
-        "DataLoader worker processes (loader data path); default: the CPUs this process may use, at most 4",
-        type=int,
+        None, "DataLoader processes (loader data path); default: the CPUs this process may use, at most 4", type=int
     )
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
     seed: int = option(0, "seeds python, numpy and torch")
@@ -230,14 +222,8 @@ def setting(cfg: RunConfig, name: str, value=None, with_value: bool = True) -> s
     return f"{name} = {value!r} in Config" if with_value else f"{name} in Config"
 
 
-def unset(cfg: RunConfig, name: str) -> str:
-    """How to take a setting back, as the user set it."""
-    return f"drop {flag(name)}" if name in cfg.flags_given else f"set {name} = None in Config"
-
-
 def fields(config: type) -> list[dataclasses.Field]:
-    """Config's settings (not the internal record of flags given): the experiment's first, as the script lists them,
-    then the shared run settings."""
+    """Config's settings but flags_given: the experiment's first, as the script lists them, then the shared ones."""
     shared = {f.name for f in dataclasses.fields(RunConfig)}
     own = [f for f in dataclasses.fields(config) if not f.metadata.get("internal")]
     return [f for f in own if f.name not in shared] + [f for f in own if f.name in shared]
@@ -249,22 +235,20 @@ def settings(cfg: RunConfig) -> dict:
 
 
 def command_line(config: type, description: str) -> OneLineParser:
-    """One flag per Config field; a flag not given keeps the field's value in the script."""
+    """One flag per Config field, in three groups; a flag not given keeps the field's value in the script."""
     parser = OneLineParser(
         description=description.split("\n\n")[0],
         allow_abbrev=False,  # a typo of one flag must not silently mean another
         argument_default=argparse.SUPPRESS,
     )
-    defaults = config()
+    defaults, shared = config(), {f.name for f in dataclasses.fields(RunConfig)}
     groups = {name: parser.add_argument_group(name) for name in ("the experiment", "data and network", "run")}
-    shared = {f.name for f in dataclasses.fields(RunConfig)}
     for f in fields(config):
         value, kwargs = getattr(defaults, f.name), dict(f.metadata)
         if "default" not in kwargs["help"] and value not in (None, ""):
             kwargs["help"] += f" (default: {value})"
-        group = groups[
-            "data and network" if f.name in DATA_SETTINGS else "run" if f.name in shared else "the experiment"
-        ]
+        section = "data and network" if f.name in DATA_SETTINGS else "run" if f.name in shared else "the experiment"
+        group = groups[section]
         if f.type == "bool":
             group.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, **kwargs)
         else:
@@ -273,8 +257,7 @@ def command_line(config: type, description: str) -> OneLineParser:
 
 
 def parse_flags(config: type, argv: list[str] | None, description: str = "") -> RunConfig:
-    """The Config these flags make: the given ones set, the others as the script's Config has them. A bad flag is
-    one line and exit code 2 (argparse's SystemExit); a number that is not finite, a UsageError."""
+    """The Config these flags make; a bad flag is one line and exit code 2, a number that is not finite a UsageError."""
     given = vars(command_line(config, description).parse_args(argv))
     cfg = config(**given, flags_given=tuple(given))
     for name, value in settings(cfg).items():
@@ -325,11 +308,11 @@ def check_data(
             raise UsageError(str(error)) from None
         for name in ("primary_level", "aux_level"):
             if getattr(cfg, name, None) is not None and (name, getattr(cfg, name)) != ("primary_level", primary_level):
+                undo = f"drop {flag(name)}" if name in cfg.flags_given else f"set {name} = None in Config"
                 raise UsageError(
                     f"{setting(cfg, name)} picks a level of CIFAR-100's hierarchy; on {cfg.dataset} the primary task "
-                    f"is its {primary_level} classes: {unset(cfg, name)}"
+                    f"is its {primary_level} classes: {undo}"
                 )
-    small = cfg.dataset in create_dataset.SMALL_IMAGE_DATASETS
     image_size = cfg.image_size or create_dataset.default_image_size(cfg.dataset)
     if image_size < 32:
         raise UsageError(f"--image-size must be at least 32 (got {image_size})")
@@ -343,7 +326,7 @@ def check_data(
             "--pretrained loads torchvision's ImageNet weights for resnet18, resnet50 and vit_b_16; the paper's "
             "VGG-16 learns from scratch: choose one of those --backbone"
         )
-    if cfg.data_path == "device" and not (small and image_size == 32):
+    if cfg.data_path == "device" and not (cfg.dataset in create_dataset.SMALL_IMAGE_DATASETS and image_size == 32):
         raise UsageError(
             f"--data-path device holds 32x32 datasets on the device; {cfg.dataset} at image size {image_size} is read "
             "from its files: use --data-path loader"
@@ -379,18 +362,15 @@ def check_run_settings(cfg: RunConfig) -> None:
 def data_tag(cfg: RunConfig) -> str:
     """The data and network settings of a checked config that differ from the paper's, as a run name writes them
     (e.g. cifar10-resnet18-frac0.1); empty for the paper's."""
-    parts = [cfg.dataset] if cfg.dataset != "cifar100" else []
-    parts += [cfg.backbone] if cfg.backbone != cfg.paper_backbone else []
-    if cfg.stem is not None and cfg.stem != default_stem(cfg.image_size):
-        parts.append(f"{cfg.stem}stem")
-    parts += ["pretrained"] if cfg.pretrained else []
-    parts += (
-        [f"size{cfg.image_size}"]
-        if cfg.image_size not in (None, create_dataset.default_image_size(cfg.dataset))
-        else []
+    parts = (
+        (cfg.dataset != "cifar100", cfg.dataset),
+        (cfg.backbone != cfg.paper_backbone, cfg.backbone),
+        (cfg.stem not in (None, default_stem(cfg.image_size)), f"{cfg.stem}stem"),
+        (cfg.pretrained, "pretrained"),
+        (cfg.image_size not in (None, create_dataset.default_image_size(cfg.dataset)), f"size{cfg.image_size}"),
+        (cfg.train_fraction != 1, f"frac{cfg.train_fraction:g}"),
     )
-    parts += [f"frac{cfg.train_fraction:g}"] if cfg.train_fraction != 1 else []
-    return "-".join(parts)
+    return "-".join(part for differs, part in parts if differs)
 
 
 def paper_data(cfg: RunConfig) -> bool:
@@ -427,23 +407,19 @@ def not_comparable(cfg: RunConfig, paper: dict, epochs_completed: int) -> list[s
     return reasons
 
 
-# ---------------------------------------------------------------------------------------------
-# Devices, seeds, backbones
+# --- Devices, seeds, backbones -----------------------------------------------------------------------------------
 
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UsageError(
-                f"--device {name}: CUDA is not available on this machine (torch {torch.__version__}); use --device cpu"
-            )
-        index = int(name.split(":")[1]) if ":" in name else 0
-        if index >= torch.cuda.device_count():
-            raise UsageError(
-                f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0"
-            )
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(
+            f"--device {name}: CUDA is not available on this machine (torch {torch.__version__}); use --device cpu"
+        )
+    if name.startswith("cuda") and int(name.partition(":")[2] or 0) >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise UsageError(f"--device {name}: this machine has {count} CUDA device(s), numbered from 0")
     return torch.device(name)
 
 
@@ -490,8 +466,7 @@ def make_backbone(cfg: RunConfig) -> nn.Module | None:
     return headless(network)
 
 
-# ---------------------------------------------------------------------------------------------
-# Steps: batches, progress, mixed precision, CUDA graphs, meters
+# --- Steps: batches, progress, mixed precision, CUDA graphs, meters ----------------------------------------------
 
 
 def batches(loader, cfg: RunConfig, device: torch.device, phase: str | None = "train"):
@@ -508,6 +483,11 @@ def batches(loader, cfg: RunConfig, device: torch.device, phase: str | None = "t
         yield step, images, labels.to(device, non_blocking=True)
 
 
+def duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}"
+
+
 class Progress:
     """One line on a terminal, redrawn at most once a second: the phase, step of steps, images per second,
     the time left in the epoch and in the run. Silent when stderr is not a terminal (a log file, a pipe)."""
@@ -517,8 +497,7 @@ class Progress:
 
     def start(self, stream, epochs: int) -> None:
         """Draw on `stream` (if it is a terminal) for a run of `epochs`; None: draw nothing."""
-        self.stream = stream
-        self.enabled = stream is not None and stream.isatty()
+        self.stream, self.enabled = stream, stream is not None and stream.isatty()
         self.epochs, self.epoch, self.last_epoch_seconds = epochs, 0, None
         self.epoch_started = self.phase_started = self.drawn = 0.0
         self.phase, self.images = "", 0
@@ -540,29 +519,24 @@ class Progress:
         if now - self.drawn < 1.0 or step == 0:
             return
         self.drawn, elapsed = now, now - self.phase_started
-        pass_left = elapsed / step * (steps - step)
-        epoch_left = max(pass_left, (self.last_epoch_seconds or 0) - (now - self.epoch_started))
-        later = None if self.last_epoch_seconds is None else (self.epochs - self.epoch) * self.last_epoch_seconds
-        run_left = "?" if later is None else duration(epoch_left + later)
-        line = (
+        epoch_left = max(elapsed / step * (steps - step), (self.last_epoch_seconds or 0) - (now - self.epoch_started))
+        run_left = "?"  # until an epoch has ended
+        if self.last_epoch_seconds is not None:
+            run_left = duration(epoch_left + (self.epochs - self.epoch) * self.last_epoch_seconds)
+        self.draw(
             f"epoch {self.epoch}/{self.epochs} {phase}: step {step + 1}/{steps}, {done / elapsed:.0f} img/s, "
             f"epoch left {duration(epoch_left)}, run left {run_left}"
         )
-        with contextlib.suppress(OSError):  # a terminal that went away (SIGHUP)
-            self.stream.write(f"\r\033[K{line}")
-            self.stream.flush()
 
     def clear(self) -> None:
         if self.enabled and self.drawn:
-            with contextlib.suppress(OSError):
-                self.stream.write("\r\033[K")
-                self.stream.flush()
+            self.draw("")
             self.drawn = 0.0
 
-
-def duration(seconds: float) -> str:
-    minutes, seconds = divmod(int(seconds), 60)
-    return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}"
+    def draw(self, line: str) -> None:
+        with contextlib.suppress(OSError):  # a terminal that went away (SIGHUP)
+            self.stream.write(f"\r\033[K{line}")
+            self.stream.flush()
 
 
 progress = Progress()  # a Run draws it for its epochs; off outside a run
@@ -577,24 +551,19 @@ def autocast(cfg: RunConfig, device: torch.device):
 
 
 class StepGraphs:
-    """Replays each step function as a CUDA graph: one launch per batch instead of hundreds of kernels.
+    """Replays each step function as a CUDA graph: one launch per batch instead of hundreds of kernels (at batch size
+    100 the GPU finishes VGG-16's kernels faster than Python can launch them), with the same arithmetic.
 
-    At batch size 100 the GPU finishes VGG-16's kernels faster than Python can launch them; a graph
-    removes that overhead without changing the arithmetic. A step (a function of a batch's images and
-    labels that returns tensors) runs eagerly for its first WARMUP calls at each input shape (cuDNN
-    autotuning, lazy initialisation), is then captured once and replayed with the batch copied into
-    the graph's own input tensors. The learning rates a step reads are baked into its capture, so every
-    graph is dropped when one of `optimizers` changes its learning rate. Parameters must be updated in
-    place (torch.optim and load_state_dict do). The returned tensors are overwritten by the next replay
-    of the same step. Disabled (every call eager) off CUDA and with --no-cuda-graphs.
-    """
+    A step (images, labels -> tensors) runs eagerly for its first WARMUP calls at each input shape (cuDNN autotuning,
+    lazy initialisation), is then captured once and replayed on the batch copied into the graph's own inputs. The
+    learning rates a step reads are baked into its capture: every graph is dropped when one of `optimizers` changes
+    its learning rate. Parameters must be updated in place (torch.optim and load_state_dict do); the returned tensors
+    are overwritten by the next replay of the same step. Off CUDA and with --no-cuda-graphs every call is eager."""
 
     WARMUP = 3
 
     def __init__(self, optimizers: list[torch.optim.Optimizer], device: torch.device, enabled: bool = True):
-        self.enabled = enabled and device.type == "cuda"
-        self.device = device
-        self.optimizers = list(optimizers)
+        self.enabled, self.device, self.optimizers = enabled and device.type == "cuda", device, list(optimizers)
         self.learning_rates: list[float] = []
         self.graphs: dict[tuple, tuple] = {}
         self.calls: dict[tuple, int] = {}
@@ -668,14 +637,12 @@ class FiniteGuard:
             raise NonFiniteLoss(f"non-finite loss at epoch {epoch}, {phase} step {step + 1}; the run stopped")
 
 
-# ---------------------------------------------------------------------------------------------
-# Files: atomic writes, metrics.json, checkpoints
+# --- Files: atomic writes, metrics.json, checkpoints -------------------------------------------------------------
 
 
 def write_atomic(path: Path, write) -> None:
-    """write(tmp_path), flushed to disk, then renamed over `path`: a reader never sees a half-written file,
-    and a crash, a signal or power loss leaves the old file or the new one. A leftover temporary file (a
-    killed process) is removed when the next run opens the folder."""
+    """write(tmp_path), flushed to disk, then renamed over `path`: a reader never sees a half-written file, and a
+    crash, a signal or power loss leaves the old file or the new one."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -723,20 +690,18 @@ def read_metrics(path: Path) -> dict:
             raise ValueError(f"truncated (the JSON stops at line {error.lineno})") from None
         raise ValueError(f"not JSON ({error.msg} at line {error.lineno}, column {error.colno})") from None
     epochs = record.get("epochs") if isinstance(record, dict) else None
-    problem = (
-        "it holds no list of epochs" if not isinstance(epochs, list) else "it records no epoch" if not epochs else ""
-    )
+    problem = "it holds no list of epochs" if not isinstance(epochs, list) else "" if epochs else "it records no epoch"
     for number, entry in enumerate(epochs if isinstance(epochs, list) else [], 1):
         value = entry.get("test_primary_acc") if isinstance(entry, dict) else None
-        shown = json.dumps(value)[:40]  # as the file spells it: Infinity, "abc"
+        shown = f"epoch {number}'s test_primary_acc is {json.dumps(value)[:40]}"  # as the file spells it: Infinity
         if value is None:
             problem = f"epoch {number} has no test_primary_acc"
         elif not isinstance(value, (int, float)) or isinstance(value, bool):
-            problem = f"epoch {number}'s test_primary_acc is {shown}, not a number"
+            problem = f"{shown}, not a number"
         elif not math.isfinite(value):
-            problem = f"epoch {number}'s test_primary_acc is {shown}, not a finite number"
+            problem = f"{shown}, not a finite number"
         elif not 0 <= value <= 1:
-            problem = f"epoch {number}'s test_primary_acc is {shown}, not a fraction between 0 and 1"
+            problem = f"{shown}, not a fraction between 0 and 1"
         if problem:
             break
     if problem:
@@ -745,17 +710,6 @@ def read_metrics(path: Path) -> dict:
         error.config = config if isinstance(config, dict) else None  # it still finds the run
         raise error
     return record
-
-
-def save_files(run_dir: Path, checkpoint: dict, metrics: dict) -> None:
-    """The checkpoint, then metrics.json, each atomically; a failed write (a full disk) is a RunFault."""
-    buffer = io.BytesIO()
-    torch.save(checkpoint, buffer)  # in memory first: a full disk then fails with the OSError that says so
-    for name, data in (("checkpoint.pt", buffer.getbuffer()), ("metrics.json", json_text(metrics).encode())):
-        try:
-            write_atomic(run_dir / name, lambda tmp, data=data: Path(tmp).write_bytes(data))
-        except OSError as error:
-            raise RunFault(f"could not write {name} in {run_dir} ({error.strerror or error})") from None
 
 
 def same_setting(saved, current) -> bool:
@@ -772,27 +726,21 @@ def load_checkpoint(path: Path, method: str, cfg: RunConfig) -> dict:
     it does not record (older than the setting) counts as the script's default."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        saved = checkpoint["config"]
-        checkpoint["next_epoch"]
+        recorded, _ = checkpoint["config"], checkpoint["next_epoch"]
     except Exception as error:
         raise UsageError(
             f"--resume: '{path}' is unreadable (truncated or corrupt: {type(error).__name__}); "
             f"start a new run with another --run-name, or --overwrite to replace it"
         ) from None
-    if saved.get("method") != method:
-        raise UsageError(f"--resume: '{path}' is a {saved.get('method')} run, not {method}; use another --run-name")
-    defaults = settings(type(cfg)())
-    current = settings(cfg)
-    differ = [
-        k
-        for k in current
-        if k not in RESUMABLE_CHANGES and not same_setting(saved[k] if k in saved else defaults[k], current[k])
-    ]
+    if recorded.get("method") != method:
+        raise UsageError(f"--resume: '{path}' is a {recorded.get('method')} run, not {method}; use another --run-name")
+    saved, current = {**settings(type(cfg)()), **recorded}, settings(cfg)
+    differ = [k for k in current if k not in RESUMABLE_CHANGES and not same_setting(saved[k], current[k])]
     if differ:
-        was = " ".join(flag(k, saved.get(k, defaults[k])) for k in differ)
-        now = " ".join(flag(k, current[k]) for k in differ)
+        was = " ".join(flag(k, saved[k]) for k in differ)
+        has = " ".join(flag(k, current[k]) for k in differ)
         raise UsageError(
-            f"--resume: '{path}' was written with {was} but this run has {now}; "
+            f"--resume: '{path}' was written with {was} but this run has {has}; "
             f"resume with the checkpoint's settings, or use another --run-name"
         )
     annealed = cosine_epochs(checkpoint)
@@ -839,8 +787,7 @@ def set_rng_state(state: dict, loaders: Loaders) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-# ---------------------------------------------------------------------------------------------
-# The run folder: created, locked, cleaned
+# --- The run folder: created, locked, cleaned --------------------------------------------------------------------
 
 
 def lock_record(run_dir: Path) -> tuple[int, str | None] | None:
@@ -856,13 +803,17 @@ def lock_holder(run_dir: Path) -> int | None:
     """The pid of the live process on this host that holds `run_dir`'s lock, or None. A holder on another host
     (a shared filesystem, a cluster's nodes) cannot be checked from here and gives None."""
     record = lock_record(run_dir)
-    if record is None or record[1] not in (None, socket.gethostname()):
-        return None
-    try:
-        os.kill(record[0], 0)
-    except OSError:
-        return None
-    return record[0]
+    if record is not None and record[1] in (None, socket.gethostname()):
+        with contextlib.suppress(OSError):
+            os.kill(record[0], 0)
+            return record[0]
+    return None
+
+
+def holder(run_dir: Path, unknown=None) -> str:
+    """The process in `run_dir`'s lock file, 'pid N', or 'pid N on HOST' for one on another host."""
+    pid, host = lock_record(run_dir) or (unknown, None)
+    return f"pid {pid}" + (f" on {host}" if host not in (None, socket.gethostname()) else "")
 
 
 def locked_by(run_dir: Path) -> str | None:
@@ -876,34 +827,27 @@ def locked_by(run_dir: Path) -> str | None:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         return None
     except BlockingIOError:
-        pid, host = lock_record(run_dir) or ("?", None)
-        return f"pid {pid}" + (f" on {host}" if host not in (None, socket.gethostname()) else "")
+        return holder(run_dir, unknown="?")
     finally:
         os.close(fd)
 
 
 class RunFolder:
-    """The run's folder, held by this process alone while the run lasts.
+    """The run's folder, held by this process alone while the run lasts (docs/reliability.md, "The run folder").
 
-    Entering creates the folder (and any missing parents), checks it is writable, takes an exclusive
-    lock on its LOCK_FILE, and removes temporary files a killed run left behind. The lock is a kernel
-    lock (flock): a second process refuses with the first one's pid while it lives, and when the holder
-    dies, however it dies, the kernel releases it, so a stale lock file is simply taken over. Leaving
-    releases the lock and removes the folders entering created if the run wrote nothing into them.
-    """
+    Entering creates it (and any missing parents), checks it is writable, takes a kernel lock (flock) on its
+    LOCK_FILE, which dies with its holder however it dies, and removes the temporary files a killed run left.
+    Leaving releases the lock and removes the folders entering created if the run wrote nothing into them."""
 
     def __init__(self, path: Path):
-        self.path = path
-        self.created: list[Path] = []
-        self.lock_fd: int | None = None
+        self.path, self.created, self.lock_fd = path, [], None
 
     def __enter__(self) -> Path:
         missing = [p for p in (self.path, *self.path.parents) if not p.exists()]
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             self.created = missing
-            with tempfile.TemporaryFile(dir=self.path):
-                pass
+            tempfile.TemporaryFile(dir=self.path).close()
         except OSError as error:
             self.remove_created()
             raise UsageError(
@@ -926,18 +870,14 @@ class RunFolder:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
-                pid, host = lock_record(self.path) or (None, None)
-                where = f" on {host}" if host not in (None, socket.gethostname()) else ""
                 raise UsageError(
-                    f"'{self.path}' is in use by another run (pid {pid}{where}); wait for it to end, "
+                    f"'{self.path}' is in use by another run ({holder(self.path)}); wait for it to end, "
                     f"or choose another --run-name"
                 ) from None
             # The holder we waited for may have removed the file meanwhile: hold the lock of the file on disk.
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 if os.stat(path).st_ino == os.fstat(fd).st_ino:
                     break
-            except FileNotFoundError:
-                pass
             os.close(fd)
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
@@ -959,58 +899,13 @@ class RunFolder:
                 break
 
 
-def previous_results(run_dir: Path, cfg: RunConfig) -> None:
-    """Refuse to lose results, or to write into a folder that holds files no run of this project made."""
-    foreign = sorted(path.name for path in run_dir.iterdir() if not RUN_FILES.fullmatch(path.name))
-    if foreign:
-        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise UsageError(
-            f"'{run_dir}' holds files no run of this project wrote ({shown}); choose another --run-name or "
-            f"--results-dir"
-        )
-    if not (cfg.resume or cfg.overwrite) and (
-        (run_dir / "metrics.json").exists() or (run_dir / "checkpoint.pt").exists()
-    ):
-        raise UsageError(
-            f"'{run_dir}' already holds results; use --resume to continue that run, "
-            f"another --run-name, or --overwrite to replace it"
-        )
-
-
-# ---------------------------------------------------------------------------------------------
-# Provenance and the log
+# --- Provenance and the log --------------------------------------------------------------------------------------
 
 
 def command(argv: list[str] | None = None) -> list[str]:
     """The command that started this run: the script as it was invoked and its flags (`argv` where main() was
     handed them), so that the resume line can be pasted where the user is."""
     return ["python", sys.argv[0], *(sys.argv[1:] if argv is None else argv)]
-
-
-def resume_command(run_name: str, argv: list[str] | None = None) -> str:
-    args = [a for a in command(argv)[2:] if a not in ("--resume", "--overwrite")]
-    if "--run-name" not in args and not any(a.startswith("--run-name=") for a in args):
-        args += ["--run-name", run_name]
-    return shlex.join([*command(argv)[:2], *args, "--resume"])
-
-
-def code_version() -> dict:
-    """The commit of the checkout this code runs from, and whether its tracked files were modified (None and
-    None outside a git checkout)."""
-    here = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        status = subprocess.run(
-            ["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "modified": None}
-    if commit.returncode != 0 or status.returncode != 0:
-        return {"commit": None, "modified": None}
-    return {"commit": commit.stdout.strip(), "modified": bool(status.stdout.strip())}
 
 
 def now() -> str:
@@ -1027,9 +922,19 @@ def processor_name() -> str:
 
 
 def provenance(device: torch.device, argv: list[str] | None = None) -> dict:
-    """Where, when and with what this start (or resume) of the run runs."""
+    """Where, when and with what this start (or resume) of the run runs; `code`: the checkout's commit and whether
+    its tracked files were modified (None and None outside a git checkout)."""
+    here, commit = Path(__file__).resolve().parent, None
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        commit, status = [
+            subprocess.run(["git", "-C", here, *args], capture_output=True, text=True, timeout=10)
+            for args in (["rev-parse", "HEAD"], ["status", "--porcelain", "--untracked-files=no"])
+        ]
+    code = {"commit": None, "modified": None}
+    if commit is not None and commit.returncode == status.returncode == 0:
+        code = {"commit": commit.stdout.strip(), "modified": bool(status.stdout.strip())}
     return {
-        "code": code_version(),
+        "code": code,
         "host": socket.gethostname(),
         "started": now(),
         "ended": None,
@@ -1084,63 +989,29 @@ class RunLog:
                 self.file.close()
 
 
-# ---------------------------------------------------------------------------------------------
-# The summary
-
-
-def summarize(history: list[dict], cfg: RunConfig, paper: dict, published: dict, unpublished_because: str) -> dict:
-    """Final-epoch test accuracy and the mean over the last 5 epochs (the paper's way), in %; the published
-    figures for this configuration, and whether this run is one they can be compared with."""
-    accs = [100 * r["test_primary_acc"] for r in history]
-    reasons = not_comparable(cfg, paper, len(history))
-    best = max(range(len(accs)), key=accs.__getitem__)
-    return {
-        "epochs_completed": len(history),
-        "final_test_primary_acc": accs[-1],
-        "last5_mean_test_primary_acc": sum(accs[-5:]) / len(accs[-5:]),
-        # What the MAOAL authors report: the best epoch, chosen on the test set (optimistic; not this project's).
-        "best_test_primary_acc_chosen_on_test_set": accs[best],
-        "best_epoch": history[best]["epoch"],
-        "published_test_primary_acc": published,
-        "unpublished_because": ""
-        if published
-        else unpublished_because
-        if paper_data(cfg)
-        else f"the papers report no figure for this data and network ({data_tag(cfg)})",
-        "comparable_with_published": not reasons,
-        "not_comparable_because": reasons,
-    }
-
-
 def summary_line(summary: dict) -> str:
     published = "; ".join(f"{v:.1f}% ({k})" for k, v in summary["published_test_primary_acc"].items())
     if not published:
-        beside = "published: none for this configuration" + (
-            f" ({summary['unpublished_because']})" if summary.get("unpublished_because") else ""
-        )
+        because = summary.get("unpublished_because")
+        beside = "published: none for this configuration" + (f" ({because})" if because else "")
     elif summary["comparable_with_published"]:
         beside = f"published: {published}"
     else:
         beside = f"not comparable with the published figures ({', '.join(summary['not_comparable_because'])})"
-    last = plural(min(5, summary["epochs_completed"]), "epoch")
-    best = (
-        f" (best {summary['best_test_primary_acc_chosen_on_test_set']:.2f}% at epoch {summary['best_epoch']}, "
-        "chosen on the test set)"
-        if "best_epoch" in summary
-        else ""
-    )
+    best = ""
+    if "best_epoch" in summary:
+        best = (
+            f" (best {summary['best_test_primary_acc_chosen_on_test_set']:.2f}% at epoch {summary['best_epoch']}, "
+            "chosen on the test set)"
+        )
     return (
         f"final test primary accuracy {summary['final_test_primary_acc']:.2f}%, mean of the last "
-        f"{last} {summary['last5_mean_test_primary_acc']:.2f}%{best} | {beside}"
+        f"{plural(min(5, summary['epochs_completed']), 'epoch')} {summary['last5_mean_test_primary_acc']:.2f}%{best} "
+        f"| {beside}"
     )
 
 
-# ---------------------------------------------------------------------------------------------
-# The run
-
-
-class _Finished(Exception):
-    """A --resume of a finished run: its summary is printed, and the `with Run` block ends there."""
+# --- The run -----------------------------------------------------------------------------------------------------
 
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -1148,26 +1019,19 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 class Run:
     """One run of a model script, the loop's companion: `with experiment.Run(argv) as run:` around main()'s body.
-
-    Inside the block, SIGINT, SIGTERM and SIGHUP (Ctrl-C, a scheduler, a closed terminal or ssh) stop the run;
-    leaving it, a refusal (UsageError, a dataset that cannot be used) is one line on stderr and exit code 2, an
-    interrupt the line with the exact resume command and exit code 128 + the signal, a full disk one line and exit
-    code 1; the lock is released, and a run that saved nothing leaves no folder behind. The script calls, in order:
-    parse, open, datasets and loaders, resume, epochs (save each), finish.
-    """
+    Leaving the block, a refusal, an interrupt (SIGINT, SIGTERM, SIGHUP) or a full disk is one line and its exit
+    code, the lock is released, and a run that saved nothing leaves no folder behind (docs/reliability.md). The
+    script calls, in order: parse, open, datasets and loaders, resume, epochs (save each), finish."""
 
     def __init__(self, argv: list[str] | None = None):
-        self.argv = argv
-        self.cfg: RunConfig | None = None
-        self.method, self.dir, self.device = "", None, torch.device("cpu")
+        self.argv, self.cfg, self.dir, self.device = argv, None, None, torch.device("cpu")
         self.checkpoint: dict | None = None  # --resume's
         self.history: list[dict] = []
         self.saved_epochs = self.epoch = self.start_epoch = 0
         self.data: Loaders | None = None
         self.log: RunLog | None = None
-        self.scalars = None
-        self.untrained_loss: float | None = None
-        self.stack = contextlib.ExitStack()
+        self.scalars, self.untrained_loss = None, None  # the TensorBoard writer; --smoke's untrained test loss
+        self.stack = contextlib.ExitStack()  # the run folder's lock, --smoke's temporary folder
 
     def __enter__(self) -> Run:
         def interrupt(signum, frame):
@@ -1194,7 +1058,7 @@ class Run:
             progress.start(None, 0)
             if self.log is not None:
                 self.log.close()
-            self.stack.close()  # the run folder's lock, --smoke's temporary folder
+            self.stack.close()
             if not isinstance(error, Interrupted):
                 for s, handler in self.previous_handlers.items():
                     signal.signal(s, handler)
@@ -1203,7 +1067,12 @@ class Run:
         """The run stopped before its end: say what was kept and how to go on, and exit."""
         kept = f"the checkpoint after epoch {self.saved_epochs} in {self.dir} is kept" if self.saved_epochs else ""
         kept = kept or "nothing was saved"
-        again = f"Resume with: {resume_command(self.cfg.run_name, self.argv)}" if self.cfg else ""
+        again = ""
+        if self.cfg:
+            args = [a for a in command(self.argv)[2:] if a not in ("--resume", "--overwrite")]
+            if "--run-name" not in args and not any(a.startswith("--run-name=") for a in args):
+                args += ["--run-name", self.cfg.run_name]
+            again = f"Resume with: {shlex.join([*command(self.argv)[:2], *args, '--resume'])}"
         say = self.log.say if self.log else lambda line, stream: print(line, file=stream)
         if isinstance(error, NonFiniteLoss):
             if self.log:
@@ -1270,41 +1139,26 @@ class Run:
             self.checkpoint = load_checkpoint(self.dir / "checkpoint.pt", method, cfg)
             if self.checkpoint["next_epoch"] >= cfg.epochs:
                 self.finished()
-        derived = {
-            **(derived or {}),
-            "method": method,
-            "resolved_device": str(self.device),
-            "torch": str(torch.__version__),
-        }
-        self.record_config = {**settings(cfg), **derived}
+        versions = {"method": method, "resolved_device": str(self.device), "torch": str(torch.__version__)}
+        self.record_config = {**settings(cfg), **(derived or {}), **versions}
         self.sessions = [*(self.checkpoint or {}).get("provenance", []), provenance(self.device, self.argv)]
         self.log = RunLog(self.dir / "log.txt", self.sessions[-1], f"{method}: {self.dir}")  # written once saved
         self.stack.enter_context(RunFolder(self.dir))
-        previous_results(self.dir, cfg)
+        # Refuse to lose results, or to write into a folder that holds files no run of this project made.
+        foreign = sorted(path.name for path in self.dir.iterdir() if not RUN_FILES.fullmatch(path.name))
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise UsageError(
+                f"'{self.dir}' holds files no run of this project wrote ({shown}); choose another --run-name or "
+                f"--results-dir"
+            )
+        results = (self.dir / "metrics.json").exists() or (self.dir / "checkpoint.pt").exists()
+        if results and not (cfg.resume or cfg.overwrite):
+            raise UsageError(
+                f"'{self.dir}' already holds results; use --resume to continue that run, "
+                f"another --run-name, or --overwrite to replace it"
+            )
         configure_backends(cfg, self.device)
-
-    def finished(self) -> None:
-        checkpoint = self.checkpoint
-        done = plural(checkpoint["next_epoch"], "epoch")
-        then = (
-            "train longer in a new run"
-            if cosine_epochs(checkpoint) is not None
-            else "pass a larger --epochs to extend it"
-        )
-        print(f"'{self.dir}' already finished {done}; {then}")
-        summary = self.summary(checkpoint["epochs"])
-        try:
-            matches = read_metrics(self.dir / "metrics.json")["epochs"] == checkpoint["epochs"]
-        except (OSError, ValueError):
-            matches = False
-        if not matches:  # damaged or lost: made again from the checkpoint
-            metrics = {key: checkpoint.get(key, []) for key in ("config", "provenance", "epochs")}
-            text = json_text({**metrics, "summary": summary})
-            with RunFolder(self.dir):
-                write_atomic(self.dir / "metrics.json", lambda tmp: Path(tmp).write_text(text))
-            print("rewrote its damaged metrics.json from the checkpoint")
-        print(summary_line(summary))
-        raise _Finished
 
     def missing_checkpoint(self, named: bool) -> UsageError:
         """--resume without a checkpoint: where it looked, and, for a default name, what made the name and which
@@ -1317,6 +1171,29 @@ class Run:
             here = f"; {self.method} runs in '{self.cfg.results_dir}': {', '.join(runs[:5])}" if runs else ""
             message += f" (the default name of this configuration, {because}){here}"
         return UsageError(f"{message}; start without --resume, or check --results-dir and --run-name")
+
+    def finished(self) -> None:
+        """A --resume of a finished run: its summary, and metrics.json made again if damaged or lost."""
+        checkpoint = self.checkpoint
+        then = (
+            "train longer in a new run"
+            if cosine_epochs(checkpoint) is not None
+            else "pass a larger --epochs to extend it"
+        )
+        print(f"'{self.dir}' already finished {plural(checkpoint['next_epoch'], 'epoch')}; {then}")
+        summary = self.summary(checkpoint["epochs"])
+        try:
+            matches = read_metrics(self.dir / "metrics.json")["epochs"] == checkpoint["epochs"]
+        except (OSError, ValueError):
+            matches = False
+        if not matches:
+            metrics = {key: checkpoint.get(key, []) for key in ("config", "provenance", "epochs")}
+            text = json_text({**metrics, "summary": summary})
+            with RunFolder(self.dir):
+                write_atomic(self.dir / "metrics.json", lambda tmp: Path(tmp).write_text(text))
+            print("rewrote its damaged metrics.json from the checkpoint")
+        print(summary_line(summary))
+        raise _Finished
 
     def datasets(self):
         """(train set with its augmentation, test set) of --dataset; --train-fraction of the training images."""
@@ -1374,7 +1251,8 @@ class Run:
 
     def save(self, saved: dict, metrics: dict) -> dict:
         """The epoch's record (its metrics, checked finite, and seconds): checkpoint.pt (the state of `saved`, the
-        RNGs, the record so far) and metrics.json, atomically, the signals held meanwhile; returns the record."""
+        RNGs, the record so far), then metrics.json, each atomically, the signals held meanwhile so that the two
+        always hold the same epochs; a failed write (a full disk) is a RunFault. Returns the record."""
         bad = [name for name, value in metrics.items() if not math.isfinite(value)]
         if bad:
             raise NonFiniteLoss(f"non-finite {', '.join(bad)} at epoch {self.epoch}; the run stopped")
@@ -1389,36 +1267,56 @@ class Run:
         checkpoint.update(rng=rng_state(self.data), provenance=self.sessions)
         summary = self.summary(self.history)
         files = {"config": self.record_config, "provenance": self.sessions, "epochs": self.history, "summary": summary}
-        with self.signals_held():
-            save_files(self.dir, checkpoint, files)
+        received = []  # the signals held meanwhile, delivered afterwards
+        handlers = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in SIGNALS}
+        try:
+            buffer = io.BytesIO()
+            torch.save(checkpoint, buffer)  # in memory first: a full disk then fails with the OSError that says so
+            for name, data in (("checkpoint.pt", buffer.getbuffer()), ("metrics.json", json_text(files).encode())):
+                try:
+                    write_atomic(self.dir / name, lambda tmp, data=data: Path(tmp).write_bytes(data))
+                except OSError as error:
+                    raise RunFault(f"could not write {name} in {self.dir} ({error.strerror or error})") from None
             self.saved_epochs = self.epoch
             self.log.open()
+        finally:
+            for s, handler in handlers.items():
+                signal.signal(s, handler)
+        if received:
+            raise Interrupted(received[0])
         if self.scalars is not None:
             for name, value in record.items():
                 self.scalars.add_scalar(name, value, self.epoch)
             self.scalars.flush()
         return record
 
-    @contextlib.contextmanager
-    def signals_held(self):
-        """Hold SIGINT, SIGTERM and SIGHUP while the checkpoint and metrics.json are written, so that the two always
-        hold the same epochs; deliver them afterwards."""
-        received = []
-        handlers = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in SIGNALS}
-        try:
-            yield
-        finally:
-            for s, handler in handlers.items():
-                signal.signal(s, handler)
-        if received:
-            raise Interrupted(received[0])
-
     def say(self, line: str) -> None:
         """Print a line and write it to the run's log.txt."""
         self.log.say(line)
 
     def summary(self, history: list[dict]) -> dict:
-        return summarize(history, self.cfg, self.paper, self.published, self.unpublished_because)
+        """Final-epoch test accuracy and the mean over the last 5 epochs (the paper's way), in %; the published
+        figures for this configuration, and whether this run is one they can be compared with."""
+        accs = [100 * r["test_primary_acc"] for r in history]
+        reasons = not_comparable(self.cfg, self.paper, len(history))
+        best = max(range(len(accs)), key=accs.__getitem__)
+        unpublished_because = ""
+        if not self.published:
+            unpublished_because = self.unpublished_because
+            if not paper_data(self.cfg):
+                unpublished_because = f"the papers report no figure for this data and network ({data_tag(self.cfg)})"
+        return {
+            "epochs_completed": len(history),
+            "final_test_primary_acc": accs[-1],
+            "last5_mean_test_primary_acc": sum(accs[-5:]) / len(accs[-5:]),
+            # What the MAOAL authors report: the best epoch, chosen on the test set (optimistic; not this project's).
+            "best_test_primary_acc_chosen_on_test_set": accs[best],
+            "best_epoch": history[best]["epoch"],
+            "published_test_primary_acc": self.published,
+            "unpublished_because": unpublished_because,
+            "comparable_with_published": not reasons,
+            "not_comparable_because": reasons,
+        }
 
     def finish(self) -> dict:
         """The summary line; with --smoke, the check that training did not diverge. Returns the summary."""

@@ -3,7 +3,7 @@
 them, runs them here (a pool of jobs on GPU slots, a job log each, Ctrl-C forwarded, progress and time left) or on
 SLURM through submitit, finds them again by the settings their metrics.json records, and reports them. A tool makes
 its runs (checked_config, run_of) and hands tool_main a Grid: the runs, its results table and report's files.
-Behaviour and messages: docs/reliability.md, "figure3.py: the grid".
+Behaviour and messages: docs/reliability.md, "figure3.py and tables.py: the grid (runner.py)".
 """
 
 from __future__ import annotations
@@ -462,8 +462,9 @@ def time_left(remaining: Sequence[tuple[Run, int]], per_epoch: dict[str, float],
 
 class GridRun:
     """One `run`: starts the runs to do as slots free up, each re-checked just before it starts; prints each start and
-    end, and a progress line when an epoch has ended, at most every PROGRESS_SECONDS, flushed. SIGINT and SIGTERM go
-    on to every child, which stops after writing and keeps its last checkpoint; nothing new starts."""
+    end, and a progress line when an epoch has ended, at most every PROGRESS_SECONDS, flushed. SIGINT, SIGTERM and
+    SIGHUP go on to every child, which stops after writing and keeps its last checkpoint; nothing new starts. After a
+    SIGHUP (the terminal closed) nothing is printed: there is no terminal to print to; the job logs keep it all."""
 
     def __init__(self, runs: Sequence[Run], todo: Sequence[Run], slots: list[int | None]):
         self.states = {run: read_state(run) for run in runs}
@@ -474,7 +475,7 @@ class GridRun:
         self.started, self.progress_checked = 0, -math.inf
 
     def go(self) -> None:
-        signals = (signal.SIGINT, signal.SIGTERM)
+        signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
         previous = {s: signal.signal(s, lambda signum, frame: self.received.append(signum)) for s in signals}
         forwarded = 0
         try:
@@ -482,6 +483,8 @@ class GridRun:
                 while self.todo and self.free and not self.received:
                     self.start(self.todo.pop(0), self.free.pop(0))
                 if len(self.received) > forwarded:  # forwarded here, not in the handler: a child started meanwhile too
+                    if signal.SIGHUP in self.received:  # the terminal is gone: printing to it would fail
+                        silence_stdout(both=True)
                     for job in self.jobs:
                         with contextlib.suppress(ProcessLookupError):
                             job.child.send_signal(self.received[-1])
@@ -931,10 +934,12 @@ def show(text: str) -> None:
         silence_stdout()
 
 
-def silence_stdout() -> None:
-    """Point stdout at /dev/null: what is still to be printed, and the interpreter's last flush, go nowhere."""
-    with contextlib.suppress(OSError, ValueError):
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+def silence_stdout(both: bool = False) -> None:
+    """Point stdout (and with `both` stderr) at /dev/null: what is still to be printed, and the interpreter's last
+    flush, go nowhere."""
+    for stream in (sys.stdout, sys.stderr) if both else (sys.stdout,):
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
 
 
 def report_markdown(title: str, selection: str, script_flags, table: str, runs, states, best=False, picture=()) -> str:

@@ -24,6 +24,7 @@ import pytest
 import torch
 from conftest import FAST, REPO, run_main
 
+import create_dataset
 import experiment
 import model_vgg_maxl as maxl
 import model_vgg_single as single
@@ -307,7 +308,7 @@ def test_a_default_maxl_run_prints_no_warnings(data_root, tmp_path):
 
 def test_default_workers_fit_the_machine():
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    assert experiment.default_workers() == min(4, cpus)
+    assert create_dataset.default_workers() == min(4, cpus)
 
 
 # --- 13. no abbreviated flags ---------------------------------------------------------------------
