@@ -714,7 +714,7 @@ def epoch_line(record: dict, epochs: int) -> str:
 
 
 def parse_psi(cfg: Config, psi: str | list[int]) -> list[int]:
-    """'5' or [5] -> [5] * primary classes; '2,3,4' or [2, 3, 4] -> [2, 3, 4]; a wrong length or an entry < 1 refused."""
+    """'5' or [5] -> [5] * primary classes; '2,3,4' or [2, 3, 4] -> [2, 3, 4]; a wrong length, an entry < 1 refused."""
     text = psi if isinstance(psi, str) else ",".join(str(v) for v in psi)
     try:
         values = [int(v) for v in text.split(",")]

@@ -270,7 +270,8 @@ def test_a_mark_inside_a_body_is_refused(repo_copy, capsys):
 def test_a_copy_at_any_depth_is_checked_and_fixed_at_its_own_depth(tmp_path):
     """A method marked as copied is compared with the definition of the same qualified name in its source."""
     (tmp_path / "model_vgg_a.py").write_text("class Net:\n    def step(self):\n        return 1\n")
-    copy = "class Net:\n    # Copied from model_vgg_a.py\n    def step(self):\n        return 2\n\n    def own(self):\n        pass\n"
+    copy = "class Net:\n    # Copied from model_vgg_a.py\n    def step(self):\n        return 2\n\n    def own(self):\n"
+    copy += "        pass\n"
     (tmp_path / "model_vgg_b.py").write_text(copy)
     assert check_copies.check(tmp_path) == ["model_vgg_b.py: Net.step differs from model_vgg_a.py"]
     assert check_copies.main(["--fix", "--repo", str(tmp_path)]) == 0

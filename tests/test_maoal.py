@@ -868,9 +868,7 @@ def test_a_refusal_names_the_setting_as_it_was_set():
         maoal.check_config(flagged)
     with pytest.raises(experiment.UsageError) as refused:
         maoal.check_config(maoal.Config(aux_level=20))
-    assert str(refused.value) == (
-        "aux_level = 20 in Config must be finer than primary_level 20 (choose from 100)"
-    )
+    assert str(refused.value) == ("aux_level = 20 in Config must be finer than primary_level 20 (choose from 100)")
     with pytest.raises(experiment.UsageError, match=r"^aux_domains = '0-14' in Config: each once, and not "):
         maoal.check_config(maoal.Config(task="domains", aux_domains="0-14"))
 
