@@ -33,6 +33,8 @@ import itertools
 import json
 import os
 import pickle
+import signal
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from urllib.error import URLError
@@ -469,31 +471,85 @@ class CUB200(_Dataset, torch.utils.data.Dataset):
             return image.convert("RGB")  # a few CUB images are greyscale
 
 
-def _image_classes(folder: Path, images: bool) -> list[str]:
-    """The class folders of `folder` (train/ or test/), sorted by name as ImageFolder numbers them. With
-    `images`: DatasetProblem for a class folder holding no image ImageFolder reads."""
+def _class_folders(folder: Path) -> list[str]:
+    """The class folders of `folder` (train/ or test/), sorted by name (their numbers); hidden ones (.cache,
+    .ipynb_checkpoints) are not classes."""
     if not folder.is_dir():
         root = folder.parent
         raise DatasetProblem(
             f"'{root}' has no {folder.name}/ folder: put the training images in {root / 'train'}/<class>/ "
             f"and the test images in {root / 'test'}/<class>/"
         )
-    classes = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
+    classes = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir() and not entry.name.startswith("."))
     if not classes:
         raise DatasetProblem(f"'{folder}' holds no class folder: put each class's images in {folder}/<class>/")
-    empty = [name for name in classes if not _holds_an_image(folder / name)] if images else []
-    if empty:
-        more = f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""
-        raise DatasetProblem(
-            f"the class folder '{folder / empty[0]}' holds no image{more} (readable: "
-            f"{' '.join(IMG_EXTENSIONS)}); add images or remove the folder"
-        )
     return classes
 
 
-def _holds_an_image(folder: Path) -> bool:
-    walk = os.walk(folder, followlinks=True)  # ImageFolder reads subfolders of a class too
-    return any(name.lower().endswith(IMG_EXTENSIONS) for _, _, files in walk for name in files)
+def _image_files(folder: Path) -> list[Path]:
+    """The image files below a class folder, at any depth, in ImageFolder's order (folder by folder, sorted by path,
+    then by name): hidden files and folders skipped, links followed, a folder reached twice (a link back up) read
+    once, files that are not images by their extension ignored."""
+    found, seen, todo = [], set(), [folder]
+    while todo:
+        here = todo.pop()
+        try:
+            key = (here.stat().st_dev, here.stat().st_ino)
+            entries = [entry for entry in os.scandir(here) if not entry.name.startswith(".")]
+        except OSError:
+            continue
+        if key in seen:
+            continue
+        seen.add(key)
+        found.append(
+            (str(here), sorted(e.name for e in entries if not e.is_dir() and e.name.lower().endswith(IMG_EXTENSIONS)))
+        )
+        todo += [Path(entry.path) for entry in entries if entry.is_dir()]
+    return [Path(here, name) for here, names in sorted(found) for name in names]
+
+
+# What an image file ends with when it is whole: PNG's IEND chunk, JPEG's end-of-image marker.
+WHOLE_ENDING = {"PNG": b"IEND\xaeB`\x82", "JPEG": b"\xff\xd9"}
+
+
+def _image_problem(path: Path) -> str | None:
+    """Why an image file cannot be trained on, from its header and its last bytes (no decoding): a broken link, empty,
+    not an image, larger than PIL decodes (its decompression-bomb limit), truncated (PNG, JPEG); None: it can."""
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return "a broken link" if path.is_symlink() else "unreadable"
+    if not size:
+        return "empty"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                kind, (width, height) = image.format, image.size
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return f"larger than {Image.MAX_IMAGE_PIXELS:,} pixels"
+    except (OSError, SyntaxError, ValueError):
+        return "not an image"
+    if width * height > Image.MAX_IMAGE_PIXELS:
+        return f"larger than {Image.MAX_IMAGE_PIXELS:,} pixels ({width}x{height})"
+    if kind in WHOLE_ENDING:
+        with open(path, "rb") as file:
+            file.seek(max(0, size - 1024))  # a JPEG may carry a few bytes after its end marker
+            if WHOLE_ENDING[kind] not in file.read():
+                return "truncated"
+    return None
+
+
+def check_images(folder: Path, files: list[Path]) -> None:
+    """DatasetProblem naming how many of `files` (below `folder`) cannot be trained on, the first few and why."""
+    bad = [(path, problem) for path in files if (problem := _image_problem(path))]
+    if bad:
+        shown = ", ".join(f"{path.relative_to(folder)} ({problem})" for path, problem in bad[:3])
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise DatasetProblem(
+            f"{len(bad)} of the {len(files)} images in '{folder}' cannot be used: {shown}{more}; delete them or move "
+            "them out of the folder"
+        )
 
 
 def _listed(names: set[str], most: int = 5) -> str:
@@ -501,21 +557,23 @@ def _listed(names: set[str], most: int = 5) -> str:
     return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
-class FolderDataset(_Dataset, torchvision.datasets.ImageFolder):
-    """One's own images: torchvision's ImageFolder over root/train/<class>/ or root/test/<class>/; labels (N, 1).
+class FolderDataset(_Dataset, torch.utils.data.Dataset):
+    """One's own images: root/train/<class>/ or root/test/<class>/ (ImageFolder's layout and order); labels (N, 1).
 
-    Classes are numbered by sorted folder name; train/ and test/ must have the same class folders, each
-    with an image (else DatasetProblem). A missing root: RuntimeError, as for the other datasets.
+    Classes are numbered by sorted folder name; train/ and test/ must have the same class folders, at least two,
+    each with an image; hidden files and folders are skipped, links followed once, other files ignored. Every image
+    is checked before training (check_images): one that cannot be read is refused with the rest (DatasetProblem).
+    A missing root: RuntimeError, as for the other datasets.
     """
 
-    _NAME, _ITEMS = "folder", ("samples", "imgs", "targets")
+    _NAME, _ITEMS = "folder", ("samples", "targets")
 
     def __init__(self, root: str | Path, train: bool = True, transform=None, download: bool = False):
         root = Path(root)
         if not root.is_dir():
             raise RuntimeError(f"Dataset not found: there is no folder '{root}'")
         mine, other = (root / "train", root / "test") if train else (root / "test", root / "train")
-        classes, other_classes = _image_classes(mine, images=True), _image_classes(other, images=False)
+        classes, other_classes = _class_folders(mine), _class_folders(other)
         if classes != other_classes:
             train_classes, test_classes = (classes, other_classes) if train else (other_classes, classes)
             only = {"train": set(train_classes) - set(test_classes), "test": set(test_classes) - set(train_classes)}
@@ -524,11 +582,30 @@ class FolderDataset(_Dataset, torchvision.datasets.ImageFolder):
                 f"the class folders of '{root / 'train'}' and '{root / 'test'}' differ ({differences}); "
                 "give both the same class folders"
             )
-        super().__init__(str(mine), transform=transform)  # download: there is nothing to download
+        if len(classes) < 2:
+            raise DatasetProblem(
+                f"'{mine}' holds one class folder ({classes[0]}); a classifier needs two or more: add a class folder"
+            )
+        files = {name: _image_files(mine / name) for name in classes}
+        empty = [name for name in classes if not files[name]]
+        if empty:
+            more = f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""
+            raise DatasetProblem(
+                f"the class folder '{mine / empty[0]}' holds no image{more} (readable: "
+                f"{' '.join(IMG_EXTENSIONS)}); add images or remove the folder"
+            )
+        self.classes, self.transform = classes, transform
+        self.samples = [(str(path), label) for label, name in enumerate(classes) for path in files[name]]
+        check_images(mine, [Path(path) for path, _ in self.samples])
+        self.targets = [label for _, label in self.samples]
         self.labels = _one_label(self.targets)
 
+    def __len__(self) -> int:
+        return len(self.samples)
+
     def _image(self, index: int) -> Image.Image:
-        return self.loader(self.samples[index][0])  # ImageFolder's loader converts to RGB
+        with Image.open(self.samples[index][0]) as image:
+            return image.convert("RGB")
 
 
 _DATASET_CLASSES = {cls._NAME: cls for cls in (CIFAR100, CIFAR10, SVHN, OxfordIIITPet, Food101, CUB200, FolderDataset)}
@@ -544,7 +621,7 @@ def dataset_classes(name: str, root: str | Path) -> int:
     """The number of classes: NUM_CLASSES[name]; for "folder" the class folders of root/train (DatasetProblem if
     root/train is missing or holds none)."""
     if _known(name) == "folder":
-        return len(_image_classes(Path(root) / "train", images=False))
+        return len(_class_folders(Path(root) / "train"))
     return NUM_CLASSES[name]
 
 
@@ -1000,10 +1077,26 @@ class Loaders:
     auxiliary: list = dataclasses.field(default_factory=list)
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may use (its affinity, where the system has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def default_workers() -> int:
     """The CPUs this process may use, at most 4: more would only make the DataLoader warn."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return min(4, cpus)
+    return min(4, usable_cpus())
+
+
+INTERRUPTS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def ignore_interrupts(worker_id: int = 0) -> None:
+    """A loader worker's start: a terminal's Ctrl-C or hang-up reaches the whole process group, and the run, not its
+    workers, handles them (it stops the workers). The run starts its workers with these signals blocked (see
+    experiment.batches), so none arrives before this; a pending one is dropped here."""
+    for interrupt in INTERRUPTS:
+        signal.signal(interrupt, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, INTERRUPTS)
 
 
 def make_loaders(cfg, device: torch.device, train_set, test_set, dev_set=None, auxiliary_sets=()) -> Loaders:
@@ -1027,7 +1120,13 @@ def make_loaders(cfg, device: torch.device, train_set, test_set, dev_set=None, a
         generator = torch.Generator().manual_seed(seed) if shuffle else None
         workers = default_workers() if cfg.workers is None else cfg.workers
         return torch.utils.data.DataLoader(
-            dataset, cfg.batch_size, shuffle, num_workers=workers, pin_memory=device.type == "cuda", generator=generator
+            dataset,
+            cfg.batch_size,
+            shuffle,
+            num_workers=workers,
+            pin_memory=device.type == "cuda",
+            generator=generator,
+            worker_init_fn=ignore_interrupts,
         )
 
     dev = loader(dev_set, shuffle=True, augment=False) if dev_set is not None else None

@@ -48,6 +48,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.error import URLError
 
 import numpy as np
 import torch
@@ -59,6 +60,7 @@ import create_dataset
 from create_dataset import DATASETS, DatasetProblem, Loaders
 
 PAPER_EPOCHS = 200  # the paper reports the mean test accuracy of the last 5 of 200 epochs
+MAX_IMAGE_SIZE = 1024  # pixels: --image-size's upper bound
 MAX_SEED = 2**32 - 1  # numpy's limit, the narrowest of the seeded generators
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a plain folder name, created inside --results-dir
 MAX_RUN_NAME = 200  # characters: a file system's 255-byte names, less the temporary files' prefix and suffix
@@ -266,16 +268,28 @@ def parse_flags(config: type, argv: list[str] | None, description: str = "") -> 
     return cfg
 
 
-def require(cfg: RunConfig, at_least_1=(), at_least_0=(), positive=()) -> None:
-    """Refuse, with one line naming the setting, a value outside its range."""
+def require(cfg: RunConfig, at_least_1=(), at_least_0=(), positive=(), fraction=()) -> None:
+    """Refuse, with one line naming the setting, a value outside its range (`fraction`: momentums, in [0, 1))."""
     for names, ok, rule in (
         (at_least_1, lambda v: v >= 1, "must be at least 1"),
         (at_least_0, lambda v: v >= 0, "must be 0 or more"),
         (positive, lambda v: v > 0 and math.isfinite(v), "must be positive and finite"),
+        (fraction, lambda v: 0 <= v < 1, "must be 0 or more and below 1"),
     ):
         for name in names:
             if not ok(getattr(cfg, name)):
                 raise UsageError(f"{setting(cfg, name, with_value=False)} {rule} (got {getattr(cfg, name)})")
+
+
+def only_with(cfg: RunConfig, where: str, applies: bool, defaults: RunConfig, *names: str) -> None:
+    """Refuse a setting of `names` that means something `where` only (another task or mode) when this run is not
+    there (`applies` false): given as a flag, or set to another value than its default in `defaults` (a Config of
+    this task; a default of None is derived, so only its flag counts)."""
+    for name in () if applies else names:
+        default = getattr(defaults, name)
+        if name in cfg.flags_given or (default is not None and getattr(cfg, name) != default):
+            undo = f"drop {flag(name)}" if name in cfg.flags_given else f"leave it at {default!r}"
+            raise UsageError(f"{setting(cfg, name)} is used with {where} only, which this run is not: {undo}")
 
 
 def default_stem(image_size: int) -> str:
@@ -313,9 +327,14 @@ def check_data(
                     f"{setting(cfg, name)} picks a level of CIFAR-100's hierarchy; on {cfg.dataset} the primary task "
                     f"is its {primary_level} classes: {undo}"
                 )
-    image_size = cfg.image_size or create_dataset.default_image_size(cfg.dataset)
+    image_size = create_dataset.default_image_size(cfg.dataset) if cfg.image_size is None else cfg.image_size
     if image_size < 32:
         raise UsageError(f"--image-size must be at least 32 (got {image_size})")
+    if image_size > MAX_IMAGE_SIZE:
+        raise UsageError(
+            f"--image-size must be at most {MAX_IMAGE_SIZE} (got {image_size}): the networks' activations, and the "
+            "memory they take, grow with the square of the image size"
+        )
     if cfg.backbone == "vit_b_16" and image_size % 16:
         raise UsageError(f"--image-size {image_size}: vit_b_16 cuts images into 16x16 patches; give a multiple of 16")
     if cfg.stem is not None and cfg.backbone not in RESNETS:
@@ -337,6 +356,11 @@ def check_data(
 def check_run_settings(cfg: RunConfig) -> None:
     """Refuse run settings (seed, run name, device, ...) that cannot mean what they say."""
     require(cfg, at_least_0=("limit_batches",) + (("workers",) if cfg.workers is not None else ()))
+    if cfg.workers is not None and cfg.workers > create_dataset.usable_cpus():
+        raise UsageError(
+            f"--workers must be at most {create_dataset.usable_cpus()}, the CPUs this process may use (got "
+            f"{cfg.workers}): more workers only compete for them, and each holds a copy of a batch in memory"
+        )
     if cfg.resume and cfg.overwrite:
         raise UsageError("--resume continues a run and --overwrite starts it over; give one of them")
     if not 0 <= cfg.seed <= MAX_SEED:
@@ -452,14 +476,22 @@ def make_backbone(cfg: RunConfig) -> nn.Module | None:
     224) get their position embeddings interpolated to it."""
     if cfg.backbone == "vgg16":
         return None
-    weights = "DEFAULT" if cfg.pretrained else None
-    if cfg.backbone == "vit_b_16":
-        network = torchvision.models.vit_b_16(image_size=cfg.image_size)
-        if cfg.pretrained:
-            state = torchvision.models.vit_b_16(weights=weights).state_dict()
-            network.load_state_dict(interpolate_embeddings(cfg.image_size, 16, state))
-        return headless(network)
-    network = getattr(torchvision.models, cfg.backbone)(weights=weights)
+    weights = torchvision.models.get_model_weights(cfg.backbone).DEFAULT if cfg.pretrained else None
+    try:
+        if cfg.backbone == "vit_b_16":
+            network = torchvision.models.vit_b_16(image_size=cfg.image_size)
+            if cfg.pretrained:
+                state = torchvision.models.vit_b_16(weights=weights).state_dict()
+                network.load_state_dict(interpolate_embeddings(cfg.image_size, 16, state))
+            return headless(network)
+        network = getattr(torchvision.models, cfg.backbone)(weights=weights)
+    except (URLError, OSError) as error:  # no internet, no cached weights
+        cache = Path(torch.hub.get_dir()) / "checkpoints"
+        raise UsageError(
+            f"--pretrained: torchvision's ImageNet weights for {cfg.backbone} are not in '{cache}' and could not be "
+            f"downloaded ({getattr(error, 'reason', None) or error}); put {weights.url.rsplit('/', 1)[-1]} there "
+            f"by hand (download {weights.url} on a machine with internet; TORCH_HOME moves the cache)"
+        ) from None
     if cfg.stem == "cifar":
         network.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         network.maxpool = nn.Identity()
@@ -474,7 +506,14 @@ def batches(loader, cfg: RunConfig, device: torch.device, phase: str | None = "t
     names the pass on the progress line (None: a pass the line does not show)."""
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     steps = min(len(loader), cfg.limit_batches or len(loader))
-    for step, (images, labels) in enumerate(loader):
+    # The loader's workers start here (a fork per worker, every pass): with the interrupts blocked until each worker
+    # ignores them (create_dataset.ignore_interrupts), so a Ctrl-C to the process group reaches the run alone.
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, create_dataset.INTERRUPTS)
+    try:
+        iterator = iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    for step, (images, labels) in enumerate(iterator):
         if step == steps:
             return
         if phase is not None:
@@ -947,6 +986,12 @@ def provenance(device: torch.device, argv: list[str] | None = None) -> dict:
     }
 
 
+def print_lost(line: str, stream=None) -> None:
+    """Print, where a terminal that went away (a hang-up) loses the line, not the run."""
+    with contextlib.suppress(OSError):
+        print(line, file=stream or sys.stdout, flush=True)
+
+
 class RunLog:
     """The run folder's log.txt: a header with each start's provenance, then every line the run prints. Kept in
     memory until the run has results on disk (open()): a run that saves nothing leaves no log behind."""
@@ -979,8 +1024,7 @@ class RunLog:
 
     def say(self, line: str, stream=None) -> None:
         """Print the line (stdout, or `stream`) and log it."""
-        with contextlib.suppress(OSError):  # a terminal that went away (SIGHUP)
-            print(line, file=stream or sys.stdout, flush=True)
+        print_lost(line, stream)
         self.write(line)
 
     def close(self) -> None:
@@ -1073,7 +1117,7 @@ class Run:
             if "--run-name" not in args and not any(a.startswith("--run-name=") for a in args):
                 args += ["--run-name", self.cfg.run_name]
             again = f"Resume with: {shlex.join([*command(self.argv)[:2], *args, '--resume'])}"
-        say = self.log.say if self.log else lambda line, stream: print(line, file=stream)
+        say = self.log.say if self.log else lambda line, stream: print_lost(line, stream)
         if isinstance(error, NonFiniteLoss):
             if self.log:
                 self.log.write(f"error: {error}; {kept}. {error.hint}")

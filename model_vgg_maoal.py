@@ -947,7 +947,20 @@ def epoch_line(record: dict, epochs: int) -> str:
 
 def check_config(cfg: Config) -> Config:
     """Refuse impossible settings before anything runs; return the config to run, its derived defaults resolved
-    (the data's; the domains task's auxiliary reduction by mode)."""
+    (the data's; the domains task's auxiliary reduction by mode). A setting of another task or mode is refused."""
+    defaults, domains, upper = Config(task=cfg.task), cfg.task == "domains", cfg.mode in ("maoal", "aux")
+    only_with = experiment.only_with
+    only_with(cfg, "--task domains", domains, defaults, "target_domain", "aux_domains", "renormalize", "dev_fraction")
+    only_with(cfg, "--task domains", domains, defaults, "aux_reduction")
+    only_with(cfg, "--task hierarchy", not domains, defaults, "primary_level", "aux_level", "dev_size")
+    only_with(cfg, "--mode maoal or aux", upper, defaults, "meta_every", "neumann_terms", "authors_neumann_sum")
+    only_with(cfg, "--mode maoal or aux", upper, defaults, "hypergrad_clip")
+    lambdas = ("neumann_alpha", "lambda_activation", "lambda_optimizer", "lambda_lr", "lambda_weight_decay")
+    only_with(cfg, "--mode maoal", cfg.mode == "maoal", defaults, *lambdas, "lambda_momentum")
+    only_with(cfg, "--lambda-optimizer sgd", cfg.lambda_optimizer == "sgd", defaults, "lambda_momentum")
+    combiner = ("combiner_hidden", "combiner_lr", "combiner_momentum", "combiner_weight_decay", "combiner_alpha")
+    only_with(cfg, "--mode aux", cfg.mode == "aux", defaults, *combiner)
+    only_with(cfg, "--lr-schedule step", cfg.lr_schedule == "step", defaults, "lr_step", "lr_gamma")
     cfg = experiment.check_data(
         cfg, "maoal", backbones=("vgg16", "resnet18"),
         backbones_because="lambda weighs VGG-16's five blocks or ResNet-18's stem and four stages",
@@ -956,9 +969,9 @@ def check_config(cfg: Config) -> Config:
     require(
         cfg,
         at_least_1=("epochs", "batch_size", "lr_step", "dev_size", "meta_every", "neumann_terms"),
-        at_least_0=("focal_gamma", "lambda_momentum", "momentum", "weight_decay", "lambda_weight_decay")
-        + ("combiner_momentum", "combiner_weight_decay"),
+        at_least_0=("focal_gamma", "weight_decay", "lambda_weight_decay", "combiner_weight_decay"),
         positive=("lr", "lr_gamma", "neumann_alpha", "lambda_lr", "hypergrad_clip", "combiner_lr", "combiner_alpha"),
+        fraction=("momentum", "lambda_momentum", "combiner_momentum"),
     )
     try:
         hidden = [int(h) for h in cfg.combiner_hidden.split(",")]

@@ -912,9 +912,11 @@ def check_config(cfg: Config) -> Config:
     require(
         cfg,
         at_least_1=("epochs", "batch_size", "lr_step", "cossim_every"),
-        at_least_0=("focal_gamma",),
+        at_least_0=("focal_gamma", "gen_weight_decay", "entropy_weight"),
         positive=("lr", "lr_gamma", "gen_lr", "fd_step"),
     )
+    finite_difference = cfg.meta_grad == "finite-difference"
+    experiment.only_with(cfg, "--meta-grad finite-difference", finite_difference, Config(), "fd_step")
     if not 0 < cfg.weight_range < MAX_WEIGHT_RANGE:  # also refuses nan and inf
         raise UsageError(
             f"{setting(cfg, 'weight_range', with_value=False)} must be positive and below {MAX_WEIGHT_RANGE} (got "

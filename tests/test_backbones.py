@@ -203,4 +203,5 @@ def test_pretrained_weights_are_asked_for_and_vits_position_embeddings_fit_the_i
     assert network.encoder.pos_embedding.shape == (1, 4 * 4 + 1, 16) and imagenet.shape == (1, 14 * 14 + 1, 16)
     torch.testing.assert_close(network.encoder.pos_embedding[:, 0], imagenet[:, 0])  # the class token's, as it was
     experiment.make_backbone(checked(single, backbone="resnet18", pretrained=True))
-    assert asked == [None, "DEFAULT", "DEFAULT", "DEFAULT"]  # the network at 64, its weights, ours above, ResNet's
+    default = [torchvision.models.ViT_B_16_Weights.DEFAULT, torchvision.models.ResNet18_Weights.DEFAULT]
+    assert asked == [None, default[0], "DEFAULT", default[1]]  # the network at 64, its weights, ours above, ResNet's

@@ -132,7 +132,8 @@ def test_psi_is_compared_as_the_parsed_list():
 
 
 def test_fd_step_enters_the_name_only_where_it_is_used():
-    assert name(maxl, fd_step=0.001) == PAPER_NAMES["maxl"]
+    with pytest.raises(experiment.UsageError, match="fd_step = 0.001 in Config is used with --meta-grad finite-diff"):
+        name(maxl, fd_step=0.001)  # the exact meta-gradients take no step: refused, not silently recorded
     fd = name(maxl, meta_grad="finite-difference")
     assert fd == "maxl-finite-difference-pri20-aux100-seed0"
     assert name(maxl, meta_grad="finite-difference", fd_step=0.001) != fd

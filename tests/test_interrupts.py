@@ -1,0 +1,181 @@
+"""Interrupts and hang-ups as a terminal, ssh or a scheduler deliver them: Ctrl-C typed on a real pseudo-terminal (the
+line discipline signals the whole process group, the data-loading workers too), two hang-ups in a row, a hang-up to
+figure3.py's runner, and the resume command of a script started by its path from another folder. Each ends in one
+line, the exit code 128 + the signal, the last checkpoint kept, the lock released and no process left behind."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pty
+import select
+import signal
+import subprocess
+import sys
+import termios
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+SLOW_EPOCHS = ["--epochs", "3", "--batch-size", "10", "--no-download", "--device", "cpu"]
+
+
+def on_terminal(cmd: list[str], cwd: Path) -> tuple[subprocess.Popen, int]:
+    """Start `cmd` in a session of its own whose controlling terminal is a new pseudo-terminal; returns the process
+    and the terminal's master side (what a terminal emulator reads and types into)."""
+    master, slave = pty.openpty()
+
+    def controlling_terminal():
+        os.setsid()
+        fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(
+        cmd, cwd=cwd, stdin=slave, stdout=slave, stderr=slave, preexec_fn=controlling_terminal, env=env
+    )
+    os.close(slave)
+    return process, master
+
+
+def read_until(master: int, process: subprocess.Popen, text: str, seen: list[str], timeout: float = 240) -> None:
+    """Read the terminal's output into `seen` until `text` appears (or the process ends)."""
+    deadline = time.monotonic() + timeout
+    while text not in "".join(seen):
+        assert time.monotonic() < deadline and process.poll() is None, "".join(seen)
+        if select.select([master], [], [], 0.2)[0]:
+            try:
+                seen.append(os.read(master, 65536).decode(errors="replace"))
+            except OSError:  # the terminal's other side has closed
+                return
+
+
+def finish(master: int, process: subprocess.Popen, seen: list[str]) -> str:
+    """Wait for the process; everything it printed on the terminal."""
+    deadline = time.monotonic() + 120
+    while process.poll() is None and time.monotonic() < deadline:
+        if select.select([master], [], [], 0.2)[0]:
+            try:
+                seen.append(os.read(master, 65536).decode(errors="replace"))
+            except OSError:
+                break
+    process.wait(timeout=60)
+    os.close(master)
+    return "".join(seen)
+
+
+def group_is_gone(pgid: int) -> bool:
+    """No process of the group is left (the loader's workers included), within a few seconds."""
+    for _ in range(50):
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_ctrl_c_on_a_terminal_with_loader_workers_is_one_line_and_the_resume_command(data_root, tmp_path):
+    """The default --workers (the CPUs, at most 4): Ctrl-C reaches the workers too; they leave it to the run."""
+    script = ["model_vgg_single.py", "--data-root", str(data_root), "--results-dir", str(tmp_path), *SLOW_EPOCHS]
+    process, master = on_terminal([sys.executable, *script, "--run-name", "c"], REPO)
+    seen: list[str] = []
+    read_until(master, process, "epoch   1/3", seen)  # an epoch is saved; the next has started its workers
+    time.sleep(2)
+    os.write(master, b"\x03")  # what typing Ctrl-C sends: the terminal signals the foreground process group
+    out = finish(master, process, seen)
+    assert process.returncode == 130, out
+    assert "Traceback" not in out and "DataLoader worker" not in out, out
+    lines = [line for line in out.splitlines() if "interrupted" in line]
+    assert len(lines) == 1 and "the checkpoint after epoch 1 is in" in lines[0], out
+    assert lines[0].endswith(f"Resume with: python model_vgg_single.py {' '.join(script[1:])} --run-name c --resume")
+    assert (tmp_path / "c" / "checkpoint.pt").is_file() and not (tmp_path / "c" / ".lock").exists()
+    assert group_is_gone(process.pid)  # its session's group: the run and its workers
+
+
+def test_two_hang_ups_in_a_row_stop_the_run_once(data_root, tmp_path):
+    """A terminal closing, then its session: the second SIGHUP finds the run already stopping, and changes nothing."""
+    cmd = [sys.executable, "model_vgg_single.py", "--data-root", str(data_root), "--results-dir", str(tmp_path)]
+    process, master = on_terminal([*cmd, *SLOW_EPOCHS, "--run-name", "h"], REPO)
+    seen: list[str] = []
+    read_until(master, process, "epoch   1/3", seen)
+    os.killpg(process.pid, signal.SIGHUP)
+    os.killpg(process.pid, signal.SIGHUP)
+    finish(master, process, seen)
+    assert process.returncode == 129  # an exit, not a death by the signal (-1)
+    log = (tmp_path / "h" / "log.txt").read_text()
+    assert log.count("interrupted") == 1 and "Resume with: " in log
+    assert (tmp_path / "h" / "checkpoint.pt").is_file() and not (tmp_path / "h" / ".lock").exists()
+    assert group_is_gone(process.pid)
+
+
+def test_the_resume_command_is_the_script_as_it_was_invoked(data_root, tmp_path):
+    """Started by its path from another folder, the run's resume line names that path, which works from there."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    script = os.path.relpath(REPO / "model_vgg_single.py", elsewhere)
+    flags = ["--data-root", str(data_root), "--results-dir", str(tmp_path / "r"), *SLOW_EPOCHS, "--workers", "0"]
+    process = subprocess.Popen(
+        [sys.executable, script, *flags, "--run-name", "p"], cwd=elsewhere, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    while not (tmp_path / "r" / "p" / "metrics.json").exists():
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143
+    resume = stderr.split("Resume with: ")[1].strip()
+    assert resume.startswith(f"python {script} ") and resume.endswith("--run-name p --resume")
+    again = subprocess.run(
+        [sys.executable, *resume.split()[1:]], cwd=elsewhere, capture_output=True, text=True, timeout=600
+    )
+    assert again.returncode == 0, again.stderr
+
+
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGINT])
+def test_a_hang_up_or_interrupt_to_the_grid_runner_stops_its_runs_and_a_new_run_resumes_them(
+    data_root, tmp_path, signum
+):
+    """figure3.py run passes it on to its runs (in sessions of their own), which stop and keep their checkpoints;
+    the same command afterwards resumes them."""
+    run = [
+        sys.executable,
+        "figure3.py",
+        "run",
+        "--methods",
+        "single",
+        "--pairs",
+        "20-100",
+        "--results-dir",
+        str(tmp_path),
+    ]
+    flags = [
+        "--",
+        "--data-root",
+        str(data_root),
+        "--no-download",
+        "--device",
+        "cpu",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "10",
+    ]
+    runner = subprocess.Popen([*run, *flags], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = next(iter(tmp_path.glob("single-*/metrics.json")), None)
+    while metrics is None:
+        assert runner.poll() is None, runner.communicate()
+        time.sleep(0.2)
+        metrics = next(iter(tmp_path.glob("single-*/metrics.json")), None)
+    runner.send_signal(signum)
+    runner.communicate(timeout=180)
+    assert runner.returncode == 128 + signum
+    run_dir = metrics.parent
+    assert (run_dir / "checkpoint.pt").is_file() and not (run_dir / ".lock").exists()
+    job_log = (tmp_path / "figure3" / "jobs" / f"{run_dir.name}.log").read_text()
+    assert "interrupted" in job_log and "Traceback" not in job_log
+    again = subprocess.run([*run, *flags], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert "--resume" in (tmp_path / "figure3" / "jobs" / f"{run_dir.name}.log").read_text().split("===")[-1]
