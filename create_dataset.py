@@ -27,6 +27,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import gzip
 import hashlib
 import io
 import itertools
@@ -34,7 +35,9 @@ import json
 import os
 import pickle
 import signal
+import struct
 import warnings
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from urllib.error import URLError
@@ -92,31 +95,51 @@ TRAIN_TRANSFORM = transforms.Compose(
 )
 TEST_TRANSFORM = transforms.Compose([transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
 
-DATASETS = ("cifar100", "cifar10", "svhn", "oxford-pet", "food101", "cub200", "folder")
+DATASETS = ("cifar100", "cifar10", "svhn", "fashion-mnist", "mnist", "oxford-pet", "food101", "cub200", "folder")
 """What ``open_dataset`` opens; "folder" is one's own images, root/train/<class>/ and root/test/<class>/."""
-SMALL_IMAGE_DATASETS = ("cifar100", "cifar10", "svhn")
+SMALL_IMAGE_DATASETS = ("cifar100", "cifar10", "svhn", "fashion-mnist", "mnist")
 """32x32 images held in memory as uint8 (``data``, (N, 32, 32, 3)): the paper's pipeline and DeviceLoader."""
-NUM_CLASSES = {"cifar100": 100, "cifar10": 10, "svhn": 10, "oxford-pet": 37, "food101": 101, "cub200": 200}
+NUM_CLASSES = {"cifar100": 100, "cifar10": 10, "svhn": 10, "fashion-mnist": 10, "mnist": 10}
+NUM_CLASSES |= {"oxford-pet": 37, "food101": 101, "cub200": 200}
 """Classes of each dataset ("folder": as many as root/train has class folders, see dataset_classes)."""
 DATASET_NAMES = {"cifar100": "CIFAR-100", "cifar10": "CIFAR-10", "svhn": "SVHN", "oxford-pet": "Oxford-IIIT Pet"}
 DATASET_NAMES |= {"food101": "Food-101", "cub200": "CUB-200-2011", "folder": "the image folder"}
+DATASET_NAMES |= {"fashion-mnist": "Fashion-MNIST", "mnist": "MNIST"}
 DOWNLOAD_SIZES = {"cifar100": "161 MB", "cifar10": "163 MB", "svhn": "246 MB", "oxford-pet": "790 MB"}
-DOWNLOAD_SIZES |= {"food101": "5.0 GB", "cub200": "1.1 GB"}
+DOWNLOAD_SIZES |= {"food101": "5.0 GB", "cub200": "1.1 GB", "fashion-mnist": "30 MB", "mnist": "11 MB"}
 # Images in each real train and test set: the most the command line writes (no script needs more).
 REAL_SIZES = {"cifar100": (50_000, 10_000), "cifar10": (50_000, 10_000), "svhn": (73_257, 26_032)}
 REAL_SIZES |= {"oxford-pet": (3_680, 3_669), "food101": (75_750, 25_250), "cub200": (5_994, 5_794)}
+REAL_SIZES |= {"fashion-mnist": (60_000, 10_000), "mnist": (60_000, 10_000)}
+NO_FLIP = ("svhn", "mnist")  # digits are not mirror-symmetric; clothes (Fashion-MNIST) and CIFAR's objects are
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Where each dataset's files live under its root (dataset_folder): "folder" is the root itself.
 DATASET_FOLDERS = {"cifar100": "cifar-100-python", "cifar10": "cifar-10-batches-py", "svhn": "svhn"}
 DATASET_FOLDERS |= {"oxford-pet": "oxford-iiit-pet", "food101": "food-101", "cub200": "CUB_200_2011", "folder": "."}
+DATASET_FOLDERS |= {"fashion-mnist": "FashionMNIST", "mnist": "MNIST"}  # torchvision's: root/<class name>/raw/
 # The file make_synthetic writes under root beside each dataset's folder (is_synthetic); for cifar10, svhn and
 # cifar100 (SYNTHETIC_MARKER) it holds the md5 of each file, which torchvision checks instead of the real ones.
 SYNTHETIC_MARKERS = {name: f"{folder}.synthetic.json" for name, folder in DATASET_FOLDERS.items()}
 SYNTHETIC_MARKERS["folder"] = "synthetic.json"  # the folder dataset is the root itself: its marker is inside
 SYNTHETIC_MARKER = SYNTHETIC_MARKERS["cifar100"]
 SVHN_FILES = ("train_32x32.mat", "test_32x32.mat")
+# MNIST's and Fashion-MNIST's four idx files, and the md5 of each one's content, uncompressed (the .gz files
+# torchvision downloads have md5s of their own; the same data compressed again, as Debian's dataset-fashion-mnist
+# package ships it, is checked by these: the files' published checksums, as other loaders record them).
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+IDX_MD5 = {
+    "mnist": (
+        "6bbc9ace898e44ae57da46a324031adb", "a25bea736e30d166cdddb491f175f624",
+        "2646ac647ad5339dbf082846283269ea", "27ae3e4e09519cfbb04c329615203637",
+    ),
+    "fashion-mnist": (
+        "f4a8712d7a061bf5bd6d2ca38dc4d50a", "9018921c3c673c538a1fc5bad174d6f9",
+        "8181f5470baa50b63fa0f6fddb340f0a", "15d484375f8d13e6eb1aabb0c3f46965",
+    ),
+}  # fmt: skip
+FASHION_MNIST_LABEL_NAMES = "t-shirt/top trouser pullover dress coat sandal shirt sneaker bag ankle-boot".split()
 
 CIFAR10_LABEL_NAMES = "airplane automobile bird cat deer dog frog horse ship truck".split()
 # The 37 breeds in class-id order (CLASS-ID 1..37 in the annotations); a capital first letter is a cat.
@@ -333,6 +356,57 @@ class CIFAR10(_CIFAR, torchvision.datasets.CIFAR10):
     """torchvision's CIFAR-10 whose items are ``(image, labels)``, labels of shape (1,); see _CIFAR."""
 
     _NAME = "cifar10"
+
+
+class _MNIST(_Dataset):
+    """torchvision's MNIST or Fashion-MNIST (download, md5 checks), 28x28 grayscale: each image padded with 2 black
+    pixels on every side to 32x32 (the digit or garment stays whole and unscaled, as LeNet-5 took MNIST) and repeated
+    on three channels, kept as `data` uint8 (N, 32, 32, 3) like CIFAR's, so the paper's 32x32 pipeline and
+    DeviceLoader take it as it is. The four .gz files in root/<FashionMNIST or MNIST>/raw/ are enough without a
+    network, also with download=False: each is checked (by the md5 torchvision knows, or its content's, IDX_MD5) and
+    extracted there. A folder make_synthetic (or write_subset) wrote is checked by the md5s in its marker."""
+
+    _ITEMS = ("data", "targets")
+
+    def __init__(self, root: str | Path, train: bool = True, transform=None, download: bool = False):
+        marker = next((m for m in _markers(self._NAME, root) if m.is_file()), None)
+        if marker is not None:
+            md5 = _marker_checksums(marker, [f"{name}.gz" for name in IDX_FILES])
+            self.resources = [(f"{name}.gz", md5[f"{name}.gz"]) for name in IDX_FILES]
+            download = False  # never download the real files over a synthetic folder or a subset
+        self._extract(Path(root) / type(self).__name__ / "raw", content_md5=None if marker else IDX_MD5[self._NAME])
+        super().__init__(root, train=train, transform=transform, download=download)
+        padded = F.pad(self.data, (2, 2, 2, 2))  # (N, 28, 28) -> (N, 32, 32), zeros: the images' black background
+        self.data = padded.unsqueeze(-1).expand(-1, -1, -1, 3).contiguous().numpy()
+        self.labels = _one_label(self.targets)
+
+    def _extract(self, raw: Path, content_md5: Sequence[str] | None) -> None:
+        """Extract each .gz file that is whole and not yet extracted (torchvision's download does so too, after its
+        check, but only with download=True and only for the files it would download). A file that is not whole is
+        left: torchvision then finds the dataset incomplete (the scripts say "not found or corrupted")."""
+        for (archive, md5), name, expected in zip(self.resources, IDX_FILES, content_md5 or [None] * len(IDX_FILES)):
+            if (raw / name).is_file() or not (raw / archive).is_file():
+                continue
+            try:
+                content = gzip.decompress((raw / archive).read_bytes())
+            except (OSError, EOFError, zlib.error):
+                continue
+            if _verified(raw / archive, md5) or (expected and hashlib.md5(content).hexdigest() == expected):
+                tmp = raw / f".{name}.tmp"
+                tmp.write_bytes(content)
+                tmp.replace(raw / name)
+
+
+class FashionMNIST(_MNIST, torchvision.datasets.FashionMNIST):
+    """Fashion-MNIST, 10 kinds of clothing (FASHION_MNIST_LABEL_NAMES); labels of shape (N, 1); see _MNIST."""
+
+    _NAME = "fashion-mnist"
+
+
+class MNIST(_MNIST, torchvision.datasets.MNIST):
+    """MNIST, the digits 0-9; labels of shape (N, 1); see _MNIST."""
+
+    _NAME = "mnist"
 
 
 class SVHN(_Dataset, torchvision.datasets.SVHN):
@@ -608,7 +682,10 @@ class FolderDataset(_Dataset, torch.utils.data.Dataset):
             return image.convert("RGB")
 
 
-_DATASET_CLASSES = {cls._NAME: cls for cls in (CIFAR100, CIFAR10, SVHN, OxfordIIITPet, Food101, CUB200, FolderDataset)}
+_DATASET_CLASSES = {
+    cls._NAME: cls
+    for cls in (CIFAR100, CIFAR10, SVHN, FashionMNIST, MNIST, OxfordIIITPet, Food101, CUB200, FolderDataset)
+}
 
 
 def _known(name: str) -> str:
@@ -628,16 +705,17 @@ def dataset_classes(name: str, root: str | Path) -> int:
 def dataset_transforms(name: str, image_size: int) -> tuple[transforms.Compose, transforms.Compose]:
     """(train transform, test transform) for `name` at `image_size` pixels square.
 
-    CIFAR at 32: TRAIN_TRANSFORM and TEST_TRANSFORM themselves; SVHN the same without the flip (digits are not
-    mirror-symmetric); a 32x32 dataset at another size resizes after the crop. The large-image datasets:
-    ImageNet's RandomResizedCrop and flip for training, resize and centre crop (the 224/256 ratio) for testing.
+    CIFAR and Fashion-MNIST at 32: TRAIN_TRANSFORM and TEST_TRANSFORM themselves; SVHN and MNIST the same without
+    the flip (NO_FLIP: digits are not mirror-symmetric); a 32x32 dataset at another size resizes after the crop. The
+    large-image datasets: ImageNet's RandomResizedCrop and flip for training, resize and centre crop (the 224/256
+    ratio) for testing.
     """
     if not (isinstance(image_size, int) and image_size >= 1):
         raise ValueError(f"image_size must be a positive integer (got {image_size!r})")
     if _known(name) in SMALL_IMAGE_DATASETS:
-        if image_size == 32 and name != "svhn":
+        if image_size == 32 and name not in NO_FLIP:
             return TRAIN_TRANSFORM, TEST_TRANSFORM
-        flip = [transforms.RandomHorizontalFlip()] if name != "svhn" else []
+        flip = [transforms.RandomHorizontalFlip()] if name not in NO_FLIP else []
         resize = [transforms.Resize(image_size)] if image_size != 32 else []
         tensor = [transforms.ToTensor(), transforms.Normalize(MEAN, STD)]
         train = transforms.Compose([transforms.RandomCrop(32, padding=4), *flip, *resize, *tensor])
@@ -651,6 +729,11 @@ def dataset_transforms(name: str, image_size: int) -> tuple[transforms.Compose, 
 def dataset_folder(name: str, root: str | Path) -> Path:
     """Where the dataset's files live under `root` (root itself for "folder"), for messages."""
     return Path(root) / DATASET_FOLDERS[_known(name)]
+
+
+def _markers(name: str, root: str | Path) -> list[Path]:
+    """Where a marker of a dataset not downloaded can be: make_synthetic's, and write_subset's (real images)."""
+    return [Path(root) / SYNTHETIC_MARKERS[name], Path(root) / f"{DATASET_FOLDERS[name]}.subset.json"]
 
 
 def is_synthetic(name: str, root: str | Path) -> bool:
@@ -722,9 +805,12 @@ def make_synthetic_cifar100(root: str | Path, n_train: int = 500, n_test: int = 
     return _write_synthetic("cifar100", root, files)
 
 
-def _write_synthetic(name: str, root: str | Path, files: Iterable[tuple[str, bytes]], info: dict | None = None) -> Path:
-    """Write `files` (path under the dataset's folder, content), then the dataset's marker under `root`: for the
-    32x32 sets the md5 of each file (what torchvision checks), else `info`. On any error, removes what it made."""
+def _write_synthetic(
+    name: str, root: str | Path, files: Iterable[tuple[str, bytes]], info: dict | None = None, marker: str = ""
+) -> Path:
+    """Write `files` (path under the dataset's folder, content), then the dataset's marker under `root` (`marker`:
+    another name than make_synthetic's): for the 32x32 sets the md5 of each file (what torchvision checks) with
+    `info`, else `info`. On any error, removes what it made."""
     root = Path(root)
     folder = dataset_folder(name, root)
     checked = name in SMALL_IMAGE_DATASETS
@@ -741,9 +827,11 @@ def _write_synthetic(name: str, root: str | Path, files: Iterable[tuple[str, byt
             if checked:
                 md5[path.name] = _md5(path)
         _make_folders(root, made)  # n_train = n_test = 0 for "folder" writes no image
-        with open(root / SYNTHETIC_MARKERS[name], "w") as f:
-            made.append(root / SYNTHETIC_MARKERS[name])
-            f.write(json.dumps(md5 if checked else info, indent=1) + "\n")
+        marker = root / (marker or SYNTHETIC_MARKERS[name])
+        with open(marker, "w") as f:
+            made.append(marker)
+            record = {**md5, **(info or {})} if checked and name in IDX_MD5 else md5 if checked else info
+            f.write(json.dumps(record, indent=1) + "\n")
     except BaseException:
         _remove_made(made)
         raise
@@ -920,7 +1008,70 @@ def _synthetic_folder(rng: np.random.Generator, n_train: int, n_test: int) -> It
             yield f"{split}/{SYNTHETIC_FOLDER_CLASSES[label]}/{k:05d}.png", image(label)
 
 
+def _idx(array: np.ndarray) -> bytes:
+    """An idx file, MNIST's format: two zero bytes, the type (8: unsigned byte) and the number of dimensions, each
+    dimension's size (big-endian), then the bytes; compressed as the published files are."""
+    header = struct.pack(">HBB", 0, 8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    return gzip.compress(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes(), mtime=0)
+
+
+def _synthetic_idx(rng: np.random.Generator, n_train: int, n_test: int) -> Iterator[tuple[str, bytes]]:
+    """MNIST's and Fashion-MNIST's raw/ folder: the four .gz idx files of 28x28 grayscale images, a class's smooth
+    7x7 pattern (survives random crops) scaled up, plus noise, on a black border, and their labels."""
+    pattern = rng.uniform(60, 255, size=(10, 7, 7))
+    prototypes = np.pad(np.repeat(np.repeat(pattern, 3, axis=1), 3, axis=2), ((0, 0), (3, 4), (3, 4)))
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = _cycled(n, 10, rng)
+        images = np.clip(prototypes[labels] + rng.normal(0, 25, size=(n, 28, 28)), 0, 255)
+        yield f"raw/{prefix}-images-idx3-ubyte.gz", _idx(images.astype(np.uint8))
+        yield f"raw/{prefix}-labels-idx1-ubyte.gz", _idx(labels)
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An idx file (.gz or not) as a uint8 array of its shape."""
+    data = path.read_bytes()
+    data = gzip.decompress(data) if path.suffix == ".gz" else data
+    ndim = data[3]
+    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def write_subset(name: str, source: str | Path, root: str | Path, n_train: int, n_test: int, seed: int = 0) -> Path:
+    """Real images in less time: n_train training and n_test test images of MNIST or Fashion-MNIST, as many of each
+    class as the counts allow (one more for the first classes where 10 does not divide them), drawn with `seed`
+    from `source` (the four files, .gz or not: Debian's package, or torchvision's raw/ folder), each checked by its
+    content's md5 (IDX_MD5), written in the real layout under root/<FashionMNIST or MNIST>/raw/ with a marker naming
+    the source. DatasetProblem for a source that is not the real dataset."""
+    arrays = []
+    for file, expected in zip(IDX_FILES, IDX_MD5[name]):
+        path = next((p for p in (Path(source, f"{file}.gz"), Path(source, file)) if p.is_file()), None)
+        if path is None:
+            raise DatasetProblem(
+                f"'{source}' holds no {file}.gz (nor {file}): give the folder of {DATASET_NAMES[name]}'s four files"
+            )
+        data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        if hashlib.md5(data).hexdigest() != expected:
+            raise DatasetProblem(f"'{path}' is not {DATASET_NAMES[name]}'s {file} (its md5 differs)")
+        arrays.append(read_idx(path))
+    rng = np.random.default_rng(seed)
+
+    def files():
+        for (images, labels), n, prefix in zip((arrays[:2], arrays[2:]), (n_train, n_test), ("train", "t10k")):
+            counts = [n // 10 + (k < n % 10) for k in range(10)]
+            chosen = np.sort(
+                np.concatenate(
+                    [rng.choice(np.flatnonzero(labels == k), c, replace=False) for k, c in enumerate(counts)]
+                )
+            )
+            yield f"raw/{prefix}-images-idx3-ubyte.gz", _idx(images[chosen])
+            yield f"raw/{prefix}-labels-idx1-ubyte.gz", _idx(labels[chosen])
+
+    info = {"subset of": str(source), "train": n_train, "test": n_test, "seed": seed}
+    return _write_synthetic(name, root, files(), info, marker=_markers(name, root)[1].name)
+
+
 _SYNTHETIC_WRITERS = {"cifar10": _synthetic_cifar10, "svhn": _synthetic_svhn, "oxford-pet": _synthetic_pet}
+_SYNTHETIC_WRITERS |= {"fashion-mnist": _synthetic_idx, "mnist": _synthetic_idx}
 _SYNTHETIC_WRITERS |= {"food101": _synthetic_food101, "cub200": _synthetic_cub200, "folder": _synthetic_folder}
 
 
@@ -1111,7 +1262,7 @@ def make_loaders(cfg, device: torch.device, train_set, test_set, dev_set=None, a
         )
     fits = cfg.dataset in SMALL_IMAGE_DATASETS and cfg.image_size == 32
     on_device = cfg.data_path == "device" or (cfg.data_path == "auto" and device.type == "cuda" and fits)
-    flip = cfg.dataset != "svhn"  # digits are not mirror-symmetric
+    flip = cfg.dataset not in NO_FLIP
 
     def loader(dataset, shuffle: bool, augment: bool, seed: int = cfg.seed):
         if on_device:
@@ -1175,7 +1326,22 @@ def _command_line() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     parser.error = lambda message: parser.exit(2, f"error: {message} (see --help)\n")  # one line, no usage dump
-    parser.add_argument("--synthetic", type=_folder, required=True, metavar="DIR", help="folder to write it into")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--synthetic", type=_folder, metavar="DIR", help="folder to write it into")
+    where.add_argument(
+        "--subset",
+        type=_folder,
+        metavar="DIR",
+        help="instead: real images, --train and --test of them (as many of each class as they allow) drawn with --seed "
+        "from --source, written into DIR in the real layout (fashion-mnist and mnist)",
+    )
+    parser.add_argument(
+        "--source",
+        type=Path,
+        metavar="SRC",
+        help="--subset: the folder of the four .gz files, e.g. /usr/share/datasets/fashion-mnist (Debian's "
+        "dataset-fashion-mnist) or DIR/FashionMNIST/raw (torchvision's download)",
+    )
     parser.add_argument(
         "--dataset",
         choices=DATASETS,
@@ -1205,12 +1371,15 @@ def _refusal(args: argparse.Namespace) -> str | None:
             )
     if not 0 <= args.seed < 2**32:
         return f"--seed must be between 0 and {2**32 - 1}"
+    if args.subset and (args.dataset not in IDX_MD5 or args.source is None):
+        return f"--subset takes --dataset {' or '.join(IDX_MD5)} and --source, the folder of its four files"
     return None
 
 
 def main(argv: list[str] | None = None) -> None:
     """python create_dataset.py --synthetic DIR [--dataset NAME] [--train N] [--test M]: a synthetic dataset for
-    trying the scripts. A refusal is one line on stderr and exit code 2, with nothing written."""
+    trying the scripts; --subset DIR --source SRC: real images, fewer. A refusal is one line on stderr and exit code
+    2, with nothing written."""
     parser = _command_line()
     args = parser.parse_args(argv)
     defaults = _default_sizes(args.dataset)
@@ -1218,18 +1387,24 @@ def main(argv: list[str] | None = None) -> None:
     args.test = defaults[1] if args.test is None else args.test
     if refusal := _refusal(args):
         parser.exit(2, f"error: {refusal}\n")
-    folder = dataset_folder(args.dataset, args.synthetic)
+    root = args.synthetic or args.subset
+    folder = dataset_folder(args.dataset, root)
     # The folder dataset is the root itself: what must not be there yet is its train/ and test/.
     targets = [folder / "train", folder / "test"] if args.dataset == "folder" else [folder]
     try:
         for target in targets:
             if target.exists():
                 parser.exit(2, f"error: '{target}' exists already; choose another folder\n")
-        make_synthetic(args.dataset, args.synthetic, n_train=args.train, n_test=args.test, seed=args.seed)
+        if args.subset:
+            write_subset(args.dataset, args.source, root, n_train=args.train, n_test=args.test, seed=args.seed)
+        else:
+            make_synthetic(args.dataset, root, n_train=args.train, n_test=args.test, seed=args.seed)
+    except DatasetProblem as error:
+        parser.exit(2, f"error: {error}\n")
     except OSError as error:  # a folder not writable, a full disk, a name too long: make_synthetic cleaned up
         parser.exit(
             2,
-            f"error: cannot write to '{args.synthetic}' ({error.strerror or error}); nothing was left behind; "
+            f"error: cannot write to '{root}' ({error.strerror or error}); nothing was left behind; "
             "choose another folder\n",
         )
     except MemoryError:

@@ -130,8 +130,8 @@ class RunConfig:
 
     dataset: str = option(
         "cifar100",
-        "cifar100 (the paper's, with its 4-level hierarchy), cifar10, svhn, oxford-pet, food101, cub200, or "
-        "folder: your own images, --data-root/train/<class>/ and --data-root/test/<class>/",
+        "cifar100 (the paper's, with its 4-level hierarchy), cifar10, svhn, fashion-mnist, mnist, oxford-pet, "
+        "food101, cub200, or folder: your own images, --data-root/train/<class>/ and --data-root/test/<class>/",
         choices=DATASETS,
     )
     data_root: str = option(

@@ -661,7 +661,7 @@ def test_the_command_line_refuses_a_bad_value_in_one_line(tmp_path, capsys, flag
 
 
 def test_the_command_line_refuses_a_missing_or_unusable_folder_in_one_line(tmp_path, capsys):
-    message = "error: the following arguments are required: --synthetic (see --help)\n"
+    message = "error: one of the arguments --synthetic --subset is required (see --help)\n"
     assert _refused(["--train", "5"], capsys) == message
     too_long = tmp_path / ("a" * 300)  # more than a file name may have: even asking whether it exists fails
     assert _refused(["--synthetic", str(too_long), "--train", "5", "--test", "5"], capsys) == (

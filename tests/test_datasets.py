@@ -55,6 +55,7 @@ LARGE = [name for name in DATASETS if name not in SMALL_IMAGE_DATASETS]
 CLASSES = {**NUM_CLASSES, "folder": len(SYNTHETIC_FOLDER_CLASSES)}
 # (train, test) images written per dataset: every class in train, a few dozen images where the classes allow.
 SIZES = {"cifar10": (60, 30), "svhn": (60, 30), "oxford-pet": (74, 37), "food101": (101, 40), "cub200": (200, 40)}
+SIZES |= {"fashion-mnist": (60, 30), "mnist": (60, 30)}
 SIZES["folder"] = (30, 15)
 IMAGE_SIZE = {name: 32 if name in SMALL_IMAGE_DATASETS else 40 for name in DATASETS}
 
@@ -527,7 +528,7 @@ def test_svhn_transform_has_no_flip():
 @pytest.mark.parametrize("name", SMALL_IMAGE_DATASETS)
 def test_a_32x32_dataset_at_another_size_resizes_before_to_tensor(name):
     train, test = dataset_transforms(name, 40)
-    flip = [transforms.RandomHorizontalFlip] if name != "svhn" else []
+    flip = [transforms.RandomHorizontalFlip] if name not in ("svhn", "mnist") else []  # digits are not mirrored
     tail = [transforms.Resize, transforms.ToTensor, transforms.Normalize]
     assert [type(t) for t in train.transforms] == [transforms.RandomCrop, *flip, *tail]
     assert [type(t) for t in test.transforms] == tail and test.transforms[0].size == 40
@@ -554,7 +555,7 @@ def test_large_image_transforms_are_imagenets(name):
 
 def test_dataset_transforms_refuses_bad_input():
     with pytest.raises(ValueError, match="unknown dataset"):
-        dataset_transforms("mnist", 32)
+        dataset_transforms("emnist", 32)
     with pytest.raises(ValueError, match="image_size"):
         dataset_transforms("cifar10", 0)
 
@@ -645,6 +646,8 @@ def test_the_command_line_defaults(tmp_path, monkeypatch):
         ("cifar100", 50_000, 10_000),
         ("cifar10", 50_000, 10_000),
         ("svhn", 73_257, 26_032),
+        ("fashion-mnist", 60_000, 10_000),
+        ("mnist", 60_000, 10_000),
         ("oxford-pet", 370, 185),
         ("food101", 1010, 505),
         ("cub200", 2000, 1000),
