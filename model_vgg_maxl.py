@@ -98,6 +98,7 @@ class Config(RunConfig):
     gen_lr: float = option(1e-3, "label generator (theta_2): SGD learning rate")
     gen_weight_decay: float = option(5e-4, "label generator: SGD weight decay")
     entropy_weight: float = option(0.2, "weight of the negative entropy of the batch-mean generated labels")
+    aux_weight: float = option(1.0, "weight of the auxiliary loss in the training step and virtual step (the paper: 1)")
     meta_grad: str = option(
         "second-order",
         "theta_2 gradient: exact second-order (forward-mode JVP), the authors' "
@@ -271,9 +272,9 @@ def gradient_cosine(primary_grads: list[torch.Tensor], auxiliary_grads: list[tor
 # The meta-gradient
 #
 # The label generator minimises J(theta_2) = L_pri(theta_1^+) + entropy_weight * negative_entropy(labels),
-# theta_1^+ = theta_1 - inner_lr * grad_theta_1 (L_pri + L_aux(labels(theta_2))). L_aux is linear in the
-# generated labels t, so the chain rule through theta_1^+ collapses to a gradient w.r.t. t,
-#     dJ/dt_ik = -inner_lr / N * D_d focal_aux_ik(theta_1),   d = grad L_pri(theta_1^+),
+# theta_1^+ = theta_1 - inner_lr * grad_theta_1 (L_pri + w L_aux(labels(theta_2))), w = --aux-weight. L_aux is
+# linear in the generated labels t, so the chain rule through theta_1^+ collapses to a gradient w.r.t. t,
+#     dJ/dt_ik = -inner_lr w / N * D_d focal_aux_ik(theta_1),   d = grad L_pri(theta_1^+),
 # the directional derivative along d of the auxiliary head's per-class focal terms (aux_slope: by forward mode,
 # second-order, or the authors' central difference, finite-difference), followed by one backward through the
 # generator (generator_gradients). double-backward backpropagates through the inner gradient instead: the oracle.
@@ -516,6 +517,7 @@ def meta_gradients(
     entropy_weight: float = 0.2,
     focal_gamma: float = 2.0,
     fd_step: float = 0.01,
+    aux_weight: float = 1.0,
 ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
     """grad_theta_2 J for every label-generator parameter, by `method` (META_GRADIENT_METHODS); and the virtual
     step's statistics (virtual_step_statistics).
@@ -531,19 +533,18 @@ def meta_gradients(
         if method == "double-backward":
             grads, primary_logits, primary_plus = double_backward(
                 model, label_generator, images, primary_target,
-                lambda logits: focal_loss(logits, labels, focal_gamma),
+                lambda logits: aux_weight * focal_loss(logits, labels, focal_gamma),
                 labels, inner_lr, entropy_weight, focal_gamma,
             )  # fmt: skip
         else:
             path = tangent_path(model, images) if method == "second-order" else []
             step = inner_step(
                 model, images, primary_target,
-                lambda logits: focal_loss(logits, labels.detach(), focal_gamma),
+                lambda logits: aux_weight * focal_loss(logits, labels.detach(), focal_gamma),
                 inner_lr, focal_gamma, tuple(layer for _, layer in path),
             )  # fmt: skip
-            label_grad = (
-                -inner_lr / images.shape[0] * aux_slope(model, images, step, method, focal_gamma, fd_step, path)
-            )
+            slope = aux_slope(model, images, step, method, focal_gamma, fd_step, path)
+            label_grad = -inner_lr * aux_weight / images.shape[0] * slope
             grads = generator_gradients(label_generator, labels, labels, label_grad, entropy_weight)
             primary_logits, primary_plus = step.primary_logits, step.primary_plus
     return grads, virtual_step_statistics(primary_logits, primary_plus, primary, focal_gamma)
@@ -571,7 +572,7 @@ def train_step(state: dict, images: torch.Tensor, labels: torch.Tensor, cfg: Con
     primary_loss = focal_loss(primary_logits, F.one_hot(primary, cfg.primary_level).float(), cfg.focal_gamma)
     aux_loss = focal_loss(aux_logits, aux_targets, cfg.focal_gamma)
     out = {
-        "loss": primary_loss + aux_loss,
+        "loss": primary_loss + cfg.aux_weight * aux_loss,
         "train_primary_loss": primary_loss,
         "train_primary_acc": (primary_logits.argmax(1) == primary).float().mean(),
         "train_aux_loss": aux_loss,
@@ -611,6 +612,7 @@ def meta_step(state: dict, images: torch.Tensor, labels: torch.Tensor, cfg: Conf
         entropy_weight=cfg.entropy_weight,
         focal_gamma=cfg.focal_gamma,
         fd_step=cfg.fd_step,
+        aux_weight=cfg.aux_weight,
     )
     for p, g in zip(label_generator.parameters(), grads):
         p.grad = g
@@ -782,7 +784,7 @@ def check_config(cfg: Config) -> Config:
     require(
         cfg,
         at_least_1=("epochs", "batch_size", "lr_step", "cossim_every"),
-        at_least_0=("focal_gamma", "gen_weight_decay", "entropy_weight"),
+        at_least_0=("focal_gamma", "gen_weight_decay", "entropy_weight", "aux_weight"),
         positive=("lr", "lr_gamma", "gen_lr", "fd_step"),
     )
     finite_difference = cfg.meta_grad == "finite-difference"
@@ -791,7 +793,8 @@ def check_config(cfg: Config) -> Config:
 
 
 def run_name_stem(cfg: Config) -> str:
-    return f"maxl-{cfg.meta_grad}-pri{cfg.primary_level}-aux{sum(cfg.psi)}-seed{cfg.seed}"
+    weight = f"-auxw{cfg.aux_weight:g}" if cfg.aux_weight != 1 else ""
+    return f"maxl-{cfg.meta_grad}-pri{cfg.primary_level}-aux{sum(cfg.psi)}{weight}-seed{cfg.seed}"
 
 
 def paper_settings(cfg: Config) -> dict:
@@ -822,14 +825,36 @@ def derived_settings(cfg: Config) -> dict:
     return {"psi_list": cfg.psi, "aux_classes": sum(cfg.psi)}
 
 
+# The WAMAL authors' later code (MatthewSo/rl-aux, analyze_run.ipynb), VGG-16: a reproduction, not a paper.
+RL_AUX = "rl-aux notebook, a reproduction: one run, mean of its last 15 of {} epochs"
+
+
+ABLATION = {0.25: 73.30, 0.5: 74.53, 1.0: 76.28, 2.0: 77.42, 4.0: 79.12}  # rl-aux: MAXL by --aux-weight, 20 -> 100
+
+
 def published_accuracy(cfg: Config) -> dict[str, float]:
-    """Published test accuracy (%) for this configuration, where one exists."""
+    """Published test accuracy (%) for this configuration, where one exists: the papers' at 20 -> 100, and the
+    rl-aux notebook's there (its MAXL run, and its ablation of the auxiliary weight), on CIFAR-10 and on SVHN."""
+    figures = {}
     if paper_data(cfg) and cfg.primary_level == 20 and cfg.psi == [5] * 20:
-        return {"WAMAL authors' README": 76.6, "derived from the WAMAL paper's abstract": 77.4}
-    return {}
+        if cfg.aux_weight == 1:
+            figures = {"WAMAL authors' README": 76.6, "derived from the WAMAL paper's abstract": 77.4}
+            figures[RL_AUX.format(200)] = 75.98
+        if cfg.aux_weight in ABLATION:
+            figures[RL_AUX.format(200).replace("one run", "its ablation of the auxiliary weight")] = ABLATION[
+                cfg.aux_weight
+            ]
+    elif cfg.aux_weight == 1 and experiment.data_tag(cfg) in ("cifar10", "svhn"):
+        epochs, figure = {"cifar10": (80, 89.91), "svhn": (125, 95.66)}[experiment.data_tag(cfg)]
+        figures[RL_AUX.format(epochs)] = figure
+    return figures
 
 
 def unpublished_because(cfg: Config) -> str:
+    if cfg.aux_weight not in ABLATION:
+        return (
+            f"the rl-aux notebook's ablation weighs the auxiliary loss by {', '.join(f'{w:g}' for w in ABLATION)} only"
+        )
     return "the MAXL paper shows the pairs other than 20 -> 100 (psi = [5] * 20) only as curves of its Figure 3"
 
 
