@@ -230,9 +230,11 @@ def make_figure(data: FigureData) -> Figure:
         Line2D([], [], color=color, marker=marker, linestyle=linestyle, label=METHODS[method], **nested(i))
         for i, (method, (color, marker, linestyle)) in enumerate((m, METHOD_STYLES[m]) for m in methods)
     ]
-    if any(data.published[pair].get(m) for pair in pairs for m in methods):
-        handles.append(Line2D([], [], color="black", marker="*", markersize=11, linestyle="none",
-                              markerfacecolor="none", label="published figure"))  # fmt: skip
+    cited = {third_party(source) for pair in pairs for m in methods for source, _ in data.published[pair].get(m, ())}
+    for reproduction, (marker, label) in PUBLISHED_MARKERS.items():
+        if reproduction in cited:
+            handles.append(Line2D([], [], color="black", marker=marker, markersize=11, linestyle="none",
+                                  markerfacecolor="none", label=label))  # fmt: skip
     figure.legend(handles=handles, loc="outside lower center", ncols=len(handles), frameon=False)
     title = "MAXL, Figure 3: test accuracy of the primary task, CIFAR-100 hierarchy"
     characters = int(9 * figure.get_figwidth())  # what a line of the title's font holds
@@ -241,8 +243,16 @@ def make_figure(data: FigureData) -> Figure:
     return figure
 
 
+# A paper's figure is a star; a third-party reproduction's (a source that says it is one) a triangle.
+PUBLISHED_MARKERS = {False: ("*", "published figure"), True: ("^", "third-party reproduction")}
+
+
+def third_party(source: str) -> bool:
+    return "a reproduction" in source
+
+
 def draw_finals(ax: Axes, data: FigureData, methods: Sequence[str]) -> None:
-    """Per pair a point per method, its published figures beside it as stars."""
+    """Per pair a point per method, its published figures beside it as stars (a reproduction's as triangles)."""
     pairs = list(data.curves)
     width = 0.8 / max(1, len(methods))
     for i, method in enumerate(methods):
@@ -256,8 +266,9 @@ def draw_finals(ax: Axes, data: FigureData, methods: Sequence[str]) -> None:
         style = dict(color=color, marker=marker, linestyle="none", markerfacecolor="none", label=METHODS[method])
         ax.errorbar([x_of[pair] for pair in shown_pairs], means, yerr=stds, capsize=3, markersize=7, **style)
         for pair in pairs:
-            for _, value in data.published[pair].get(method, ()):
-                ax.plot(x_of[pair], value, marker="*", markersize=11, color=color, markerfacecolor="none",
+            for source, value in data.published[pair].get(method, ()):
+                marker = PUBLISHED_MARKERS[third_party(source)][0]
+                ax.plot(x_of[pair], value, marker=marker, markersize=11, color=color, markerfacecolor="none",
                         linestyle="none", gid="published")  # fmt: skip
     ax.set_xticks(range(len(pairs)), [f"{p} → {a}" for p, a in pairs])
     ax.set_xlim(-0.5, len(pairs) - 0.5)

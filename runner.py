@@ -54,7 +54,7 @@ PRIMARY_ONLY = {"single"}  # the methods trained without an auxiliary level (--a
 BOOKKEEPING = {"run_name", "results_dir", "resume", "overwrite", "smoke", "download", "workers", "tensorboard"}
 # The data and network settings as a run recorded before they existed ran them: the paper's.
 RECORDED_DEFAULTS = {"dataset": "cifar100", "backbone": "vgg16", "stem": None, "pretrained": False}
-RECORDED_DEFAULTS |= {"image_size": 32, "train_fraction": 1.0}
+RECORDED_DEFAULTS |= {"image_size": 32, "train_fraction": 1.0, "aux_weight": 1.0}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,6 +158,7 @@ class Run:
     dataset: str  # its --dataset and --backbone, as its metrics.json records them
     backbone: str
     folder: str  # the tool's own folder in --results-dir, which holds the job logs
+    aux_weight: float = 1.0  # its --aux-weight (1: the paper's, and the methods without one)
 
     @property
     def script(self) -> Path:
@@ -170,7 +171,7 @@ class Run:
     @property
     def slot(self) -> tuple:
         """Its place in a grid, whatever its other settings, as recorded_slot reads it from its metrics.json."""
-        return self.method, self.dataset, self.backbone, self.primary, self.aux, self.seed
+        return self.method, self.dataset, self.backbone, self.primary, self.aux, self.seed, self.aux_weight
 
     @property
     def place(self) -> str:
@@ -203,6 +204,7 @@ def run_of(method: str, cfg, args: Sequence[str], folder: str, kind: type = Run,
     aux = getattr(cfg, "aux_level", None) if method not in PRIMARY_ONLY else None
     fields = dict(method=method, primary=cfg.primary_level, aux=aux, seed=cfg.seed, args=tuple(args), epochs=cfg.epochs)
     fields |= dict(run_dir=Path(cfg.results_dir) / name, dataset=cfg.dataset, backbone=cfg.backbone, folder=folder)
+    fields["aux_weight"] = getattr(cfg, "aux_weight", 1.0)
     fields["published"] = tuple(module.published_accuracy(cfg).items())
     return kind(**{**fields, **place})
 
@@ -709,8 +711,9 @@ def recorded(config: dict, name: str):
 
 
 def recorded_slot(config: dict) -> tuple | None:
-    """The place in a grid of a run with these recorded settings (method, dataset, backbone, levels, seed), as
-    Run.slot, or None. The auxiliary level of a method that takes one may be None: a dataset without a hierarchy."""
+    """The place in a grid of a run with these recorded settings (method, dataset, backbone, levels, seed, auxiliary
+    weight), as Run.slot, or None. The auxiliary level of a method that takes one may be None: a dataset without a
+    hierarchy."""
     method, primary, aux, seed = (config.get(name) for name in ("method", "primary_level", "aux_level", "seed"))
     dataset, backbone = recorded(config, "dataset"), recorded(config, "backbone")
     if method not in METHODS or config.get("task", "hierarchy") != "hierarchy":  # MAOAL's --task domains: not these
@@ -718,7 +721,8 @@ def recorded_slot(config: dict) -> tuple | None:
     readable = is_int(primary) and is_int(seed) and isinstance(dataset, str) and isinstance(backbone, str)
     if not readable or (method not in PRIMARY_ONLY and not (is_int(aux) or aux is None)):
         return None
-    return method, dataset, backbone, primary, aux if method not in PRIMARY_ONLY else None, seed
+    weight = recorded(config, "aux_weight")
+    return method, dataset, backbone, primary, aux if method not in PRIMARY_ONLY else None, seed, weight
 
 
 def runs_as_recorded(runs: Sequence[Run], slot_of: Callable[[dict], tuple | None]) -> tuple[list[Run], list[str]]:

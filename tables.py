@@ -13,10 +13,14 @@ configuration beside it where there is one.
     python tables.py submit --partition gpu --time 12:00:00      # the same grid on SLURM (submitit)
     python tables.py report                                 # the tables, results/tables/report.md and results.csv
     python tables.py report --out /tmp/tables               # the same, written elsewhere (read-only results)
+    python tables.py run --datasets cifar100 --methods single,maxl,wamal --aux-weights 1,4    # + MAXL, WAMAL at 4
     python tables.py maoal run --seeds 0,1,2 --gpus 0,1     # the MAOAL table: every mode on --task domains
     python tables.py maoal report                           # results/tables/maoal.md and maoal.csv
 
-Human and MAOAL learn from CIFAR-100's finer labels: on the other datasets their cells are n/a (not run), and a
+--aux-weights sweeps the auxiliary loss's weight (the scripts' --aux-weight) of the methods that have one (Human,
+MAXL, WAMAL): a row per method and weight, with the differences at each weight and WAMAL's against MAXL at every
+other weight (does WAMAL's gain survive a tuned weight for MAXL?). Human and MAOAL learn from CIFAR-100's finer
+labels: on the other datasets their cells are n/a (not run), and a
 selection where one of them could run nowhere is refused. Everything else is runner.py's, as for figure3.py: the job
 pool (--gpus, --runs-per-gpu), job logs (<results-dir>/tables/jobs/<run-name>.log), runs another process holds
 skipped as running elsewhere, Ctrl-C keeping every checkpoint, submit through submitit, and `report` without flags
@@ -36,6 +40,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import experiment
 import runner
 from create_dataset import DATASET_NAMES, DATASETS
 from experiment import BACKBONES, UsageError
@@ -52,7 +57,11 @@ LEVELS_ARE_FIGURE3S = "the primary task is the dataset's classes (CIFAR-100's 20
 LEVELS_ARE_FIGURE3S += "other levels of CIFAR-100's hierarchy"
 # Script flags tables.py sets itself, and what to use instead.
 TABLES_SETS = {"dataset": "use --datasets", "backbone": "use --backbones", **runner.sets_itself("tables", "tables' ")}
-TABLES_SETS |= {"primary_level": LEVELS_ARE_FIGURE3S, "aux_level": LEVELS_ARE_FIGURE3S}
+TABLES_SETS |= {
+    "primary_level": LEVELS_ARE_FIGURE3S,
+    "aux_level": LEVELS_ARE_FIGURE3S,
+    "aux_weight": "use --aux-weights",
+}
 TABLES_FLAGS_HELP = "Flags after -- go to every run whose model script has them, e.g. -- --epochs 50 --image-size 64."
 MAOAL_TABLE_HELP = "The MAOAL table (every mode on --task domains): python tables.py maoal {plan,run,submit,report}."
 
@@ -69,6 +78,31 @@ class TableSelection:
     seeds: tuple[int, ...]
     results_dir: Path
     script_flags: tuple[str, ...]  # everything after `--`
+    aux_weights: tuple[float, ...] = (1.0,)  # --aux-weight of the methods that have one: a row each
+
+    def variants(self) -> list[tuple[str, float]]:
+        """The rows: (method, its auxiliary weight), each method at every weight where it has the setting."""
+        return [(m, w) for m in self.methods for w in (self.aux_weights if weighted(m) else (1.0,))]
+
+
+def weighted(method: str) -> bool:
+    """Whether the method's script weighs its auxiliary loss by --aux-weight."""
+    return any(f.name == "aux_weight" for f in experiment.fields(runner.script(method).Config))
+
+
+def variant_label(method: str, weight: float) -> str:
+    return METHODS[method] + (f" (aux weight {weight:g})" if weight != 1 else "")
+
+
+def parse_weights(text: str) -> tuple[float, ...]:
+    """--aux-weights: a comma list of numbers >= 0, each once, in the order given."""
+    try:
+        weights = [float(value) for value in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--aux-weights: {text!r} is not a comma list of numbers, e.g. 1,0.25,4") from None
+    if not all(0 <= w < float("inf") for w in weights):
+        raise UsageError(f"--aux-weights: {text!r}: each weight must be a finite number >= 0")
+    return tuple(dict.fromkeys(weights))
 
 
 @dataclass(frozen=True)
@@ -117,12 +151,14 @@ def build_tables(selection: TableSelection) -> TableGrid:
     for seed in selection.seeds:
         for backbone in selection.backbones:
             for dataset in selection.datasets:
-                for method in selection.methods:
+                for method, weight in selection.variants():
                     if (method, dataset, backbone) in not_run:
                         continue
                     args = ["--dataset", dataset, "--backbone", backbone, "--seed", str(seed)]
+                    args += ["--aux-weight", f"{weight:g}"] if weight != 1 else []
                     args += ["--results-dir", str(selection.results_dir), *flags[method]]
-                    who = f"{runner.script_path(method).name} ({dataset}, {backbone}, seed {seed})"
+                    weighed = f", aux weight {weight:g}" if weight != 1 else ""
+                    who = f"{runner.script_path(method).name} ({dataset}, {backbone}, seed {seed}{weighed})"
                     cfg = runner.checked_config(method, args, who)
                     runs.append(runner.run_of(method, cfg, args, TABLES_FOLDER))
     return TableGrid(tuple(runs), not_run)
@@ -148,8 +184,26 @@ def not_run_lines(selection: TableSelection, grid: TableGrid) -> list[str]:
 # The tables
 
 
-def in_cell(runs: Sequence[Run], method: str, dataset: str, backbone: str) -> list[Run]:
-    return [run for run in runs if (run.method, run.dataset, run.backbone) == (method, dataset, backbone)]
+def in_cell(runs: Sequence[Run], method: str, dataset: str, backbone: str, weight: float = 1.0) -> list[Run]:
+    place = (method, dataset, backbone, weight)
+    return [run for run in runs if (run.method, run.dataset, run.backbone, run.aux_weight) == place]
+
+
+def differences(selection: TableSelection) -> list[tuple[tuple[str, float], tuple[str, float]]]:
+    """The difference rows, (variant, variant it is compared with): COMPARISONS at each weight (against Single, which
+    has none, at every weight), then WAMAL at weight 1 against MAXL at each other weight."""
+    variants, pairs = selection.variants(), []
+    for method, other in COMPARISONS:
+        for m, weight in variants:
+            theirs = (other, weight if weighted(other) else 1.0)
+            if m == method and theirs in variants:
+                pairs.append(((m, weight), theirs))
+    pairs += [
+        (("wamal", 1.0), maxl)
+        for maxl in variants
+        if maxl[0] == "maxl" and maxl[1] != 1 and "wamal" in selection.methods
+    ]
+    return [pair for pair in pairs if pair[0] in variants]
 
 
 def column_title(dataset: str, runs: Sequence[Run]) -> str:
@@ -163,28 +217,27 @@ def column_title(dataset: str, runs: Sequence[Run]) -> str:
 def report_tables(selection: TableSelection, grid: TableGrid, runs, states, notes: Sequence[str] = ()) -> str:
     """One markdown table per backbone (rows: methods, then differences; columns: datasets), then the notes."""
     sources: list[str] = []
-    comparisons = [(m, o) for m, o in COMPARISONS if m in selection.methods and o in selection.methods]
 
-    def cell(method: str, dataset: str, backbone: str) -> str:
+    def cell(method: str, weight: float, dataset: str, backbone: str) -> str:
         if (method, dataset, backbone) in grid.not_run:
             return "n/a"
-        at = in_cell(runs, method, dataset, backbone)
+        at = in_cell(runs, method, dataset, backbone, weight)
         published = runner.cited(at, sources)
         return runner.cell_of(at, states).text() + (f"; published {published}" if published else "")
 
-    def difference(method: str, other: str, dataset: str, backbone: str) -> str:
-        if (method, dataset, backbone) in grid.not_run or (other, dataset, backbone) in grid.not_run:
+    def difference(mine: tuple[str, float], theirs: tuple[str, float], dataset: str, backbone: str) -> str:
+        if (mine[0], dataset, backbone) in grid.not_run or (theirs[0], dataset, backbone) in grid.not_run:
             return "n/a"
-        mine, theirs = in_cell(runs, method, dataset, backbone), in_cell(runs, other, dataset, backbone)
-        return runner.difference_text(mine, theirs, states)
+        at_mine, at_theirs = (in_cell(runs, m, dataset, backbone, w) for m, w in (mine, theirs))
+        return runner.difference_text(at_mine, at_theirs, states)
 
     lines: list[str] = []
     for backbone in selection.backbones:
         header = ["method", *(column_title(dataset, runs) for dataset in selection.datasets)]
-        rows = [[METHODS[m], *(cell(m, d, backbone) for d in selection.datasets)] for m in selection.methods]
+        rows = [[variant_label(*v), *(cell(*v, d, backbone) for d in selection.datasets)] for v in selection.variants()]
         rows += [
-            [f"{METHODS[m]} − {METHODS[o]}", *(difference(m, o, d, backbone) for d in selection.datasets)]
-            for m, o in comparisons
+            [f"{variant_label(*m)} − {variant_label(*o)}", *(difference(m, o, d, backbone) for d in selection.datasets)]
+            for m, o in differences(selection)
         ]
         lines += [f"### {BACKBONE_TITLES.get(backbone, backbone)}", "", *runner.markdown_table(header, rows), ""]
     lines += [
@@ -200,21 +253,24 @@ def report_tables(selection: TableSelection, grid: TableGrid, runs, states, note
 def tables_files(selection: TableSelection, grid: TableGrid, runs, states, tables: str) -> dict[str, str]:
     """report.md, and results.csv: every cell as a row, for a spreadsheet or a paper's own table (the per-seed
     numbers, their mean and std)."""
-    rows = [["backbone", "dataset", "method", "n", "mean", "std", "seeds", "last5_means", "epochs", "published"]]
+    header = ["backbone", "dataset", "method", "n", "mean", "std", "seeds", "last5_means", "epochs", "published"]
+    rows = [[*header, "aux_weight"]]
     for backbone in selection.backbones:
         for dataset in selection.datasets:
-            for method in selection.methods:
+            for method, weight in selection.variants():
                 if (method, dataset, backbone) in grid.not_run:
                     continue
-                at = in_cell(runs, method, dataset, backbone)
+                at = in_cell(runs, method, dataset, backbone, weight)
                 done = [run for run in at if states[run].epochs_done]
                 mean, std, values = runner.csv_numbers([last_epochs_mean(states[run].accuracies) for run in done])
                 seeds = " ".join(str(run.seed) for run in done)
                 epochs = " ".join(str(states[run].epochs_done) for run in done)
                 published = "; ".join(f"{value} ({source})" for source, value in (at[0].published if at else ()))
-                rows.append([backbone, dataset, method, len(done), mean, std, seeds, values, epochs, published])
+                rows.append([backbone, dataset, method, len(done), mean, std, seeds, values, epochs, published, weight])
     chosen = f"Datasets {', '.join(selection.datasets)}; backbones {', '.join(selection.backbones)}; methods "
     chosen += f"{', '.join(selection.methods)}; seeds {', '.join(map(str, selection.seeds))}"
+    if selection.aux_weights != (1.0,):
+        chosen += f"; auxiliary weights {', '.join(f'{w:g}' for w in selection.aux_weights)}"
     title = "Results: test accuracy of the primary task"
     markdown = runner.report_markdown(title, chosen, selection.script_flags, tables, runs, states)
     return {"report.md": markdown, "results.csv": runner.csv_text(rows)}
@@ -226,6 +282,8 @@ def tables_parser() -> runner.OneLineParser:
     rows = f"comma list of {', '.join(METHODS)}: the rows (default: %(default)s; human and maoal: cifar100 only)"
     selection = {"--datasets": ("cifar10", columns), "--backbones": ("vgg16", tables)}
     selection["--methods"] = ("single,maxl,wamal", rows)
+    weights = "comma list of --aux-weight values for Human, MAXL and WAMAL: a row each (default: %(default)s)"
+    selection["--aux-weights"] = ("1", weights)
     description, epilog = __doc__.split("\n\n")[0], f"{TABLES_FLAGS_HELP} {MAOAL_TABLE_HELP}"
     return runner.tool_parser("tables.py", description, epilog, selection, TABLES_FOLDER, TABLES_FILES, "the tables")[0]
 
@@ -234,7 +292,8 @@ def tables_grid(args: argparse.Namespace, script_flags: tuple[str, ...]) -> runn
     datasets = parse_names(args.datasets, DATASETS, "--datasets", "dataset")
     backbones = parse_names(args.backbones, BACKBONES, "--backbones", "backbone")
     methods, seeds = runner.parse_methods(args.methods), runner.parse_seeds(args.seeds)
-    selection = TableSelection(datasets, backbones, methods, seeds, args.results_dir, script_flags)
+    weights = parse_weights(args.aux_weights)
+    selection = TableSelection(datasets, backbones, methods, seeds, args.results_dir, script_flags, weights)
     grid = build_tables(selection)
     return runner.Grid(
         "tables.py", TABLES_FOLDER, TABLES_FILES, grid.runs, script_flags,

@@ -242,9 +242,15 @@ def test_report_numbers_differences_published_figures_and_picture(tmp_path):
             mean_std = f"{statistics.fmean(diffs):+.2f} ± {statistics.stdev(diffs):.2f}"
             assert rows[label][column] == f"{mean_std} (n={len(diffs)})"
     assert rows["3 → 10"]["MAXL − Human"].endswith("(n=2)")
-    assert rows["20 → 100"]["published"] == "Human 75.7 [1], 74.6 [2]; MAXL 76.6 [1], 77.4 [2]; MAXL's best pair [*]"
+    assert rows["20 → 100"]["published"] == (
+        "Single 71.9 [1]; Human 75.7 [2], 74.6 [3], 75.5 [1]; MAXL 76.6 [2], 77.4 [3], 76.0 [1], 76.3 [4]; "
+        "MAXL's best pair [*]"
+    )
+    # the rl-aux notebook's figures are marked as a reproduction, not a paper
+    assert "[1] rl-aux notebook, a reproduction: one run, mean of its last 15 of 200 epochs" in result.stdout
+    assert "[4] rl-aux notebook, a reproduction: its ablation of the auxiliary weight" in result.stdout
     assert rows["3 → 10"]["published"] == "plot only [*]"
-    assert "[1] WAMAL authors' README" in result.stdout
+    assert "[2] WAMAL authors' README" in result.stdout
     assert "4 of the 6 pairs and worse on 2" in result.stdout
     assert "Not comparable with the published figures: synthetic data" in result.stdout
 
@@ -279,7 +285,10 @@ def test_report_numbers_differences_published_figures_and_picture(tmp_path):
         assert half_bars == pytest.approx([statistics.stdev(v) for v in finals_by_pair])
         assert [round(x) for x in points.get_xdata()] == [0, 1]
     stars = [line for line in finals.get_lines() if line.get_gid() == "published"]
-    assert sorted(float(line.get_ydata()[0]) for line in stars) == [74.6, 75.7, 76.6, 77.4]
+    papers = [float(line.get_ydata()[0]) for line in stars if line.get_marker() == "*"]
+    reproductions = [float(line.get_ydata()[0]) for line in stars if line.get_marker() == "^"]
+    assert sorted(papers) == [74.6, 75.7, 76.6, 77.4]
+    assert sorted(reproductions) == [71.86, 75.52, 75.98, 76.28]  # the rl-aux notebook's, as triangles
     assert {round(float(line.get_xdata()[0])) for line in stars} == {1}
     assert [label.get_text() for label in finals.get_xticklabels()] == ["3 → 10", "20 → 100"]
     assert "Not comparable with the published figures: synthetic data" in figure.get_suptitle()
@@ -324,7 +333,13 @@ def test_the_picture_has_integer_epochs_distinct_equal_curves_and_a_legend_off_t
     for ax in figure.axes:
         overlap = box.intersection(box, ax.get_window_extent())
         assert overlap is None or overlap.width * overlap.height == 0, ax.get_title()
-    assert [text.get_text() for text in legend.get_texts()] == ["Single", "Human", "MAXL", "published figure"]
+    assert [text.get_text() for text in legend.get_texts()] == [
+        "Single",
+        "Human",
+        "MAXL",
+        "published figure",
+        "third-party reproduction",
+    ]
 
 
 @needs_matplotlib
@@ -372,7 +387,10 @@ def test_wamal_and_maoal_are_opt_in_columns_compared_with_human(tmp_path):
     assert list(row) == ["pair", "Human", "WAMAL", "MAOAL", "WAMAL − Human", "MAOAL − Human", "published"]
     assert row["WAMAL − Human"] == "+3.50 ± 0.71 (n=2)"  # differences 3 and 4
     assert row["MAOAL − Human"] == "+0.50 ± 0.71 (n=2)"  # differences 1 and 0
-    assert row["published"].startswith("Human 75.7 [1], 74.6 [2]; WAMAL ")
+    assert (
+        row["published"]
+        == "Human 75.7 [1], 74.6 [2], 75.5 [3]; WAMAL 80.2 [4], 81.5 [1], 81.3 [3]; MAXL's best pair [*]"
+    )
 
 
 GOOD_EPOCHS = '{"config": {"method": "single"}, "epochs": [{"epoch": 1, "test_primary_acc": 0.4}, '

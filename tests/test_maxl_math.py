@@ -103,8 +103,10 @@ class MetaRuns:
         self.setup = setup
         self.cache: dict[tuple, SimpleNamespace] = {}
 
-    def __call__(self, method, inner_lr=INNER_LR, entropy_weight=ENTROPY_WEIGHT, fd_step=0.01) -> SimpleNamespace:
-        key = (method, inner_lr, entropy_weight, fd_step)
+    def __call__(
+        self, method, inner_lr=INNER_LR, entropy_weight=ENTROPY_WEIGHT, fd_step=0.01, aux_weight=1.0
+    ) -> SimpleNamespace:
+        key = (method, inner_lr, entropy_weight, fd_step, aux_weight)
         if key not in self.cache:
             s = self.setup
             before = snapshot(True, model=s.model, generator=s.generator)
@@ -118,6 +120,7 @@ class MetaRuns:
                 entropy_weight=entropy_weight,
                 focal_gamma=2.0,
                 fd_step=fd_step,
+                aux_weight=aux_weight,
             )
             changes = changed(before, snapshot(False, model=s.model, generator=s.generator))
             del before
@@ -165,16 +168,16 @@ def generator_labels(s: SimpleNamespace, gen_params: dict) -> torch.Tensor:
     return functional_call(s.generator, (gen_params, buffers), (s.x, s.y))
 
 
-def unrolled_objective(s: SimpleNamespace, gen_params: dict) -> float:
+def unrolled_objective(s: SimpleNamespace, gen_params: dict, aux_weight: float = 1.0) -> float:
     """J(theta_2) = L_pri(theta_1^+) + entropy_weight * sum q log q, with
-    theta_1^+ = theta_1 - inner_lr * grad_theta_1 (L_pri + L_aux(labels(theta_2)))."""
+    theta_1^+ = theta_1 - inner_lr * grad_theta_1 (L_pri + aux_weight * L_aux(labels(theta_2)))."""
     target = F.one_hot(s.y, len(s.psi)).to(F64)
     with torch.no_grad():
         labels = generator_labels(s, gen_params)
     theta1 = {k: p.detach().clone().requires_grad_() for k, p in s.model.named_parameters()}
     buffers = {k: b.clone() for k, b in s.model.named_buffers()}
     primary_logits, aux_logits = functional_call(s.model, (theta1, buffers), (s.x,))
-    train_loss = focal_formula(primary_logits, target) + focal_formula(aux_logits, labels)
+    train_loss = focal_formula(primary_logits, target) + aux_weight * focal_formula(aux_logits, labels)
     grads = torch.autograd.grad(train_loss, list(theta1.values()))
     with torch.no_grad():
         theta1_plus = {k: p - INNER_LR * g for (k, p), g in zip(theta1.items(), grads)}
@@ -232,24 +235,28 @@ def test_recorded_inputs_removes_its_hooks_also_on_error(small):
     assert all(not m._forward_pre_hooks for m in small.model.modules())
 
 
-@pytest.mark.parametrize("setup_name", ["small", "default_psi"])
-def test_second_order_equals_double_backward(setup_name, request):
-    """Forward-mode JVP == the reference's create_graph double backward, to float64 rounding."""
+@pytest.mark.parametrize(
+    "setup_name, aux_weight", [("small", 1.0), ("default_psi", 1.0), ("small", 2.5), ("small", 0.25)]
+)
+def test_second_order_equals_double_backward(setup_name, aux_weight, request):
+    """Forward-mode JVP == the reference's create_graph double backward, to float64 rounding, also with the
+    auxiliary loss weighted (--aux-weight)."""
     s = request.getfixturevalue(setup_name)
-    exact = s.runs("double-backward").flat
-    jvp = s.runs("second-order").flat
+    exact = s.runs("double-backward", aux_weight=aux_weight).flat
+    jvp = s.runs("second-order", aux_weight=aux_weight).flat
     err = rel_err(jvp, exact)
     max_err = ((jvp - exact).abs().max() / exact.abs().max()).item()
-    print(f"{setup_name}: second-order vs double-backward relative error {err:.2e} (max-abs {max_err:.2e})")
+    print(f"{setup_name}, aux_weight {aux_weight}: second-order vs double-backward relative error {err:.2e}")
     assert exact.dtype == jvp.dtype == F64
     assert torch.isfinite(exact).all() and exact.norm() > 0
     assert err < 1e-10
     assert max_err < 1e-10
 
 
-def test_second_order_matches_finite_difference_of_unrolled_objective(small, entropy_gradient):
+@pytest.mark.parametrize("aux_weight", [1.0, 2.5])
+def test_second_order_matches_finite_difference_of_unrolled_objective(small, entropy_gradient, aux_weight):
     s = small
-    run = s.runs("second-order")
+    run = s.runs("second-order", aux_weight=aux_weight)
     params = {k: p.detach() for k, p in s.generator.named_parameters()}
     assert run.shapes == [p.shape for p in params.values()]
     grads = run.flat.split([p.numel() for p in params.values()])
@@ -260,8 +267,8 @@ def test_second_order_matches_finite_difference_of_unrolled_objective(small, ent
         norm = torch.sqrt(sum((t**2).sum() for t in v.values()))
         v = {k: t / norm for k, t in v.items()}
         analytic = sum((g * v[k].flatten()).sum() for g, k in zip(grads, params)).item()
-        j_plus = unrolled_objective(s, {k: p + FD_STEP_J * v[k] for k, p in params.items()})
-        j_minus = unrolled_objective(s, {k: p - FD_STEP_J * v[k] for k, p in params.items()})
+        j_plus = unrolled_objective(s, {k: p + FD_STEP_J * v[k] for k, p in params.items()}, aux_weight)
+        j_minus = unrolled_objective(s, {k: p - FD_STEP_J * v[k] for k, p in params.items()}, aux_weight)
         numeric = (j_plus - j_minus) / (2 * FD_STEP_J)
         errors.append(abs(numeric - analytic) / abs(analytic))
         values.append((analytic, numeric))
@@ -269,15 +276,18 @@ def test_second_order_matches_finite_difference_of_unrolled_objective(small, ent
     print("relative errors:", [f"{e:.1e}" for e in errors])
     assert max(errors) < 1e-4
     # The second-order term is what the test measures: the entropy term alone is far off.
-    so = s.runs("second-order").flat
+    so = s.runs("second-order", aux_weight=aux_weight).flat
     assert rel_err(entropy_gradient, so) > 0.5
+    if aux_weight != 1:  # and the weight enters it: the gradient at weight 1 is another
+        assert rel_err(so, s.runs("second-order").flat) > 0.1
 
 
-def test_finite_difference_converges_to_the_exact_gradient(small):
+@pytest.mark.parametrize("aux_weight", [1.0, 2.5])
+def test_finite_difference_converges_to_the_exact_gradient(small, aux_weight):
     s = small
-    exact = s.runs("double-backward").flat
-    fine = cosine(s.runs("finite-difference", fd_step=1e-5).flat, exact)
-    default = cosine(s.runs("finite-difference", fd_step=0.01).flat, exact)
+    exact = s.runs("double-backward", aux_weight=aux_weight).flat
+    fine = cosine(s.runs("finite-difference", fd_step=1e-5, aux_weight=aux_weight).flat, exact)
+    default = cosine(s.runs("finite-difference", fd_step=0.01, aux_weight=aux_weight).flat, exact)
     print(f"cosine(finite-difference, exact): fd_step=1e-5 {fine:.6f}, fd_step=0.01 (default) {default:.6f}")
     assert fine > 0.999
     # At the reference's fd_step=0.01 the central difference crosses ReLU/max-pool kinks of a random network.

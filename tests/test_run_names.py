@@ -59,6 +59,7 @@ EDITS = {
     "aux_level": 20,
     "meta_grad": "double-backward",
     "fd_step": 0.001,
+    "aux_weight": 2.0,
 }
 
 

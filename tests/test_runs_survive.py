@@ -501,8 +501,9 @@ def test_resume_of_a_default_name_that_is_not_there_says_what_made_the_name(data
 
 
 def test_no_published_figure_says_why(data_root, tmp_path):
-    result = run_main(single, *args(data_root, tmp_path, "--epochs", 1, "--limit-batches", 1))
+    result = run_main(single, *args(data_root, tmp_path, "--epochs", 1, "--limit-batches", 1, "--primary-level", 3))
     assert "published: none for this configuration (the MAXL paper shows Single only as a curve" in result.stdout
+    assert "its successors report it at primary 20 only)" in result.stdout
     assert "mean of the last 1 epoch " in result.stdout
 
 

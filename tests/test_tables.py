@@ -32,7 +32,9 @@ def cifar10(tmp_path_factory) -> Path:
     return make_synthetic("cifar10", tmp_path_factory.mktemp("cifar10") / "data", n_train=40, n_test=20, seed=0)
 
 
-def grid(results: Path, datasets="cifar10", backbones="vgg16", methods="single,maxl,wamal", seeds="0", flags=()):
+def grid(
+    results: Path, datasets="cifar10", backbones="vgg16", methods="single,maxl,wamal", seeds="0", flags=(), weights="1"
+):
     selection = tables.TableSelection(
         datasets=tables.parse_names(datasets, tables.DATASETS, "--datasets", "dataset"),
         backbones=tables.parse_names(backbones, tables.BACKBONES, "--backbones", "backbone"),
@@ -40,6 +42,7 @@ def grid(results: Path, datasets="cifar10", backbones="vgg16", methods="single,m
         seeds=runner.parse_seeds(seeds),
         results_dir=results,
         script_flags=tuple(flags),
+        aux_weights=tables.parse_weights(weights),
     )
     return selection, tables.build_tables(selection)
 
@@ -117,6 +120,66 @@ def test_the_grid_is_the_scripts_own_runs_and_human_runs_on_cifar100_only(tmp_pa
     assert next(run for run in runs if run.backbone == "resnet18").name == "single-pri10-seed0-cifar10-resnet18"
 
 
+def test_aux_weights_sweep_the_methods_that_have_one_and_compare_wamal_with_every_maxl(tmp_path):
+    """--aux-weights 1,4: Human, MAXL and WAMAL at both weights (their own runs, named by the scripts), Single once;
+    the rows and differences at each weight, WAMAL against MAXL at 4, and the rl-aux ablation's figure for MAXL."""
+    selection, result = grid(tmp_path, "cifar100", methods="single,human,maxl,wamal", seeds="0,1", weights="1,4")
+    names = [run.name for run in result.runs if run.seed == 0]
+    assert names == [
+        "single-pri20-seed0",
+        "human-pri20-aux100-seed0",
+        "human-pri20-aux100-auxw4-seed0",
+        "maxl-second-order-pri20-aux100-seed0",
+        "maxl-second-order-pri20-aux100-auxw4-seed0",
+        "wamal-second-order-pri20-aux100-seed0",
+        "wamal-second-order-pri20-aux100-auxw4-seed0",
+    ]
+    for run in result.runs:
+        assert getattr(checked(run)[1], "aux_weight", 1.0) == run.aux_weight == (4.0 if "auxw4" in run.name else 1.0)
+    level = {"single": 70.0, "human": 72.0, "maxl": 73.0, "wamal": 75.0}
+    for run in result.runs:
+        write_metrics(run, [level[run.method] + 3 * (run.aux_weight == 4) + run.seed] * 5)
+    select = [
+        "--datasets",
+        "cifar100",
+        "--methods",
+        "single,human,maxl,wamal",
+        "--seeds",
+        "0,1",
+        "--aux-weights",
+        "1,4",
+    ]
+    report = run_main(tables, "report", *select, "--results-dir", tmp_path)
+    assert report.returncode == 0, report.stderr
+    (table,) = printed_tables(report.stdout).values()
+    column = "CIFAR-100 (20 classes)"
+    cells = {row: cells[column] for row, cells in table.items()}
+    assert cells["MAXL (aux weight 4)"] == "76.50 ± 0.71 (n=2, 5 ep, 2 stopped); published 79.1 [4]"
+    assert "[4] rl-aux notebook, a reproduction: its ablation of the auxiliary weight" in report.stdout
+    assert cells["WAMAL (aux weight 4)"] == "78.50 ± 0.71 (n=2, 5 ep, 2 stopped)"  # WAMAL is published at 1 only
+    assert cells["MAXL (aux weight 4) − Single"] == "+6.00 ± 0.00 (n=2)"
+    assert cells["WAMAL (aux weight 4) − MAXL (aux weight 4)"] == "+2.00 ± 0.00 (n=2)"
+    assert cells["WAMAL − MAXL"] == "+2.00 ± 0.00 (n=2)"
+    assert cells["WAMAL − MAXL (aux weight 4)"] == "-1.00 ± 0.00 (n=2)"
+    assert "Single (aux weight 4)" not in cells
+    assert "auxiliary weights 1, 4" in (tmp_path / "tables" / "report.md").read_text()
+    csv = (tmp_path / "tables" / "results.csv").read_text().splitlines()
+    assert [row.split(",")[2] + "@" + row.split(",")[-1] for row in csv[1:]] == [
+        "single@1.0", "human@1.0", "human@4.0", "maxl@1.0", "maxl@4.0", "wamal@1.0", "wamal@4.0"
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "weights, phrase", [("1,x", "is not a comma list of numbers"), ("1,-2", "finite number >= 0"), ("inf", ">= 0")]
+)
+def test_bad_aux_weights_are_refused(tmp_path, weights, phrase):
+    assert_refused(
+        run_main(tables, "plan", "--aux-weights", weights, "--results-dir", tmp_path), "--aux-weights", phrase
+    )
+    result = run_main(tables, "plan", "--results-dir", tmp_path, "--", "--aux-weight", "2")
+    assert_refused(result, "tables sets --aux-weight itself (use --aux-weights)")
+
+
 def test_plan_shows_each_runs_state_its_command_and_what_is_not_run(tmp_path):
     _, result = grid(tmp_path, "cifar10,cifar100", "vgg16", "single,human", flags=["--epochs", "3"])
     stopped, running, human = result.runs
@@ -186,19 +249,21 @@ def test_report_builds_the_tables_with_mean_std_differences_published_figures_an
             assert found[title][row]["CIFAR-10"].startswith(f"{mean_std(values)} (n={len(values)}, ")
         assert found[title]["Human"]["CIFAR-10"] == "n/a"
         assert found[title]["Human − Single"]["CIFAR-10"] == "n/a"
-    assert vgg["Single"]["CIFAR-10"] == f"{mean_std(list(finals('single', 'cifar10', 'vgg16').values()))} (n=3, 8 ep)"
-    assert vgg["MAXL"]["CIFAR-10"].endswith("(n=2, 8 ep)")
-    assert vgg["Single"]["CIFAR-100 (20 classes)"].endswith("(n=3, 6–8 ep, 1 stopped)")
+    single10 = f"{mean_std(list(finals('single', 'cifar10', 'vgg16').values()))} (n=3, 8 ep)"
+    assert vgg["Single"]["CIFAR-10"] == single10 + "; published 86.0 [1]"  # the rl-aux notebook's, 80 epochs
+    assert vgg["MAXL"]["CIFAR-10"].endswith("(n=2, 8 ep); published 89.9 [1]")
+    assert vgg["Single"]["CIFAR-100 (20 classes)"].endswith("(n=3, 6–8 ep, 1 stopped); published 71.9 [2]")
     human, maxl = vgg["Human"]["CIFAR-100 (20 classes)"], vgg["MAXL"]["CIFAR-100 (20 classes)"]
-    assert human.endswith("(n=3, 8 ep); published 75.7 [1], 74.6 [2]")
-    assert maxl.endswith("(n=3, 8 ep, 1 running); published 76.6 [1], 77.4 [2]")
+    assert human.endswith("(n=3, 8 ep); published 75.7 [3], 74.6 [4], 75.5 [2]")
+    assert maxl.endswith("(n=3, 8 ep, 1 running); published 76.6 [3], 77.4 [4], 76.0 [2], 76.3 [5]")
     mine, theirs = finals("maxl", "cifar10", "vgg16"), finals("single", "cifar10", "vgg16")
     diffs = [mine[seed] - theirs[seed] for seed in sorted(mine)]
     assert vgg["MAXL − Single"]["CIFAR-10"] == f"{mean_std(diffs, '+')} (n=2)"
     resnet = found["ResNet-18"]
     assert resnet["Single"]["CIFAR-100 (20 classes)"] == "—"  # not started: no numbers, nothing invented
     assert resnet["MAXL − Single"]["CIFAR-100 (20 classes)"] == "—"
-    assert "[1] WAMAL authors' README" in report.stdout
+    assert "[1] rl-aux notebook, a reproduction: one run, mean of its last 15 of 80 epochs" in report.stdout
+    assert "[3] WAMAL authors' README" in report.stdout
     assert "n/a: Human is not run on cifar10: it runs on cifar100 only (" in report.stdout
     assert "Not comparable with the published figures: synthetic data" in report.stdout
 
@@ -206,7 +271,7 @@ def test_report_builds_the_tables_with_mean_std_differences_published_figures_an
     assert printed_tables((folder / "report.md").read_text()) == found
     assert f"- `{going.name}`: running (pid {os.getpid()}), 8 of 8 epochs done" in (folder / "report.md").read_text()
     rows = (folder / "results.csv").read_text().splitlines()
-    assert rows[0] == "backbone,dataset,method,n,mean,std,seeds,last5_means,epochs,published"
+    assert rows[0] == "backbone,dataset,method,n,mean,std,seeds,last5_means,epochs,published,aux_weight"
     single10 = next(row for row in rows if row.startswith("vgg16,cifar10,single,"))
     values = finals("single", "cifar10", "vgg16")
     assert single10.split(",")[3:7] == [
@@ -236,7 +301,10 @@ def test_runs_of_figure3_and_of_the_tables_are_kept_apart_and_old_runs_are_cifar
     write_metrics(figure3_single, [20.0], config={**old, "method": "single", "aux_classes": 0})
     table = run_main(tables, "report", "--methods", "single", "--results-dir", tmp_path)
     assert table.returncode == 0, table.stderr
-    assert printed_tables(table.stdout)["VGG-16"]["Single"]["CIFAR-10"] == "70.00 (n=1, 1 ep, 1 stopped)"
+    assert (
+        printed_tables(table.stdout)["VGG-16"]["Single"]["CIFAR-10"]
+        == "70.00 (n=1, 1 ep, 1 stopped); published 86.0 [1]"
+    )
     picture = run_main(figure3, "report", "--methods", "single", "--pairs", "10-20", "--results-dir", tmp_path,
                        "--no-figure")  # fmt: skip
     assert picture.returncode == 0, picture.stderr
@@ -283,7 +351,9 @@ def test_run_on_synthetic_cifar10_resumes_what_stopped_and_then_has_nothing_to_d
     epochs = json.loads((run.run_dir / "metrics.json").read_text())["epochs"]
     assert [e["epoch"] for e in epochs] == [1, 2]
     mean = statistics.fmean(100 * e["test_primary_acc"] for e in epochs)
-    assert printed_tables(resumed.stdout)["VGG-16"]["Single"]["CIFAR-10"] == f"{mean:.2f} (n=1, 2 ep)"
+    assert (
+        printed_tables(resumed.stdout)["VGG-16"]["Single"]["CIFAR-10"] == f"{mean:.2f} (n=1, 2 ep); published 86.0 [1]"
+    )
 
     before = ((run.run_dir / "metrics.json").stat().st_mtime_ns, run.job_log.read_text())
     again = run_main(tables, "run", *select, "--", *flags)

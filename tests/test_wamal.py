@@ -134,8 +134,10 @@ class MetaRuns:
         self.setup = setup
         self.cache: dict[tuple, SimpleNamespace] = {}
 
-    def __call__(self, method: str, weighting: str = "sample", fd_step: float = 0.01) -> SimpleNamespace:
-        key = (method, weighting, fd_step)
+    def __call__(
+        self, method: str, weighting: str = "sample", fd_step: float = 0.01, aux_weight: float = 1.0
+    ) -> SimpleNamespace:
+        key = (method, weighting, fd_step, aux_weight)
         if key not in self.cache:
             s = self.setup
             nets = {"model": s.model, "generator": s.generator}
@@ -166,6 +168,7 @@ class MetaRuns:
                     fd_step=fd_step,
                     weight_range=WEIGHT_RANGE,
                     weighting=weighting,
+                    aux_weight=aux_weight,
                 )
             finally:
                 hook.remove()
@@ -223,12 +226,13 @@ def test_the_images_start_with_different_multipliers(setup):
     assert (m.max() / m.min()).item() > 1.05 and 2**-WEIGHT_RANGE < m.min() and m.max() < 2**WEIGHT_RANGE
 
 
-@pytest.mark.parametrize("weighting", wamal.WEIGHTINGS)
-def test_second_order_equals_double_backward(setup, weighting):
+@pytest.mark.parametrize("weighting, aux_weight", [*((w, 1.0) for w in wamal.WEIGHTINGS), ("sample", 3.0)])
+def test_second_order_equals_double_backward(setup, weighting, aux_weight):
     """Forward-mode JVP == the create_graph double backward, to float64 rounding, for the whole generator and
-    for the weight head alone (a small part of the whole gradient's norm, so compared on its own)."""
-    exact = setup.runs("double-backward", weighting)
-    jvp = setup.runs("second-order", weighting)
+    for the weight head alone (a small part of the whole gradient's norm, so compared on its own); also with the
+    auxiliary loss weighted (--aux-weight)."""
+    exact = setup.runs("double-backward", weighting, aux_weight=aux_weight)
+    jvp = setup.runs("second-order", weighting, aux_weight=aux_weight)
     assert exact.flat.dtype == jvp.flat.dtype == F64
     assert jvp.shapes == [p.shape for p in setup.generator.parameters()]
     assert exact.weight_head.norm() > 0 and torch.isfinite(exact.flat).all()
@@ -241,9 +245,10 @@ def test_second_order_equals_double_backward(setup, weighting):
     assert exact.changed == jvp.changed == []
 
 
-def unrolled_objective(s: SimpleNamespace, gen_params: dict) -> float:
+def unrolled_objective(s: SimpleNamespace, gen_params: dict, aux_weight: float = 1.0) -> float:
     """J(theta_2) = L_pri(theta_1^+) + entropy_weight * sum q log q, written out here:
-    theta_1^+ = theta_1 - inner_lr * grad(L_pri + L_aux), L_aux = mean_i m_i l_i, m = 2^(R (2w - 1))."""
+    theta_1^+ = theta_1 - inner_lr * grad(L_pri + a L_aux), L_aux = mean_i m_i l_i, m = 2^(R (2w - 1)),
+    a = --aux-weight."""
     target = F.one_hot(s.y, len(PSI)).to(F64)
 
     def focal(logits: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -258,7 +263,8 @@ def unrolled_objective(s: SimpleNamespace, gen_params: dict) -> float:
     buffers = {k: b.clone() for k, b in s.model.named_buffers()}
     primary_logits, aux_logits = functional_call(s.model, (theta1, buffers), (s.x,))
     aux = focal(aux_logits, labels)
-    grads = torch.autograd.grad(focal(primary_logits, target).mean() + (m * aux).mean(), list(theta1.values()))
+    train_loss = focal(primary_logits, target).mean() + aux_weight * (m * aux).mean()
+    grads = torch.autograd.grad(train_loss, list(theta1.values()))
     with torch.no_grad():
         theta1_plus = {k: p - INNER_LR * g for (k, p), g in zip(theta1.items(), grads)}
         primary_plus, _ = functional_call(s.model, (theta1_plus, buffers), (s.x,))
@@ -266,13 +272,15 @@ def unrolled_objective(s: SimpleNamespace, gen_params: dict) -> float:
         return (focal(primary_plus, target).mean() + ENTROPY_WEIGHT * (q * q.log()).sum()).item()
 
 
-def test_second_order_matches_a_finite_difference_of_the_unrolled_objective(setup):
+@pytest.mark.parametrize("aux_weight", [1.0, 3.0])
+def test_second_order_matches_a_finite_difference_of_the_unrolled_objective(setup, aux_weight):
     """Directional derivatives of J along random unit directions: of all of theta_2, and of the weight head alone
     (whose share of a direction of all 15M parameters is small). The paper's weighting; the authors' is checked
     against the double backward above, whose loss test_weighted_aux_loss checks against their formula."""
     s = setup
     params = {k: p.detach() for k, p in s.generator.named_parameters()}
-    grads = dict(zip(params, s.runs("second-order", "sample").flat.split([p.numel() for p in params.values()])))
+    run = s.runs("second-order", "sample", aux_weight=aux_weight)
+    grads = dict(zip(params, run.flat.split([p.numel() for p in params.values()])))
     gen = torch.Generator().manual_seed(11)
     errors = []
     for only_weight_head in (False, True):
@@ -283,18 +291,19 @@ def test_second_order_matches_a_finite_difference_of_the_unrolled_objective(setu
         norm = torch.sqrt(sum((t**2).sum() for t in v.values()))
         v = {k: t / norm for k, t in v.items()}
         analytic = sum((grads[k] * v[k].flatten()).sum() for k in params).item()
-        j_plus = unrolled_objective(s, {k: p + FD_STEP_J * v[k] for k, p in params.items()})
-        j_minus = unrolled_objective(s, {k: p - FD_STEP_J * v[k] for k, p in params.items()})
+        j_plus = unrolled_objective(s, {k: p + FD_STEP_J * v[k] for k, p in params.items()}, aux_weight)
+        j_minus = unrolled_objective(s, {k: p - FD_STEP_J * v[k] for k, p in params.items()}, aux_weight)
         numeric = (j_plus - j_minus) / (2 * FD_STEP_J)
         errors.append(abs(numeric - analytic) / abs(analytic))
-        print(f"weight head only {only_weight_head}: meta_gradients {analytic:.6e}, finite difference {numeric:.6e}")
+        print(f"aux weight {aux_weight}, weight head only {only_weight_head}: {analytic:.6e} vs {numeric:.6e}")
     assert max(errors) < 1e-4, errors
 
 
-def test_the_finite_difference_method_converges_to_the_exact_gradient(setup):
+@pytest.mark.parametrize("aux_weight", [1.0, 3.0])
+def test_the_finite_difference_method_converges_to_the_exact_gradient(setup, aux_weight):
     """--meta-grad finite-difference at a small --fd-step: the exact gradient's direction, weight head included."""
-    exact = setup.runs("double-backward", "sample")
-    fine = setup.runs("finite-difference", "sample", fd_step=1e-5)
+    exact = setup.runs("double-backward", "sample", aux_weight=aux_weight)
+    fine = setup.runs("finite-difference", "sample", fd_step=1e-5, aux_weight=aux_weight)
     cosines = [
         F.cosine_similarity(a, b, dim=0).item()
         for a, b in ((fine.flat, exact.flat), (fine.weight_head, exact.weight_head))
@@ -454,7 +463,16 @@ def test_a_weight_range_edited_in_the_file_gives_a_new_name(tmp_path):
 
 def test_published_accuracy_and_derived_settings():
     cfg = wamal.check_config(wamal.Config())
-    assert wamal.published_accuracy(cfg) == {"WAMAL paper's abstract": 80.2, "WAMAL authors' README": 81.5}
+    rl_aux = "rl-aux notebook, a reproduction: one run, mean of its last 15 of {} epochs"
+    assert wamal.published_accuracy(cfg) == {
+        "WAMAL paper's abstract": 80.2,
+        "WAMAL authors' README": 81.5,
+        rl_aux.format(200): 81.31,
+    }
+    assert wamal.published_accuracy(wamal.check_config(wamal.Config(aux_weight=2.0))) == {}
+    for dataset, epochs, figure in (("cifar10", 80, 92.50), ("svhn", 125, 96.19)):
+        cfg_there = wamal.check_config(wamal.Config(dataset=dataset))
+        assert wamal.published_accuracy(cfg_there) == {rl_aux.format(epochs): figure}
     assert wamal.published_accuracy(wamal.check_config(wamal.Config(primary_level=10, aux_level=100))) == {}
     assert wamal.derived_settings(cfg)["aux_multiplier_bounds"] == [2.0**-15, 2.0**15]
 
@@ -485,6 +503,7 @@ def test_a_run_end_to_end_and_resumed(data_root, tmp_path):
     assert record["aux_multiplier_max"] <= 2.0**15 and 0 <= record["aux_multiplier_near_bounds"] <= 1
     assert record["train_weighted_aux_loss"] > 0 and record["train_aux_loss"] > 0
     published = {"WAMAL paper's abstract": 80.2, "WAMAL authors' README": 81.5}
+    published["rl-aux notebook, a reproduction: one run, mean of its last 15 of 200 epochs"] = 81.31
     assert metrics["summary"]["published_test_primary_acc"] == published
 
     resumed = run_main(wamal, *common, "--epochs", "2", "--run-name", "split", "--resume")
