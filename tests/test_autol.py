@@ -105,14 +105,16 @@ def test_the_meta_gradient_is_the_derivative_of_the_primary_loss_after_the_optim
 
 
 def test_the_authors_finite_difference_converges_to_the_exact_meta_gradient():
+    """Within ReLU's and max-pool's kinks the central difference's error falls with the square of the step; at the
+    authors' step (0.01) a kink lies inside it here, and the difference is 1% off."""
     problem = tiny_problem()
     exact, _ = meta_gradient(problem, "second-order")
     errors = [
         relative_error(meta_gradient(problem, "finite-difference", fd_step=step)[0], exact)
-        for step in (1e-1, 1e-2, 1e-3)
+        for step in (1e-2, 1e-3, 1e-4)
     ]
-    assert errors[0] > errors[1] > errors[2] and errors[2] < 1e-4, errors
-    assert errors[1] / errors[2] > 20  # a central difference: the error falls with the square of the step
+    assert errors[0] > errors[1] > errors[2] and errors[2] < 1e-8, errors
+    assert errors[1] / errors[2] > 20  # quadratic: 100 for a tenth of the step
 
 
 @pytest.mark.parametrize("momentum_steps", [0, 2])
