@@ -33,6 +33,7 @@ import functools
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn as nn
@@ -56,6 +57,15 @@ from experiment import (
 )
 
 WEIGHTINGS = ("equal", "dwa", "uncert", "autol")
+TASKS = ("all-domains", "maoal-domains")
+# The settings whose value depends on --task: None in Config, resolved by Config.__post_init__ (the backbone,
+# RunConfig's, by paper_backbone). maoal-domains is the MAOAL authors' CIFAR-100/20 (model_vgg_maoal.py --task
+# domains): its target domain, auxiliary domains and developing set held out, so that Auto-Lambda trains on the
+# images every row of `tables.py maoal` trains on.
+TASK_DEFAULTS = {
+    "all-domains": dict(primary_domain=0, aux_domains="all", dev_fraction=0.0),
+    "maoal-domains": dict(primary_domain=14, aux_domains="0-9", dev_fraction=0.05),
+}
 META_GRADIENT_METHODS = ("second-order", "finite-difference", "double-backward")
 NUM_DOMAINS = 20  # CIFAR-100's superclasses
 DOMAIN_CLASSES = 5  # fine classes per superclass
@@ -82,12 +92,29 @@ class Config(RunConfig):
         choices=(20,),
         type=int,
     )
-    primary_domain: int = option(
-        0, "the primary task: this superclass's 5-way task, tested on its test images (the authors' --subset_id)"
+    task: str = option(
+        "all-domains",
+        "all-domains: the Auto-Lambda authors' (every superclass a training task, VGG-16); maoal-domains: the MAOAL "
+        "authors' (primary domain 14, the others 0-9, 5%% of the primary's training images held out, ResNet-18)",
+        choices=TASKS,
     )
-    aux_domains: str = option(
-        "all",
-        "the other training tasks: all (the other 19 superclasses, the authors') or superclasses such as 0-9 or 0,3,5",
+    primary_domain: int | None = option(
+        None,
+        "the primary task: this superclass's 5-way task, tested on its test images (the authors' --subset_id; "
+        "default: 0 all-domains, 14 maoal-domains)",
+        type=int,
+    )
+    aux_domains: str | None = option(
+        None,
+        "the other training tasks: all (the other 19 superclasses) or superclasses such as 0-9 or 0,3,5 (default: "
+        "all all-domains, 0-9 maoal-domains)",
+        type=str,
+    )
+    dev_fraction: float | None = option(
+        None,
+        "this fraction of the primary domain's training images is held out and never trained on (stratified by "
+        "class, drawn from --seed): MAOAL's developing set (default: 0 all-domains, 0.05 maoal-domains)",
+        type=float,
     )
     weighting: str = option(
         "autol",
@@ -118,6 +145,17 @@ class Config(RunConfig):
         choices=META_GRADIENT_METHODS,
     )
     fd_step: float = option(0.01, "finite-difference: eps = fd_step / ||d|| (the authors': 0.01)")
+
+    def __post_init__(self):
+        for name, value in TASK_DEFAULTS.get(self.task, TASK_DEFAULTS["all-domains"]).items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        super().__post_init__()  # the backbone: the task's paper_backbone
+
+    @property
+    def paper_backbone(self) -> str:
+        """The authors' network: VGG-16 (their MTLVGG16) on theirs, ResNet-18 on the MAOAL authors' task."""
+        return "resnet18" if self.task == "maoal-domains" else "vgg16"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -654,7 +692,7 @@ def epoch_line(record: dict, epochs: int, primary_domain: int) -> str:
 def check_config(cfg: Config) -> Config:
     """Refuse impossible settings before anything runs, a setting of another weighting among them; return the
     config to run, the data's defaults resolved."""
-    defaults, only_with = Config(), experiment.only_with
+    defaults, only_with = Config(task=cfg.task), experiment.only_with
     only_with(cfg, "--weighting dwa", cfg.weighting == "dwa", defaults, "dwa_temperature")
     only_with(cfg, "--weighting uncert", cfg.weighting == "uncert", defaults, "uncert_init")
     only_with(cfg, "--weighting autol", cfg.weighting == "autol", defaults, "autol_init", "autol_lr", "meta_grad")
@@ -683,13 +721,16 @@ def check_config(cfg: Config) -> Config:
         )
     if cfg.primary_domain in others or len(set(others)) != len(others):
         raise UsageError(f"{setting(cfg, 'aux_domains')}: each once, and not {setting(cfg, 'primary_domain')}")
+    if not 0 <= cfg.dev_fraction < 1:
+        raise UsageError(f"{setting(cfg, 'dev_fraction', with_value=False)} must be in [0, 1) (got {cfg.dev_fraction})")
     return cfg
 
 
 def run_name_stem(cfg: Config) -> str:
     method = f"autol-{cfg.meta_grad}" if cfg.weighting == "autol" else cfg.weighting
     others = "" if cfg.aux_domains == "all" else f"-aux{cfg.aux_domains.replace(',', '_')}"
-    return f"autol-{method}-domain{cfg.primary_domain}{others}-seed{cfg.seed}"
+    task = "maoal-" if cfg.task == "maoal-domains" else ""
+    return f"autol-{method}-{task}domain{cfg.primary_domain}{others}-seed{cfg.seed}"
 
 
 def paper_settings(cfg: Config) -> dict:
@@ -697,6 +738,7 @@ def paper_settings(cfg: Config) -> dict:
 
     A fixed record, not Config's defaults: a run whose settings differ gets a hash of them in its name."""
     paper = {"batch_size": 32, "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "renormalize": True}
+    paper["dev_fraction"] = TASK_DEFAULTS[cfg.task]["dev_fraction"]
     paper |= {
         "dwa": {"dwa_temperature": 2.0},
         "uncert": {"uncert_init": -0.7},
@@ -726,6 +768,29 @@ def unpublished_because(cfg: Config) -> str:
     )
 
 
+# Copied from model_vgg_maoal.py
+def dev_quotas(class_counts: np.ndarray, dev_size: int) -> np.ndarray:
+    """Images per class in a developing set of dev_size, stratified: each class's share of dev_size, rounded by
+    largest remainder (ties to the lower class) so that they sum to dev_size."""
+    shares = dev_size * class_counts / class_counts.sum()
+    quotas = np.floor(shares).astype(np.int64)
+    quotas[np.argsort(quotas - shares, kind="stable")[: dev_size - quotas.sum()]] += 1
+    return quotas
+
+
+def held_out(primary_set, cfg: Config) -> np.ndarray:
+    """Indices of --dev-fraction of the primary domain's training images, stratified by class and drawn from --seed
+    as model_vgg_maoal.py draws its developing set: the same images for the same seed."""
+    target = domain_targets(primary_set.labels).numpy()
+    counts = np.bincount(target, minlength=DOMAIN_CLASSES)
+    quotas = dev_quotas(counts, max(1, round(cfg.dev_fraction * len(target))))
+    if ((quotas >= counts) & (counts > 0)).any():
+        raise UsageError(f"{setting(cfg, 'dev_fraction')} would hold out every training image of a class")
+    rng = np.random.default_rng(cfg.seed)
+    chosen = [rng.choice(np.flatnonzero(target == c), size=q, replace=False) for c, q in enumerate(quotas) if q]
+    return np.sort(np.concatenate(chosen))
+
+
 def split_domains(train_set, test_set, cfg: Config) -> tuple:
     """(the primary domain's training images, its test images, no developing set, the other tasks' training images
     in task order and, autol, the primary domain's training images again: the meta batches' second shuffle) for
@@ -736,6 +801,8 @@ def split_domains(train_set, test_set, cfg: Config) -> tuple:
         if missing and (name == "training" or cfg.primary_domain in missing):
             raise UsageError(f"superclass {missing[0]} has no {name} images in this dataset")
     own = {d: train_set.subset(domain_indices(train_set.labels, d)) for d in domains}
+    if cfg.dev_fraction:  # held out and not used: the images the other rows of MAOAL's table train on
+        own[cfg.primary_domain] = own[cfg.primary_domain].split(held_out(own[cfg.primary_domain], cfg))[0]
     others = [own[d] for d in domains if d != cfg.primary_domain]
     meta = [own[cfg.primary_domain]] if cfg.weighting == "autol" else []
     primary_test = test_set.subset(domain_indices(test_set.labels, cfg.primary_domain))

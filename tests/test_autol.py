@@ -285,3 +285,41 @@ def test_an_autol_run_resumes_exactly(data_root, tmp_path, tiny_network, monkeyp
 def test_settings_that_cannot_run_are_refused_in_one_line(data_root, tmp_path, extra, message):
     result = run_main(autol, *flags(data_root, tmp_path, *extra))
     assert result.returncode == 2 and message in result.stderr and result.stderr.count("\n") == 1, result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# MAOAL's task
+
+
+def test_maoal_domains_holds_out_maoals_developing_set_and_trains_on_the_rest(data_root):
+    import model_vgg_maoal as maoal
+
+    cfg = autol.check_config(autol.Config(task="maoal-domains", data_root=str(data_root), dev_fraction=0.2))
+    assert (cfg.primary_domain, cfg.aux_domains, cfg.backbone) == (14, "0-9", "resnet18")
+    assert autol.task_domains(cfg) == (*range(10), 14)
+    theirs = maoal.check_config(maoal.Config(task="domains", data_root=str(data_root), dev_fraction=0.2))
+    train, test = create_dataset.load_datasets(cfg)
+    target = maoal.split_data(train, test, theirs)[0]
+    assert np.array_equal(autol.held_out(target, cfg), maoal.held_out(target, theirs))
+    primary, _, _, others = autol.split_domains(train, test, cfg)
+    assert len(primary) == len(target) - 2 and len(others) == 11  # 10 auxiliary domains, the second shuffle
+    assert len(others[-1]) == len(primary)
+
+
+def test_an_autol_run_on_maoals_task(data_root, tmp_path, monkeypatch):
+    def tiny_backbone(cfg):
+        """A headless network as make_backbone returns one (ResNet-18's layout at a few channels: too slow here)."""
+        network = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1)
+        )
+        network.append(torch.nn.Flatten()).num_features = 4
+        return network
+
+    monkeypatch.setattr(autol, "make_backbone", tiny_backbone)
+    args = flags(data_root, tmp_path, "--task", "maoal-domains", "--dev-fraction", "0.2", "--epochs", "1")
+    result = run_main(autol, *args, "--batch-size", "4")
+    assert result.returncode == 0, result.stderr
+    (run,) = list(tmp_path.iterdir())
+    assert run.name.startswith("autol-autol-second-order-maoal-domain14-aux0-9-seed0-")
+    (record,) = history(run)
+    assert {f"lambda_{d}" for d in (*range(10), 14)} <= set(record) and "lambda_10" not in record
