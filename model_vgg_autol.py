@@ -14,7 +14,7 @@ directional derivatives of every task's loss along d in one forward-mode pass), 
     python model_vgg_autol.py                                     # Auto-Lambda, primary domain 0, 200 epochs
     python model_vgg_autol.py --primary-domain 14 --weighting dwa  # DWA, primary: people
     python model_vgg_autol.py --meta-grad finite-difference       # the authors' approximation of the meta-gradient
-    python model_vgg_autol.py --primary-domain 14 --aux-domains 0-9 --backbone resnet18   # MAOAL's domains
+    python model_vgg_autol.py --task maoal-domains                # MAOAL's: target 14, auxiliary 0-9, ResNet-18
     python model_vgg_autol.py --smoke                             # one-minute install check on CPU
 
 To change the experiment, edit `Config` below or pass the flag: every field is one, and the two are the same.
