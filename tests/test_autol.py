@@ -227,15 +227,19 @@ def history(path):
     return [{k: v for k, v in r.items() if k != "seconds"} for r in epochs]
 
 
-@pytest.mark.parametrize("weighting", ["equal", "dwa", "uncert"])
+@pytest.mark.parametrize("weighting", ["equal", "dwa", "uncert", "autol"])
 def test_each_weighting_trains_one_epoch(data_root, tmp_path, tiny_network, weighting):
-    result = run_main(autol, *flags(data_root, tmp_path, "--weighting", weighting, "--epochs", "1", "--run-name", "r"))
+    extra = ["--meta-grad", "double-backward"] if weighting == "autol" else []  # the oracle runs in the script too
+    args = flags(data_root, tmp_path, "--weighting", weighting, "--epochs", "1", "--run-name", "r", *extra)
+    result = run_main(autol, *args)
     assert result.returncode == 0, result.stderr
     (record,) = history(tmp_path / "r")
     assert {f"train_loss_{d}" for d in range(20)} | {f"lambda_{d}" for d in range(20)} <= set(record)
-    assert "meta_primary_loss" not in record and 0 <= record["test_primary_acc"] <= 1
+    assert ("meta_primary_loss" in record) == (weighting == "autol") and 0 <= record["test_primary_acc"] <= 1
     lambdas = [record[f"lambda_{d}"] for d in range(20)]
-    if weighting != "uncert":
+    if weighting == "autol":  # two Adam steps of about 3e-4 each from 0.1
+        assert all(abs(w - 0.1) < 2.5 * 3e-4 for w in lambdas) and lambdas != [0.1] * 20
+    elif weighting != "uncert":
         assert lambdas == [1.0] * 20
     else:
         # Each loss (about ln 5) exceeds 2 exp(s) / 2: its log variance grows, its weight falls from 1 / (2 exp(-0.7)).
