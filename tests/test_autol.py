@@ -175,7 +175,23 @@ def test_the_uncertainty_weighting_is_the_authors_formula_and_learns_its_log_var
 
 
 # ---------------------------------------------------------------------------------------------
-# The domains
+# The network and the domains
+
+
+def test_the_network_is_the_authors_mtlvgg16_and_their_normalisation():
+    model = autol.MTLVGG16(20)
+    names = [name for name, _ in model.named_parameters()]
+    assert "network_block.1.bn_list.19.weight" in names and "classifier.19.0.bias" in names  # their keys
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in model.modules()) == 13
+    # VGG-16's 13 convolutions (14,714,688 parameters), 20 BatchNorms of each, 20 linear heads of 512 -> 5.
+    channels = 2 * 64 + 2 * 128 + 3 * 256 + 6 * 512
+    assert sum(p.numel() for p in model.parameters()) == 14_714_688 + 20 * 2 * channels + 20 * (512 * 5 + 5)
+    x = torch.rand(2, 3, 32, 32)
+    mean, std = torch.tensor(autol.CIFAR100_MEAN).view(1, 3, 1, 1), torch.tensor(autol.CIFAR100_STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(autol.renormalized(model, (x - 0.5) / 0.2), (x - mean) / std)
+    assert model(torch.randn(2, 3, 32, 32), 7).shape == (2, 5)
+    logits, target = torch.randn(6, 5, dtype=F64), torch.randint(0, 5, (6,))
+    torch.testing.assert_close(autol.task_loss(logits, target), torch.nn.functional.cross_entropy(logits, target))
 
 
 def test_the_domains_are_the_superclasses_their_classes_renumbered_as_the_authors_do():
