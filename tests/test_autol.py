@@ -343,3 +343,20 @@ def test_an_autol_run_on_maoals_task(data_root, tmp_path, monkeypatch):
     assert run.name.startswith("autol-autol-second-order-maoal-domain14-aux0-9-seed0-")
     (record,) = history(run)
     assert {f"lambda_{d}" for d in (*range(10), 14)} <= set(record) and "lambda_10" not in record
+
+
+def test_the_speed_benchmark_times_auto_lambda_and_its_equal_baseline(tmp_path, tiny_network, capsys):
+    """benchmarks/speed.py's autol rows (here on the tiny network, batch 2): a step of all 20 domains counted as 20
+    iterations; the meta step adds work to the training step."""
+    from benchmarks import speed
+
+    out = tmp_path / "speed.json"
+    flags = ["--batch-size", "2", "--warmup", "0", "--iters", "1", "--device", "cpu", "--json", str(out)]
+    speed.main(["--methods", "autol-second-order", "autol-equal", *flags])
+    rows = {row["method"]: row for row in json.loads(out.read_text())["devices"][0]["rows"]}
+    autol_row, equal = rows["autol-second-order"], rows["autol-equal"]
+    assert set(autol_row["phase_ms_median"]) == {"phase 1", "phase 2"} and set(equal["phase_ms_median"]) == {"phase 1"}
+    phases = autol_row["phase_ms_median"]
+    assert autol_row["ms_median"] == pytest.approx((phases["phase 1"] + phases["phase 2"]) / 20, rel=1e-6)
+    assert autol_row["tflop_per_iter"] > equal["tflop_per_iter"] > 0 and autol_row["meta_grad"] == "second-order"
+    assert "autol-second-order" in capsys.readouterr().out
