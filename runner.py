@@ -450,7 +450,8 @@ def time_left(remaining: Sequence[tuple[Run, int]], per_epoch: dict[str, float],
     slots, never less than its longest run's; kinds of run (Run.timed_as) with no epoch timed yet are named."""
     left = [(run, run.epochs - done) for run, done in remaining if run.epochs > done]
     timed = [epochs * per_epoch[run.timed_as] for run, epochs in left if run.timed_as in per_epoch]
-    order = {run.timed_as: (list(METHODS).index(run.method), run.timed_as) for run, _ in left}
+    ranks = {method: rank for rank, method in enumerate(METHODS)}
+    order = {run.timed_as: (ranks.get(run.method, len(ranks)), run.timed_as) for run, _ in left}
     untimed = sorted({run.timed_as for run, _ in left if run.timed_as not in per_epoch}, key=order.get)
     if not left:
         return "no epoch left"
@@ -775,8 +776,8 @@ def ambiguity_note(run: Run, candidates: Sequence[tuple[Path, dict | None]], nam
     folders = ", ".join(f"{folder.name} ({settings(config)})" for folder, config in candidates)
     used = f"the report uses {named[0].name}, the grid's own name for it" if named else "none of them is reported"
     return (
-        f"{len(candidates)} folders hold {METHODS[run.method]} {run.place}, seed {run.seed}, with different "
-        f"settings: {folders}; {used}; to report another, repeat after -- the flags it was run with"
+        f"{len(candidates)} folders hold {METHODS.get(run.method, run.method)} {run.place}, seed {run.seed}, with "
+        f"different settings: {folders}; {used}; to report another, repeat after -- the flags it was run with"
     )
 
 

@@ -27,9 +27,10 @@ skipped as running elsewhere, Ctrl-C keeping every checkpoint, submit through su
 after -- finding each run by the settings its metrics.json records.
 
 `tables.py maoal {plan,run,submit,report}` is the MAOAL table on the same runner: every --modes of
-model_vgg_maoal.py on the MAOAL authors' CIFAR-100/20 multi-domain task (--task domains), for each seed; rows the
-modes, columns the last-5-epoch mean and the best epoch's test accuracy (chosen on the test set, as the authors
-report), each with its difference to SLL (--mode single) paired by seed.
+model_vgg_maoal.py on the MAOAL authors' CIFAR-100/20 multi-domain task (--task domains), and Auto-Lambda on the same
+task and images (model_vgg_autol.py --task maoal-domains), for each seed; rows the modes, columns the last-5-epoch mean
+and the best epoch's test accuracy (chosen on the test set, as the authors report), each with its difference to SLL
+(--mode single) paired by seed.
 """
 
 from __future__ import annotations
@@ -313,17 +314,22 @@ def main(argv: list[str] | None = None) -> None:
 # ---------------------------------------------------------------------------------------------
 # The MAOAL table: every mode of model_vgg_maoal.py on the MAOAL authors' multi-domain task (`tables.py maoal`)
 
-# The modes (model_vgg_maoal.MODES) and their rows' labels, in that order.
+# The rows and their labels, in that order: the modes (model_vgg_maoal.MODES), and the methods of other scripts on the
+# same task (OTHER_SCRIPTS).
 MAOAL_MODES = {"maoal": "MAOAL", "equal": "Equal", "gcs": "GCS", "gcs-block": "GCS (per block)", "aux": "AuxiLearn"}
-MAOAL_MODES |= {"single": "SLL (single)"}
+MAOAL_MODES |= {"autol": "Auto-Lambda", "single": "SLL (single)"}
+# A row another script runs: its method (model_vgg_<method>.py) and the flags that put it on MAOAL's task.
+OTHER_SCRIPTS = {"autol": ("autol", ["--task", "maoal-domains", "--weighting", "autol"])}
 MAOAL_BASELINE = "single"  # every other mode's difference, paired by seed, is against this one
 MAOAL_FILES = "maoal.md and maoal.csv"  # in <results-dir>/tables/, beside the datasets x backbones report
 NOT_THE_HIERARCHY = "the domains task's primary task is --target-domain's 5 classes, its auxiliary ones --aux-domains"
 # Script flags `tables.py maoal` sets itself, and what to use instead.
 MAOAL_SETS = {"task": "the MAOAL table is the domains task; figure3.py --methods maoal runs the hierarchy"}
 MAOAL_SETS |= {"mode": "use --modes", "primary_level": NOT_THE_HIERARCHY, "aux_level": NOT_THE_HIERARCHY}
+MAOAL_SETS |= {"weighting": "use --modes", "primary_domain": "use --target-domain: every row's target"}
 MAOAL_SETS |= runner.sets_itself("tables", "", runs="table's", script="maoal")
-MAOAL_FLAGS_HELP = "Flags after -- go to every run (model_vgg_maoal.py --task domains), e.g. -- --epochs 50 "
+MAOAL_FLAGS_HELP = "Flags after -- go to every run whose script has them (model_vgg_maoal.py --task domains; "
+MAOAL_FLAGS_HELP += "model_vgg_autol.py --task maoal-domains follows --target-domain), e.g. -- --epochs 50 "
 MAOAL_FLAGS_HELP += "--backbone vgg16."
 # The two measures, from a run's test accuracy (%) per epoch: this project's, and the MAOAL authors'.
 MEASURES = {"last5": last_epochs_mean, "best": max}
@@ -332,7 +338,8 @@ MEASURE_TITLES = {"last5": f"last {LAST_EPOCHS} epochs", "best": "best epoch, ch
 
 @dataclass(frozen=True)
 class DomainRun(Run):
-    """A run of model_vgg_maoal.py --task domains: its place in the table is its mode, domains and seed."""
+    """A run of model_vgg_maoal.py --task domains (or of another script on that task, OTHER_SCRIPTS): its place in
+    the table is its mode (or method), domains and seed."""
 
     mode: str = "maoal"
     target_domain: int = 14
@@ -346,10 +353,13 @@ class DomainRun(Run):
 
     @property
     def place(self) -> str:
-        return f"--mode {self.mode} on domain {self.target_domain} (auxiliary {domains_text(self.aux_domains)})"
+        how = f"--weighting {self.mode}" if self.mode in OTHER_SCRIPTS else f"--mode {self.mode}"
+        return f"{how} on domain {self.target_domain} (auxiliary {domains_text(self.aux_domains)})"
 
     @property
     def timed_as(self) -> str:
+        if self.mode in OTHER_SCRIPTS:
+            return f"{self.method} --weighting {self.mode} on the domains task with {self.backbone}"
         return f"maoal --mode {self.mode} on the domains task with {self.backbone}"
 
 
@@ -370,7 +380,16 @@ def domains_text(domains: Sequence[int]) -> str:
 
 def domain_slot(config: dict) -> tuple | None:
     """The place in the MAOAL table of a run with these recorded settings (DomainRun.slot), or None: a run of another
-    method, of the hierarchy task (or recorded before --task existed: the hierarchy), or with settings unreadable."""
+    method, of the hierarchy task (or recorded before --task existed: the hierarchy), of Auto-Lambda's own task, or
+    with settings unreadable."""
+    if config.get("method") == "autol" and config.get("task") == "maoal-domains":
+        mode, target, seed, aux = (config.get(name) for name in ("weighting", "primary_domain", "seed", "aux_domains"))
+        if mode not in OTHER_SCRIPTS or not (runner.is_int(target) and runner.is_int(seed) and isinstance(aux, str)):
+            return None
+        try:
+            return "autol", "domains", mode, target, runner.script("autol").aux_domain_list(aux), seed
+        except ValueError:
+            return None
     if config.get("method") != "maoal" or config.get("task") != "domains":
         return None
     mode, target, seed, aux = (config.get(name) for name in ("mode", "target_domain", "seed", "aux_domains"))
@@ -386,19 +405,25 @@ def domain_slot(config: dict) -> tuple | None:
 def maoal_grid(selection: MaoalSelection) -> list[DomainRun]:
     """Every run of the table, seed by seed, mode by mode: the script's own default run of --task domains with that
     mode and seed, plus the flags after --, in the folder the script names."""
-    maoal = runner.script("maoal")
-    flags = runner.script_flags(selection.script_flags, ["maoal"], MAOAL_SETS, "tables maoal")["maoal"]
+    scripts = ["maoal", *dict.fromkeys(OTHER_SCRIPTS[mode][0] for mode in selection.modes if mode in OTHER_SCRIPTS)]
+    flags = runner.script_flags(selection.script_flags, scripts, MAOAL_SETS, "tables maoal")
+    target = [flags["maoal"][i : i + 2] for i, token in enumerate(flags["maoal"]) if token == "--target-domain"]
+    target += [["--target-domain", t.split("=", 1)[1]] for t in flags["maoal"] if t.startswith("--target-domain=")]
     runs = []
     for seed in selection.seeds:
         for mode in selection.modes:
-            args = ["--task", "domains", "--mode", mode, "--seed", str(seed)]
-            args += ["--results-dir", str(selection.results_dir), *flags]
-            who = f"model_vgg_maoal.py (--task domains --mode {mode}, seed {seed})"
-            cfg = runner.checked_config("maoal", args, who)
-            place = dict(primary=5, aux=None, mode=mode, target_domain=cfg.target_domain)  # primary: its 5 classes
-            place |= dict(aux_domains=maoal.aux_domain_list(cfg.aux_domains))
-            place |= dict(unpublished="" if maoal.published_accuracy(cfg) else maoal.unpublished_because(cfg))
-            runs.append(runner.run_of("maoal", cfg, args, TABLES_FOLDER, DomainRun, **place))
+            method, task_flags = OTHER_SCRIPTS.get(mode, ("maoal", ["--task", "domains", "--mode", mode]))
+            args = [*task_flags, "--seed", str(seed), "--results-dir", str(selection.results_dir), *flags[method]]
+            if method != "maoal":  # another script: its primary domain is the table's target
+                args += [token.replace("--target-domain", "--primary-domain") for pair in target for token in pair]
+            who = f"model_vgg_{method}.py ({' '.join(task_flags)}, seed {seed})"
+            cfg = runner.checked_config(method, args, who)
+            script = runner.script(method)
+            target_domain = cfg.target_domain if method == "maoal" else cfg.primary_domain
+            place = dict(primary=5, aux=None, mode=mode, target_domain=target_domain)  # primary: its 5 classes
+            place |= dict(aux_domains=script.aux_domain_list(cfg.aux_domains))
+            place |= dict(unpublished="" if script.published_accuracy(cfg) else script.unpublished_because(cfg))
+            runs.append(runner.run_of(method, cfg, args, TABLES_FOLDER, DomainRun, **place))
     return runs
 
 
@@ -466,7 +491,8 @@ def maoal_files(selection: MaoalSelection, runs: Sequence[DomainRun], states, ta
             row += [" ".join(map(str, diffs)), " ".join(f"{value:.4f}" for value in diffs.values())]
         row.append("; ".join(f"{value} ({source})" for source, value in (at[0].published if at else ())))
         rows.append(row)
-    title = "MAOAL's multi-domain table: every mode on CIFAR-100/20 (model_vgg_maoal.py --task domains)"
+    title = "MAOAL's multi-domain table: every mode on CIFAR-100/20 (model_vgg_maoal.py --task domains), and "
+    title += "Auto-Lambda on the same task (model_vgg_autol.py --task maoal-domains)"
     chosen = f"Modes {', '.join(selection.modes)}; seeds {', '.join(map(str, selection.seeds))}"
     markdown = runner.report_markdown(title, chosen, selection.script_flags, table, runs, states, best=True)
     return {"maoal.md": markdown, "maoal.csv": runner.csv_text(rows)}
@@ -475,7 +501,7 @@ def maoal_files(selection: MaoalSelection, runs: Sequence[DomainRun], states, ta
 def maoal_parser() -> runner.OneLineParser:
     description = (
         "The MAOAL table: every mode of model_vgg_maoal.py on the MAOAL authors' CIFAR-100/20 multi-domain task "
-        "(--task domains), over seeds."
+        "(--task domains), and Auto-Lambda on it (model_vgg_autol.py --task maoal-domains), over seeds."
     )
     modes = {
         "--modes": (

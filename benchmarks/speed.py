@@ -7,6 +7,9 @@ One iteration is one batch's share of a real epoch, run by the scripts' own `bui
                   training) plus one phase-2 step (MAXL's `meta_step`, WAMAL's `wamal_meta_step`).
   maoal           one `train_step` plus 1/--meta-every of a `meta_step` (lambda's hypergradient on a developing
                   batch): both timed every iteration, the second counted at its share (phase_weights).
+  autol-*         Auto-Lambda on its 20 domains: one `train_step` (a batch of every domain) plus, autol-second-order
+                  and autol-finite-difference, one `meta_step`, each counted at a 1/20 share: one domain's batch
+                  (autol-equal: the weighting baseline, the training step alone).
 Each script's Config gets only the speed flags and the backbone, as flags, and is resolved by the script's
 `check_config` (and experiment.check_run_settings) as a run resolves them; a method whose script refuses a backbone
 is skipped with its reason. The batch is random: uint8 pixels normalised as the loaders do, consistent 4-level
@@ -56,6 +59,7 @@ from create_dataset import FINE_TO_COARSE, hierarchy_labels, normalize, primary_
 
 METHODS = ("single", "human", "maxl-second-order", "maxl-finite-difference", "wamal-second-order", "maoal")
 METHODS += ("maxl-double-backward", "wamal-finite-difference", "wamal-double-backward")  # not measured by default
+METHODS += ("autol-second-order", "autol-finite-difference", "autol-equal")
 DEFAULT_METHODS = METHODS[:6]
 REFERENCE_STYLE = "maxl-second-order (reference-style)"
 TARGET_RATIO = 0.6  # the issue's CPU target: our MAXL iteration at most 0.6x the reference-style one
@@ -71,7 +75,7 @@ EAGER_NETWORKS = {"forward_model": "model", "forward_generator": "label_generato
 class Method:
     name: str  # the row's label
     script: str  # module name of the model script
-    meta_grad: str | None = None  # MAXL and WAMAL: Config.meta_grad
+    meta_grad: str | None = None  # MAXL, WAMAL and Auto-Lambda: Config.meta_grad (autol-equal: None)
     reference_style: bool = False  # MAXL only: the reference's wasted passes re-enabled
     backbone: str = "vgg16"  # Config.backbone
 
@@ -79,6 +83,11 @@ class Method:
     def is_maxl(self) -> bool:
         """MAXL or WAMAL: phase 1 (train_step with the periodic cosine diagnostic) and phase 2 (the meta step)."""
         return self.script in ("model_vgg_maxl", "model_vgg_wamal")
+
+    @property
+    def is_autol(self) -> bool:
+        """Auto-Lambda: train_step on a batch of every domain and (not autol-equal) meta_step, a domain's share each."""
+        return self.script == "model_vgg_autol"
 
     @property
     def is_maoal(self) -> bool:
@@ -94,7 +103,9 @@ def method_spec(name: str, backbone: str = "vgg16") -> Method:
         if backbone != "vgg16":
             raise ValueError(f"{REFERENCE_STYLE} is VGG-16 only (got backbone {backbone})")
         return Method(name, "model_vgg_maxl", "double-backward", reference_style=True)
-    for method in ("maxl", "wamal"):
+    if name == "autol-equal":
+        return Method(label, "model_vgg_autol", backbone=backbone)
+    for method in ("maxl", "wamal", "autol"):
         if name.startswith(f"{method}-"):
             return Method(label, f"model_vgg_{method}", name.removeprefix(f"{method}-"), backbone=backbone)
     return Method(label, f"model_vgg_{name}", backbone=backbone)
@@ -112,6 +123,7 @@ SCRIPT_NAMES = {
     "model_vgg_maxl": (*STEP_NAMES, "meta_step", "focal_loss", "negative_entropy", "gradient_cosine"),
     "model_vgg_wamal": (*STEP_NAMES, "wamal_meta_step"),
     "model_vgg_maoal": (*STEP_NAMES, "meta_step"),
+    "model_vgg_autol": (*STEP_NAMES, "meta_step", "domain_targets", "task_domains"),
 }
 
 
@@ -243,6 +255,10 @@ def make_config(method: Method, device: torch.device, args: argparse.Namespace):
         download=False,
         workers=0,
     )
+    if method.is_autol:
+        flags["weighting"] = "equal" if method.meta_grad is None else "autol"
+        if method.meta_grad is not None:
+            flags["meta_grad"] = method.meta_grad
     if method.is_maxl:
         flags["meta_grad"] = method.meta_grad
         if method.reference_style:
@@ -280,6 +296,14 @@ def iteration_phases(
             ("phase 1", lambda k: reference_train_step(module, state, images, labels, cfg)),
             ("phase 2", lambda k: reference_meta_step(module, state, images, labels, cfg)),
         ]
+    if method.is_autol:  # a batch of every domain, and the primary domain's meta batch
+        drawn = [random_batch(len(images), images.device, cfg.channels_last, seed=1 + t) for t in range(21)]
+        task_batches = [(x, module.domain_targets(y)) for x, y in drawn[: len(module.task_domains(cfg))]]
+        meta_batch = (drawn[-1][0], module.domain_targets(drawn[-1][1]))
+        phases = [("phase 1", lambda k: module.train_step(state, task_batches, cfg))]  # eager, as in the script
+        if cfg.weighting == "autol":
+            phases.append(("phase 2", lambda k: module.meta_step(state, task_batches, meta_batch, cfg)))
+        return phases
     if method.is_maoal:
         dev_images, dev_labels = random_batch(len(images), images.device, cfg.channels_last, seed=1)
         return [
@@ -303,6 +327,8 @@ def phase_weights(method: Method, cfg) -> list[float]:
     """How much of each phase one training iteration costs: MAOAL's meta step runs once every --meta-every."""
     if method.is_maoal:
         return [1.0, 1.0 / cfg.meta_every]
+    if method.is_autol:  # one step takes a batch of every domain: one domain's batch is its share
+        return [1.0 / len(script(method).task_domains(cfg))] * 2
     return [1.0, 1.0] if method.is_maxl else [1.0]
 
 
@@ -528,7 +554,7 @@ def measure(method: Method, device: torch.device, args: argparse.Namespace) -> d
         "tflop_per_iter": flops / 1e12,
         "tflop_per_s": flops / 1e12 / epoch_mean,
         "cossim_every": cfg.cossim_every if method.is_maxl else None,
-        "meta_grad": cfg.meta_grad if method.is_maxl else None,
+        "meta_grad": cfg.meta_grad if method.is_maxl or (method.is_autol and cfg.weighting == "autol") else None,
         "amp": cfg.amp and device.type == "cuda",
         "compile": cfg.compile,
         "channels_last": cfg.channels_last,

@@ -1,7 +1,8 @@
-"""tables.py maoal: every mode of model_vgg_maoal.py on the MAOAL authors' multi-domain task (--task domains) over
-seeds, on the runner (runner.py): the plan and its exact commands, refused input, the table on hand-written metrics
-(both measures as mean ± std, differences to SLL paired by seed, missing and partial runs, hierarchy runs never
-taken), and one tiny real run that a second `run` leaves alone."""
+"""tables.py maoal: every mode of model_vgg_maoal.py on the MAOAL authors' multi-domain task (--task domains), and
+Auto-Lambda on it (model_vgg_autol.py --task maoal-domains), over seeds, on the runner (runner.py): the plan and its
+exact commands, refused input, the table on hand-written metrics (both measures as mean ± std, differences to SLL
+paired by seed, missing and partial runs, hierarchy runs and Auto-Lambda's own task never taken), and one tiny real
+run that a second `run` leaves alone."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 from conftest import REPO, run_main
 
 import experiment
+import model_vgg_autol as autol
 import model_vgg_maoal as maoal
 import runner
 import tables
@@ -25,6 +27,8 @@ TINY += ["--device", "cpu", "--workers", "0", "--no-download"]
 
 
 ALL_MODES = ",".join(tables.MAOAL_MODES)
+ROWS = tuple(tables.MAOAL_MODES)
+SCRIPTS = {"maoal": maoal, "autol": autol}
 
 
 def grid(results: Path, modes=ALL_MODES, seeds="0", flags=()) -> list[tables.DomainRun]:
@@ -40,9 +44,9 @@ def grid(results: Path, modes=ALL_MODES, seeds="0", flags=()) -> list[tables.Dom
 def write_metrics(run: runner.Run, accuracies: list[float], **changed) -> None:
     """A metrics.json as the script writes it: the settings it records (`changed` edited), accuracies (%) as
     fractions."""
-    cfg = runner.checked_config("maoal", list(run.args), run.name)
+    cfg = runner.checked_config(run.method, list(run.args), run.name)
     cfg = dataclasses.replace(cfg, **changed)
-    recorded = {**experiment.settings(cfg), **maoal.derived_settings(cfg), "method": "maoal"}
+    recorded = {**experiment.settings(cfg), **SCRIPTS[run.method].derived_settings(cfg), "method": run.method}
     run.run_dir.mkdir(parents=True, exist_ok=True)
     epochs = [{"epoch": i + 1, "test_primary_acc": a / 100, "seconds": 1.0} for i, a in enumerate(accuracies)]
     summary = {"not_comparable_because": ["synthetic data"]}
@@ -76,8 +80,9 @@ def mean_std(values, sign=""):
     return f"{statistics.fmean(values):{sign}.2f} ± {statistics.stdev(values):.2f}"
 
 
-def test_the_rows_are_the_scripts_modes():
-    assert tuple(tables.MAOAL_MODES) == maoal.MODES
+def test_the_rows_are_the_scripts_modes_and_auto_lambda():
+    assert tuple(mode for mode in ROWS if mode not in tables.OTHER_SCRIPTS) == maoal.MODES
+    assert tables.OTHER_SCRIPTS["autol"][0] == "autol" and "autol" in autol.WEIGHTINGS
 
 
 def test_plan_lists_every_mode_and_seed_with_its_exact_command(tmp_path):
@@ -85,7 +90,7 @@ def test_plan_lists_every_mode_and_seed_with_its_exact_command(tmp_path):
     assert plan.returncode == 0, plan.stderr
     lines = plan.stdout.splitlines()
     runs = grid(tmp_path, seeds="0,1", flags=["--epochs", "3"])
-    assert [run.mode for run in runs] == [*maoal.MODES, *maoal.MODES] and [r.seed for r in runs] == [0] * 6 + [1] * 6
+    assert [run.mode for run in runs] == [*ROWS, *ROWS] and [r.seed for r in runs] == [0] * 7 + [1] * 7
     first = runs[0]
     cfg = runner.checked_config("maoal", list(first.args), first.name)
     assert (cfg.task, cfg.mode, cfg.seed, cfg.epochs, cfg.target_domain, cfg.aux_domains) == (
@@ -100,7 +105,15 @@ def test_plan_lists_every_mode_and_seed_with_its_exact_command(tmp_path):
     ]
     assert lines[-3].startswith("maoal-single-domain14-aux0-9-seed1") and lines[-2].endswith("--seed 1 "
            f"--results-dir {tmp_path} --epochs 3")  # fmt: skip
-    assert lines[-1] == "12 runs: 12 not started"
+    assert lines[-1] == "14 runs: 14 not started"
+    autol_run = next(run for run in runs if run.mode == "autol")
+    cfg = runner.checked_config("autol", list(autol_run.args), autol_run.name)
+    assert (cfg.task, cfg.weighting, cfg.primary_domain, cfg.aux_domains, cfg.dev_fraction, cfg.backbone) == (
+        "maoal-domains", "autol", 14, "0-9", 0.05, "resnet18")  # fmt: skip
+    assert (
+        f"python {os.path.relpath(REPO / 'model_vgg_autol.py')} --task maoal-domains --weighting autol --seed 0 "
+        in (plan.stdout)
+    )
     assert not tmp_path.joinpath("tables").exists()
 
 
@@ -118,10 +131,12 @@ def test_plan_lists_every_mode_and_seed_with_its_exact_command(tmp_path):
         (["plan", "--", "--primary-level", "3"], ["tables maoal sets --primary-level itself (the domains task's"]),
         (["plan", "--modes", "maoal,maxl"], ["--modes: unknown mode 'maxl'; choose from maoal, equal, gcs"]),
         (["plan", "--seeds", "a"], ["--seeds 'a' is not a comma list of integers"]),
-        (["plan", "--", "--meta-grad", "x"], ["'--meta-grad' is not a flag"]),
+        (["plan", "--", "--psi", "5"], ["'--psi' is not a flag"]),
+        (["plan", "--", "--weighting", "dwa"], ["tables maoal sets --weighting itself (use --modes)"]),
+        (["plan", "--", "--primary-domain", "3"], ["tables maoal sets --primary-domain itself (use --target-domain"]),
         (["plan", "--", "--epochs", "0"], ["model_vgg_maoal.py (--task domains --mode maoal, seed 0) refused"]),
         (["run", "--gpus", "0", "--", "--device", "cpu"], ["tables maoal run --gpus sets each run's --device"]),
-        (["report"], ["report: none of the grid's 6 runs has a finished epoch", "`python tables.py maoal run`"]),
+        (["report"], ["report: none of the grid's 7 runs has a finished epoch", "`python tables.py maoal run`"]),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, phrases):
@@ -138,7 +153,7 @@ def test_report_builds_the_table_with_both_measures_differences_and_missing_runs
         if run.mode == "aux" or (run.mode, run.seed) == ("gcs", 2):
             continue  # AuxiLearn never started; GCS misses seed 2
         epochs = 6 if (run.mode, run.seed) == ("single", 1) else 8  # stopped at 6 of 8
-        offset = {"maoal": 60.0, "equal": 57.0, "gcs": 58.0, "gcs-block": 56.0, "single": 55.0}[run.mode]
+        offset = {"maoal": 60.0, "equal": 57.0, "gcs": 58.0, "gcs-block": 56.0, "autol": 59.0, "single": 55.0}[run.mode]
         written[run] = [offset + 1.3 * run.seed + 0.5 * e + (e % 3) * 1.1 for e in range(epochs)]
         write_metrics(run, written[run])
     going = next(run for run in runs if (run.mode, run.seed) == ("equal", 0))
@@ -157,7 +172,7 @@ def test_report_builds_the_table_with_both_measures_differences_and_missing_runs
     assert report.returncode == 0, report.stderr
     assert "### CIFAR-100/20, target domain 14 (its 5 classes), auxiliary domains 0-9, ResNet-18" in report.stdout
     table = printed_table(report.stdout)
-    assert list(table) == ["MAOAL", "Equal", "GCS", "GCS (per block)", "AuxiLearn", "SLL (single)"]
+    assert list(table) == ["MAOAL", "Equal", "GCS", "GCS (per block)", "AuxiLearn", "Auto-Lambda", "SLL (single)"]
     last5, best = "last 5 epochs", "best epoch, chosen on the test set [†]"
     assert list(table["MAOAL"]) == ["mode", last5, "− SLL (last5)", best, "− SLL (best)"]
     for measure, column in (("last5", last5), ("best", best)):
@@ -172,6 +187,7 @@ def test_report_builds_the_table_with_both_measures_differences_and_missing_runs
         assert table["SLL (single)"][column].endswith("(n=3, 6–8 ep, 1 stopped)")
         assert table["AuxiLearn"][column] == "—" and table["AuxiLearn"][f"− SLL ({measure})"] == "—"
         assert table["SLL (single)"][f"− SLL ({measure})"] == "(baseline)"
+        assert table["Auto-Lambda"][column] == f"{mean_std(values('autol', measure).values())} (n=3, 8 ep)"
     assert table["MAOAL"][best] != table["MAOAL"][last5]
     assert "chosen on the test set, as the MAOAL authors report" in report.stdout
     assert f"Published: none for this configuration: {maoal.unpublished_because(hierarchy_cfg)}" not in report.stdout
@@ -201,6 +217,11 @@ def test_report_builds_the_table_with_both_measures_differences_and_missing_runs
     domains_config = json.loads(runs[0].run_dir.joinpath("metrics.json").read_text())["config"]
     assert runner.recorded_slot(domains_config) is None and tables.domain_slot(domains_config) == runs[0].slot
     assert tables.domain_slot(record["config"]) is None
+    autol_run = next(run for run in runs if run.mode == "autol")
+    autol_config = json.loads(autol_run.run_dir.joinpath("metrics.json").read_text())["config"]
+    assert runner.recorded_slot(autol_config) is None and tables.domain_slot(autol_config) == autol_run.slot
+    # Auto-Lambda on its own authors' task is not a run of MAOAL's table, even at domain 14 with domains 0-9.
+    assert tables.domain_slot({**autol_config, "task": "all-domains"}) is None
 
 
 def test_a_tiny_real_run_then_a_second_run_does_nothing(data_root, tmp_path):
