@@ -763,10 +763,10 @@ def published_accuracy(cfg: Config) -> dict[str, float]:
 
 def unpublished_because(cfg: Config) -> str:
     if cfg.task == "maoal-domains":
-        return "no figure of Auto-Lambda on the MAOAL authors' CIFAR-100/20 task could be read here"
+        return "no published figure of Auto-Lambda on the MAOAL authors' CIFAR-100/20 task is entered in this script"
     return (
-        "the Auto-Lambda paper's CIFAR-100 figures (Liu et al., TMLR 2022, arXiv 2202.03091) could not be read "
-        "here: its authors' repository publishes NYUv2 figures only"
+        "the Auto-Lambda paper's CIFAR-100 figures (Liu et al., TMLR 2022, arXiv 2202.03091) are not yet entered in "
+        "this script; its authors' repository publishes NYUv2 figures only"
     )
 
 

@@ -70,3 +70,28 @@ def default_name(module: ModuleType, cfg) -> str:
     import experiment
 
     return experiment.run_name(cfg, module.run_name_stem(cfg), module.paper_settings(cfg))
+
+
+# ---------------------------------------------------------------------------------------------
+# Real images: Fashion-MNIST's original files, as Debian's package dataset-fashion-mnist installs them (.ci/run
+# installs it). A test that needs them skips without them, except where REAL_DATA_REQUIRED is set (CI): there it fails.
+FASHION_MNIST_DIR = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
+REAL_DATA_REQUIRED = os.environ.get("REAL_DATA_REQUIRED", "") not in ("", "0")
+REAL_SUBSET = {"n_train": 300, "n_test": 500, "seed": 0}  # the subset README's table is measured on
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_subset(tmp_path_factory) -> Path:
+    """The data root of a fixed subset of the real Fashion-MNIST (REAL_SUBSET: the same images on every machine)."""
+    from create_dataset import IDX_FILES, write_subset
+
+    present = [any((FASHION_MNIST_DIR / name).with_suffix(s).exists() for s in ("", ".gz")) for name in IDX_FILES]
+    if not all(present):
+        why = f"real Fashion-MNIST not in {FASHION_MNIST_DIR}: apt-get install dataset-fashion-mnist"
+        why += " (or set FASHION_MNIST_DIR to the folder of its four files)"
+        if REAL_DATA_REQUIRED:
+            pytest.fail(f"{why}; REAL_DATA_REQUIRED is set (CI)")
+        pytest.skip(why)
+    root = tmp_path_factory.mktemp("fashion-mnist") / "data"
+    write_subset("fashion-mnist", FASHION_MNIST_DIR, root, **REAL_SUBSET)
+    return root

@@ -139,16 +139,6 @@ def test_smoke_runs_without_data_or_download(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_training_rises_above_chance(tmp_path):
-    """A few epochs on learnable synthetic data: test accuracy well above the 5% chance of 20 classes."""
-    root = make_synthetic_cifar100(tmp_path / "data", n_train=200, n_test=100, seed=1)
-    result = run("model_vgg_single.py", *args(root, tmp_path / "results", "--epochs", "2"))
-    assert result.returncode == 0, result.stderr
-    (run_dir,) = (tmp_path / "results").iterdir()
-    history = json.loads((run_dir / "metrics.json").read_text())["epochs"]
-    assert history[-1]["test_primary_acc"] > 0.25, [r["test_primary_acc"] for r in history]
-
-
 # --- resume -----------------------------------------------------------------------------------
 
 
