@@ -235,9 +235,7 @@ def test_recorded_inputs_removes_its_hooks_also_on_error(small):
     assert all(not m._forward_pre_hooks for m in small.model.modules())
 
 
-@pytest.mark.parametrize(
-    "setup_name, aux_weight", [("small", 1.0), ("default_psi", 1.0), ("small", 2.5), ("small", 0.25)]
-)
+@pytest.mark.parametrize("setup_name, aux_weight", [("default_psi", 1.0), ("small", 2.5)])
 def test_second_order_equals_double_backward(setup_name, aux_weight, request):
     """Forward-mode JVP == the reference's create_graph double backward, to float64 rounding, also with the
     auxiliary loss weighted (--aux-weight)."""
@@ -253,7 +251,7 @@ def test_second_order_equals_double_backward(setup_name, aux_weight, request):
     assert max_err < 1e-10
 
 
-@pytest.mark.parametrize("aux_weight", [1.0, 2.5])
+@pytest.mark.parametrize("aux_weight", [2.5])  # at the paper's 1: test_second_order_equals_double_backward
 def test_second_order_matches_finite_difference_of_unrolled_objective(small, entropy_gradient, aux_weight):
     s = small
     run = s.runs("second-order", aux_weight=aux_weight)
@@ -282,7 +280,7 @@ def test_second_order_matches_finite_difference_of_unrolled_objective(small, ent
         assert rel_err(so, s.runs("second-order").flat) > 0.1
 
 
-@pytest.mark.parametrize("aux_weight", [1.0, 2.5])
+@pytest.mark.parametrize("aux_weight", [2.5])
 def test_finite_difference_converges_to_the_exact_gradient(small, aux_weight):
     s = small
     exact = s.runs("double-backward", aux_weight=aux_weight).flat

@@ -226,7 +226,7 @@ def test_the_images_start_with_different_multipliers(setup):
     assert (m.max() / m.min()).item() > 1.05 and 2**-WEIGHT_RANGE < m.min() and m.max() < 2**WEIGHT_RANGE
 
 
-@pytest.mark.parametrize("weighting, aux_weight", [*((w, 1.0) for w in wamal.WEIGHTINGS), ("sample", 3.0)])
+@pytest.mark.parametrize("weighting, aux_weight", [("sample", 3.0), ("batch", 1.0)])
 def test_second_order_equals_double_backward(setup, weighting, aux_weight):
     """Forward-mode JVP == the create_graph double backward, to float64 rounding, for the whole generator and
     for the weight head alone (a small part of the whole gradient's norm, so compared on its own); also with the
@@ -272,7 +272,7 @@ def unrolled_objective(s: SimpleNamespace, gen_params: dict, aux_weight: float =
         return (focal(primary_plus, target).mean() + ENTROPY_WEIGHT * (q * q.log()).sum()).item()
 
 
-@pytest.mark.parametrize("aux_weight", [1.0, 3.0])
+@pytest.mark.parametrize("aux_weight", [3.0])
 def test_second_order_matches_a_finite_difference_of_the_unrolled_objective(setup, aux_weight):
     """Directional derivatives of J along random unit directions: of all of theta_2, and of the weight head alone
     (whose share of a direction of all 15M parameters is small). The paper's weighting; the authors' is checked
@@ -299,7 +299,7 @@ def test_second_order_matches_a_finite_difference_of_the_unrolled_objective(setu
     assert max(errors) < 1e-4, errors
 
 
-@pytest.mark.parametrize("aux_weight", [1.0, 3.0])
+@pytest.mark.parametrize("aux_weight", [3.0])
 def test_the_finite_difference_method_converges_to_the_exact_gradient(setup, aux_weight):
     """--meta-grad finite-difference at a small --fd-step: the exact gradient's direction, weight head included."""
     exact = setup.runs("double-backward", "sample", aux_weight=aux_weight)
