@@ -15,9 +15,11 @@ import torch
 from conftest import FAST, run_main
 
 import create_dataset
+import model_vgg_human as human
 import model_vgg_maoal as maoal
 import model_vgg_maxl as maxl
 import model_vgg_single as single
+import model_vgg_wamal as wamal
 
 
 def refused(result, *phrases: str) -> str:
@@ -119,6 +121,9 @@ def test_values_outside_their_range_are_refused(data_root, tmp_path, flags, mess
         (maoal, ["--momentum", "1.5"], "--momentum must be 0 or more and below 1 (got 1.5)"),
         (maxl, ["--fd-step", "0.001"], "--fd-step 0.001 is used with --meta-grad finite-difference only"),
         (maxl, ["--entropy-weight", "-1"], "--entropy-weight must be 0 or more (got -1.0)"),
+        (maxl, ["--aux-weight", "-1"], "--aux-weight must be 0 or more (got -1.0)"),
+        (wamal, ["--aux-weight", "-0.5"], "--aux-weight must be 0 or more (got -0.5)"),
+        (human, ["--aux-weight", "-2"], "--aux-weight must be 0 or more (got -2.0)"),
     ],
 )
 def test_a_setting_of_another_task_or_mode_or_out_of_range_is_refused(data_root, tmp_path, module, flags, message):
