@@ -746,13 +746,16 @@ def start_figure3(*args) -> subprocess.Popen:
 
 def test_two_runs_at_once_share_the_grid(data_root, tmp_path):
     """Two `figure3.py run` on one grid at once: each run is started once, by one of them; the other skips it as
-    running elsewhere (or finished). Neither fails, and no job log holds two processes' output."""
+    running elsewhere (or finished). Neither fails, and no job log holds two processes' output. The second is this
+    process (no second interpreter start-up), started once the first has started a run."""
     args = ["run", "--methods", "single", "--pairs", "3-10,10-20", "--results-dir", tmp_path, "--"]
     _, runs = grid(tmp_path, methods="single", pairs="3-10,10-20", flags=tiny(data_root, epochs=2))
-    first, second = start_figure3(*args, *tiny(data_root, epochs=2)), start_figure3(*args, *tiny(data_root, epochs=2))
-    outputs = [process.communicate(timeout=600) for process in (first, second)]
-    for process, (stdout, stderr) in zip((first, second), outputs):
-        assert process.returncode == 0, stdout + stderr
+    first = start_figure3(*args, *tiny(data_root, epochs=2))
+    wait_for(lambda: any(run.job_log.exists() for run in runs) or first.poll() is not None)
+    second = run_main(figure3, *args, *tiny(data_root, epochs=2))
+    outputs = [first.communicate(timeout=600), (second.stdout, second.stderr)]
+    for returncode, (stdout, stderr) in zip((first.returncode, second.returncode), outputs):
+        assert returncode == 0, stdout + stderr
         assert "FAIL" not in stdout and "Traceback" not in stderr, stdout + stderr
     both = outputs[0][0] + outputs[1][0]
     for run in runs:

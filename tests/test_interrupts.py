@@ -16,7 +16,9 @@ import termios
 import time
 from pathlib import Path
 
-from conftest import REPO
+from conftest import REPO, run_main
+
+import model_vgg_single
 
 # Many short epochs (3 batches of 10 images): a signal finds the run in the middle of one.
 SLOW_EPOCHS = ["--epochs", "40", "--batch-size", "10", "--limit-batches", "3", "--no-download", "--device", "cpu"]
@@ -110,7 +112,7 @@ def test_two_hang_ups_in_a_row_stop_the_run_once(data_root, tmp_path):
     assert group_is_gone(process.pid)
 
 
-def test_the_resume_command_is_the_script_as_it_was_invoked(data_root, tmp_path):
+def test_the_resume_command_is_the_script_as_it_was_invoked(data_root, tmp_path, monkeypatch):
     """Started by its path from another folder, the run's resume line names that path, which works from there."""
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -129,10 +131,14 @@ def test_the_resume_command_is_the_script_as_it_was_invoked(data_root, tmp_path)
     assert process.returncode == 143
     resume = stderr.split("Resume with: ")[1].strip()
     assert resume.startswith(f"python {script} ") and resume.endswith("--run-name p --resume")
-    again = subprocess.run(
-        [sys.executable, *resume.split()[1:]], cwd=elsewhere, capture_output=True, text=True, timeout=600
-    )
+    # The command works from there: its script path is the script, seen from that folder, and its flags resume the
+    # run (run in this process, from that folder: no second interpreter start-up).
+    python, path, *resume_flags = resume.split()
+    assert (elsewhere / path).resolve() == (REPO / "model_vgg_single.py").resolve()
+    monkeypatch.chdir(elsewhere)
+    again = run_main(model_vgg_single, *resume_flags)
     assert again.returncode == 0, again.stderr
+    assert "resuming" in again.stdout
 
 
 def test_a_hang_up_to_the_grid_runner_stops_its_runs_and_the_same_command_resumes_them(data_root, tmp_path):

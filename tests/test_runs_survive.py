@@ -107,7 +107,7 @@ def test_the_largest_seed_runs(data_root, tmp_path):
 
 
 def test_a_second_run_in_the_same_folder_is_refused_while_the_first_lives(data_root, tmp_path):
-    flags = args(data_root, tmp_path, "--epochs", 1000, "--limit-batches", 1, "--run-name", "shared")
+    flags = args(data_root, tmp_path, "--epochs", 1000, "--limit-batches", 1, "--batch-size", 4, "--run-name", "shared")
     first = popen("model_vgg_single.py", *flags, "--seed", "1")
     try:
         # metrics.json is written just after checkpoint.pt: wait for it, or the read below may come in between.
@@ -419,7 +419,7 @@ def test_a_full_disk_stops_the_run_with_one_line_and_the_resume_command(data_roo
         return real_write_bytes(path, data)
 
     monkeypatch.setattr(Path, "write_bytes", full_on_the_second_checkpoint)
-    flags = args(data_root, tmp_path, "--epochs", 3, "--limit-batches", 1, "--run-name", "full")
+    flags = args(data_root, tmp_path, "--epochs", 3, "--limit-batches", 1, "--batch-size", 4, "--run-name", "full")
     result = run_main(single, *flags)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     (line,) = [line for line in result.stderr.splitlines() if line.strip()]
@@ -605,6 +605,7 @@ def test_every_optimisers_learning_rate_is_recorded_per_epoch(data_root, tmp_pat
     """Each epoch records the learning rate every optimiser trained it with: lr (the network's), lr_gen (MAXL's
     label generator), after the epoch's numbers."""
     flags = args(data_root, tmp_path, "--epochs", 2, "--limit-batches", 1, "--run-name", "lr", "--lr-step", 1)
+    flags += ["--batch-size", "4"]  # one batch of 4 images a pass: the learning rates do not depend on it
     assert run_main(maxl, *flags, "--gen-lr", "0.004").returncode == 0
     epochs = strict_json(tmp_path / "lr" / "metrics.json")["epochs"]
     assert [(e["lr"], e["lr_gen"]) for e in epochs] == [(0.01, 0.004), (0.005, 0.002)]
