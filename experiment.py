@@ -140,7 +140,7 @@ class RunConfig:
     download: bool = option(True, "download the dataset when it is missing (torchvision's download and md5 check)")
     train_fraction: float = option(1.0, "train on this stratified fraction of the training set (same images per seed)")
     image_size: int | None = option(
-        None, "input size; default: 32 for the 32x32 datasets (cifar100, cifar10, svhn), 224 for the others", type=int
+        None, "input size; default 32 for the small-image datasets (cifar*, svhn, *mnist), 224 for the others", type=int
     )
     backbone: str | None = option(
         None,
