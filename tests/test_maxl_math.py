@@ -26,6 +26,9 @@ import experiment
 import model_vgg_maxl as maxl
 from create_dataset import FINE_TO_COARSE, hierarchy_labels, hierarchy_psi
 
+# One worker runs the whole module: its cached float64 meta-gradients are computed once, not on each worker.
+pytestmark = pytest.mark.xdist_group("maxl_math")
+
 F64 = torch.float64
 PSI = [2, 3, 1]  # primary_level 3 with unequal blocks
 INNER_LR = 0.1  # large enough that the second-order term dominates the entropy term

@@ -33,6 +33,9 @@ import model_vgg_maxl as maxl
 import model_vgg_wamal as wamal
 from create_dataset import FINE_TO_COARSE, hierarchy_labels
 
+# One worker runs the whole module: its cached float64 meta-gradients are computed once, not on each worker.
+pytestmark = pytest.mark.xdist_group("wamal")
+
 F64 = torch.float64
 PSI = [2, 3, 1]  # primary level 3 with unequal blocks
 INNER_LR = 0.1  # large enough that the second-order term dominates the entropy term
