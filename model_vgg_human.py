@@ -305,7 +305,7 @@ def derived_settings(cfg: Config) -> dict:
     return {"aux_classes": cfg.aux_level}
 
 
-# The WAMAL authors' later code (MatthewSo/rl-aux, analyze_run.ipynb), VGG-16: a reproduction, not a paper.
+# Copied from model_vgg_single.py
 RL_AUX = "rl-aux notebook, a reproduction: one run, mean of its last 15 of {} epochs"
 
 

@@ -36,6 +36,7 @@ and the best epoch's test accuracy (chosen on the test set, as the authors repor
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -86,6 +87,7 @@ class TableSelection:
         return [(m, w) for m in self.methods for w in (self.aux_weights if weighted(m) else (1.0,))]
 
 
+@functools.cache
 def weighted(method: str) -> bool:
     """Whether the method's script weighs its auxiliary loss by --aux-weight."""
     return any(f.name == "aux_weight" for f in experiment.fields(runner.script(method).Config))
@@ -193,18 +195,16 @@ def in_cell(runs: Sequence[Run], method: str, dataset: str, backbone: str, weigh
 def differences(selection: TableSelection) -> list[tuple[tuple[str, float], tuple[str, float]]]:
     """The difference rows, (variant, variant it is compared with): COMPARISONS at each weight (against Single, which
     has none, at every weight), then WAMAL at weight 1 against MAXL at each other weight."""
-    variants, pairs = selection.variants(), []
-    for method, other in COMPARISONS:
-        for m, weight in variants:
-            theirs = (other, weight if weighted(other) else 1.0)
-            if m == method and theirs in variants:
-                pairs.append(((m, weight), theirs))
-    pairs += [
-        (("wamal", 1.0), maxl)
-        for maxl in variants
-        if maxl[0] == "maxl" and maxl[1] != 1 and "wamal" in selection.methods
+    variants = selection.variants()
+    pairs = [
+        ((m, w), (other, w if weighted(other) else 1.0))
+        for method, other in COMPARISONS
+        for m, w in variants
+        if m == method
     ]
-    return [pair for pair in pairs if pair[0] in variants]
+    if "wamal" in selection.methods:
+        pairs += [(("wamal", 1.0), v) for v in variants if v[0] == "maxl" and v[1] != 1]
+    return [(mine, theirs) for mine, theirs in pairs if theirs in variants]
 
 
 def column_title(dataset: str, runs: Sequence[Run]) -> str:
