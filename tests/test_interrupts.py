@@ -6,6 +6,7 @@ line, the exit code 128 + the signal, the last checkpoint kept, the lock release
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import pty
 import select
@@ -16,8 +17,10 @@ import termios
 import time
 from pathlib import Path
 
+import torch
 from conftest import REPO, run_main
 
+import figure3
 import model_vgg_single
 
 # Many short epochs (3 batches of 10 images): a signal finds the run in the middle of one.
@@ -104,8 +107,9 @@ def test_two_hang_ups_in_a_row_stop_the_run_once(data_root, tmp_path):
     read_until(master, process, "epoch   1/40", seen)
     os.killpg(process.pid, signal.SIGHUP)
     os.killpg(process.pid, signal.SIGHUP)
-    finish(master, process, seen)
-    assert process.returncode == 129  # an exit, not a death by the signal (-1)
+    out = finish(master, process, seen)
+    assert process.returncode == 129, out  # an exit, not a death by the signal (-1)
+    assert "Traceback" not in out, out
     log = (tmp_path / "h" / "log.txt").read_text()
     assert log.count("interrupted") == 1 and "Resume with: " in log
     assert (tmp_path / "h" / "checkpoint.pt").is_file() and not (tmp_path / "h" / ".lock").exists()
@@ -128,7 +132,13 @@ def test_the_resume_command_is_the_script_as_it_was_invoked(data_root, tmp_path,
         time.sleep(0.2)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 143
+    assert process.returncode == 143 and "Traceback" not in stderr, stderr
+    run_dir = tmp_path / "r" / "p"
+    assert stderr.strip().splitlines()[-1] in (run_dir / "log.txt").read_text()  # the one line, also in the log
+    assert not (run_dir / ".lock").exists()
+    done = len(json.loads((run_dir / "metrics.json").read_text())["epochs"])
+    saved = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert saved["next_epoch"] == len(saved["epochs"]) == done >= 1  # the checkpoint is the last epoch's
     resume = stderr.split("Resume with: ")[1].strip()
     assert resume.startswith(f"python {script} ") and resume.endswith("--run-name p --resume")
     # The command works from there: its script path is the script, seen from that folder, and its flags resume the
@@ -139,6 +149,7 @@ def test_the_resume_command_is_the_script_as_it_was_invoked(data_root, tmp_path,
     again = run_main(model_vgg_single, *resume_flags)
     assert again.returncode == 0, again.stderr
     assert "resuming" in again.stdout
+    assert [e["epoch"] for e in json.loads((run_dir / "metrics.json").read_text())["epochs"]] == [1, 2, 3]
 
 
 def test_a_hang_up_to_the_grid_runner_stops_its_runs_and_the_same_command_resumes_them(data_root, tmp_path):
@@ -170,6 +181,6 @@ def test_a_hang_up_to_the_grid_runner_stops_its_runs_and_the_same_command_resume
     assert (run_dir / "checkpoint.pt").is_file() and not (run_dir / ".lock").exists()
     job_log = (tmp_path / "figure3" / "jobs" / f"{run_dir.name}.log").read_text()
     assert "interrupted" in job_log and "Traceback" not in job_log
-    again = subprocess.run([*run, *flags], cwd=REPO, capture_output=True, text=True, timeout=600)
+    again = run_main(figure3, *run[2:], *flags)  # the same command, in this process: no interpreter start-up
     assert again.returncode == 0, again.stderr
     assert "--resume" in (tmp_path / "figure3" / "jobs" / f"{run_dir.name}.log").read_text().split("===")[-1]

@@ -5,15 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, REPO, run_main
+from conftest import FAST, checked, default_name, run_main
 
 import model_vgg_human
 import model_vgg_maxl
@@ -119,28 +116,28 @@ def test_one_epoch_writes_results(data_root, tmp_path, script, extra):
 
 
 def test_default_run_names(tmp_path):
+    """A run without --run-name lands in the folder its settings name. One real run (Single: the name is made by
+    experiment.run_name for every script), and the names Human and MAXL give the same settings."""
     data_root = make_synthetic_cifar100(tmp_path / "data", n_train=100, n_test=10, seed=0)
-    for script, name in [
-        ("model_vgg_single.py", "single-pri20-seed3"),
-        ("model_vgg_human.py", "human-pri20-aux100-seed3"),
-        ("model_vgg_maxl.py", "maxl-second-order-pri20-aux100-seed3"),
+    # The paper's batch size (another one is an edited setting, which adds a hash to the name), and no
+    # --limit-batches (a debug run says so in its name): 100 images make one batch.
+    flags = ("--epochs", "1", "--seed", "3", "--batch-size", "100")
+    result = run("model_vgg_single.py", *args(data_root, tmp_path / "results", *flags))
+    assert result.returncode == 0, result.stderr
+    assert [p.name for p in (tmp_path / "results").iterdir()] == ["single-pri20-seed3"]
+    assert (tmp_path / "results" / "single-pri20-seed3" / "metrics.json").is_file()
+    for module, name in [
+        (model_vgg_single, "single-pri20-seed3"),
+        (model_vgg_human, "human-pri20-aux100-seed3"),
+        (model_vgg_maxl, "maxl-second-order-pri20-aux100-seed3"),
     ]:
-        # The paper's batch size (another one is an edited setting, which adds a hash to the name), and no
-        # --limit-batches (a debug run says so in its name): 100 images make one batch.
-        flags = ("--epochs", "1", "--seed", "3", "--batch-size", "100")
-        result = run(script, *args(data_root, tmp_path / "results", *flags))
-        assert result.returncode == 0, result.stderr
-        assert (tmp_path / "results" / name / "metrics.json").is_file()
-    summary = json.loads((tmp_path / "results" / "maxl-second-order-pri20-aux100-seed3" / "metrics.json").read_text())[
-        "summary"
-    ]
-    assert summary["published_test_primary_acc"]["WAMAL authors' README"] == 76.6
+        assert default_name(module, checked(module, seed=3, batch_size=100)) == name
 
 
 def test_smoke_runs_without_data_or_download(tmp_path, monkeypatch):
     """From a folder without data: the smoke run makes its own in a temporary folder and leaves nothing."""
     monkeypatch.chdir(tmp_path)  # in this process (no interpreter start), from that folder
-    result = run("model_vgg_maxl.py", "--smoke")
+    result = run("model_vgg_single.py", "--smoke")  # every script's --smoke is experiment.Run's
     assert result.returncode == 0, result.stderr
     assert "smoke test passed" in result.stdout
     assert list(tmp_path.iterdir()) == []
@@ -253,38 +250,7 @@ def test_resume_from_truncated_checkpoint_is_refused(data_root, results):
 # --- interrupts and faults --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["SIGINT", "SIGTERM", "SIGHUP"])
-def test_interrupt_keeps_last_checkpoint_and_says_how_to_resume(data_root, tmp_path, signum):
-    command = [
-        sys.executable,
-        str(REPO / "model_vgg_single.py"),
-        *small(data_root, tmp_path, "--epochs", "1000", "--limit-batches", "1", "--run-name", "long"),
-    ]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    checkpoint = tmp_path / "long" / "checkpoint.pt"
-    deadline = time.monotonic() + 120
-    while not checkpoint.exists() and time.monotonic() < deadline and process.poll() is None:
-        time.sleep(0.05)
-    assert checkpoint.exists(), process.communicate()
-    process.send_signal(signum)
-    stdout, stderr = process.communicate(timeout=60)
-    assert process.returncode == 128 + signum, (process.returncode, stderr)
-    assert "Traceback" not in stderr
-    assert "--resume" in stderr and "--run-name long" in stderr
-    assert not (tmp_path / "long" / ".lock").exists()  # released, whatever the signal
-    assert stderr.strip().splitlines()[-1] in (tmp_path / "long" / "log.txt").read_text()
-    metrics = json.loads((tmp_path / "long" / "metrics.json").read_text())
-    saved = torch.load(checkpoint, weights_only=True)
-    assert saved["next_epoch"] == len(saved["epochs"]) == len(metrics["epochs"]) >= 1
-    done = len(metrics["epochs"])
-    resumed = run(
-        "model_vgg_single.py",
-        *small(
-            data_root, tmp_path, "--epochs", str(done + 1), "--limit-batches", "1", "--run-name", "long", "--resume"
-        ),
-    )
-    assert resumed.returncode == 0, resumed.stderr
-    assert len(json.loads((tmp_path / "long" / "metrics.json").read_text())["epochs"]) == done + 1
+# SIGINT, SIGTERM and SIGHUP to a run: tests/test_interrupts.py.
 
 
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(data_root, tmp_path, monkeypatch, capsys):
