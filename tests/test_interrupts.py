@@ -86,8 +86,8 @@ def test_ctrl_c_on_a_terminal_with_loader_workers_is_one_line_and_the_resume_com
     script = ["model_vgg_single.py", "--data-root", str(data_root), "--results-dir", str(tmp_path), *SLOW_EPOCHS]
     process, master = on_terminal([sys.executable, *script, "--run-name", "c"], REPO)
     seen: list[str] = []
-    read_until(master, process, "epoch   2/40", seen)  # epochs are saved; the next has started its workers
-    time.sleep(0.5)
+    read_until(master, process, "epoch   1/40", seen)  # epoch 1 is saved
+    time.sleep(0.5)  # and the next has started its workers
     os.write(master, b"\x03")  # what typing Ctrl-C sends: the terminal signals the foreground process group
     out = finish(master, process, seen)
     assert process.returncode == 130, out
