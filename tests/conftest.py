@@ -37,8 +37,8 @@ sys.path.insert(0, str(REPO))
 
 from create_dataset import make_synthetic_cifar100  # noqa: E402
 
-# Flags that keep a script run small and on the CPU.
-FAST = ["--no-download", "--device", "cpu", "--workers", "0", "--batch-size", "20"]
+# Flags that keep a script run small and on the CPU: batches of 4 images (a test that needs another size says so).
+FAST = ["--no-download", "--device", "cpu", "--workers", "0", "--batch-size", "4"]
 
 
 @pytest.fixture(scope="session")

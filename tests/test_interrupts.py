@@ -167,7 +167,7 @@ def test_a_hang_up_to_the_grid_runner_stops_its_runs_and_the_same_command_resume
         str(tmp_path),
     ]
     flags = ["--", "--data-root", str(data_root), "--no-download", "--device", "cpu", "--batch-size", "10"]
-    flags += ["--epochs", "4", "--limit-batches", "2"]
+    flags += ["--epochs", "3", "--limit-batches", "2"]
     runner = subprocess.Popen([*run, *flags], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = None
     while metrics is None:

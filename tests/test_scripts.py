@@ -50,11 +50,6 @@ def args(data_root: Path, results: Path, *extra: str) -> list[str]:
     return ["--data-root", str(data_root), "--results-dir", str(results), *FAST, *extra]
 
 
-def small(data_root: Path, results: Path, *extra: str) -> list[str]:
-    """args() with batches of 4 images: the runs that only have to leave a run folder behind."""
-    return args(data_root, results, "--batch-size", "4", *extra)
-
-
 def snapshot(folder: Path) -> dict[str, str]:
     """md5 of every file below `folder`: to prove nothing was changed."""
     return {
@@ -180,7 +175,7 @@ def finished_run(tmp_path_factory, data_root):
     """A one-epoch MAXL run folder, copied afresh for each test that damages it."""
     results = tmp_path_factory.mktemp("finished")
     result = run(
-        "model_vgg_maxl.py", *small(data_root, results, "--epochs", "1", "--limit-batches", "1", "--run-name", "r")
+        "model_vgg_maxl.py", *args(data_root, results, "--epochs", "1", "--limit-batches", "1", "--run-name", "r")
     )
     assert result.returncode == 0, result.stderr
     return results
@@ -194,7 +189,7 @@ def results(finished_run, tmp_path) -> Path:
 
 def test_existing_results_are_not_overwritten(data_root, results):
     before = snapshot(results)
-    result = run("model_vgg_maxl.py", *small(data_root, results, "--epochs", "1", "--run-name", "r"))
+    result = run("model_vgg_maxl.py", *args(data_root, results, "--epochs", "1", "--run-name", "r"))
     assert_refused(result, "already holds results", "--resume", "--overwrite")
     assert snapshot(results) == before
 
@@ -202,7 +197,7 @@ def test_existing_results_are_not_overwritten(data_root, results):
 def test_overwrite_starts_over(data_root, results):
     result = run(
         "model_vgg_maxl.py",
-        *small(data_root, results, "--epochs", "1", "--limit-batches", "1", "--run-name", "r", "--overwrite"),
+        *args(data_root, results, "--epochs", "1", "--limit-batches", "1", "--run-name", "r", "--overwrite"),
     )
     assert result.returncode == 0, result.stderr
     assert len(json.loads((results / "r" / "metrics.json").read_text())["epochs"]) == 1
@@ -217,9 +212,7 @@ def test_resume_with_other_settings_is_refused(data_root, results):
     before = snapshot(results)
     result = run(
         "model_vgg_maxl.py",
-        *small(
-            data_root, results, "--epochs", "2", "--limit-batches", "1", "--run-name", "r", "--resume", "--psi", "3"
-        ),
+        *args(data_root, results, "--epochs", "2", "--limit-batches", "1", "--run-name", "r", "--resume", "--psi", "3"),
     )
     assert_refused(result, "checkpoint.pt", "--psi 5", "--psi 3")
     assert snapshot(results) == before
@@ -229,7 +222,7 @@ def test_resume_with_other_method_is_refused(data_root, results):
     before = snapshot(results)
     result = run(
         "model_vgg_human.py",
-        *small(data_root, results, "--epochs", "2", "--limit-batches", "1", "--run-name", "r", "--resume"),
+        *args(data_root, results, "--epochs", "2", "--limit-batches", "1", "--run-name", "r", "--resume"),
     )
     assert_refused(result, "is a maxl run")
     assert snapshot(results) == before
@@ -241,7 +234,7 @@ def test_resume_from_truncated_checkpoint_is_refused(data_root, results):
     before = snapshot(results)
     result = run(
         "model_vgg_maxl.py",
-        *small(data_root, results, "--epochs", "2", "--limit-batches", "1", "--run-name", "r", "--resume"),
+        *args(data_root, results, "--epochs", "2", "--limit-batches", "1", "--run-name", "r", "--resume"),
     )
     assert_refused(result, str(checkpoint), "corrupt")
     assert snapshot(results) == before
