@@ -109,3 +109,14 @@ def fashion_mnist_subset(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("fashion-mnist") / "data"
     write_subset("fashion-mnist", FASHION_MNIST_DIR, root, **REAL_SUBSET)
     return root
+
+
+# ---------------------------------------------------------------------------------------------
+# Order: the longest modules first (the float64 groups, each one unit on one worker, and the real-image runs), so that
+# pytest-xdist hands out the short tests last and the two workers finish together; within a module, as written.
+FIRST = ["test_maxl_math.py", "test_real_images.py", "test_wamal.py", "test_figure3.py", "test_interrupts.py"]
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    rank = {name: i for i, name in enumerate(FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(FIRST)))
