@@ -184,3 +184,27 @@ def test_a_hang_up_to_the_grid_runner_stops_its_runs_and_the_same_command_resume
     again = run_main(figure3, *run[2:], *flags)  # the same command, in this process: no interpreter start-up
     assert again.returncode == 0, again.stderr
     assert "--resume" in (tmp_path / "figure3" / "jobs" / f"{run_dir.name}.log").read_text().split("===")[-1]
+
+
+def test_a_loader_worker_says_nothing_of_the_run_having_stopped_reading(monkeypatch):
+    """A worker's thread that finds its connection to a stopping run broken (multiprocessing's resource sharer,
+    handing over a batch) prints no traceback into the run's output; any other error in a worker's thread is still
+    reported. (Here in this process, with the signal calls of a worker's start left out.)"""
+    import threading
+
+    import create_dataset
+
+    reported = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: reported.append(args.exc_type))
+    monkeypatch.setattr(create_dataset.signal, "signal", lambda *args: None)
+    monkeypatch.setattr(create_dataset.signal, "pthread_sigmask", lambda *args: None)
+    create_dataset.ignore_interrupts(0)  # a worker's start
+
+    def raising(error: Exception) -> None:
+        raise error
+
+    for error in (BrokenPipeError(32, "Broken pipe"), ConnectionResetError(104, "reset"), ValueError("other")):
+        thread = threading.Thread(target=raising, args=(error,))
+        thread.start()
+        thread.join()
+    assert reported == [ValueError]
