@@ -14,12 +14,14 @@ import signal
 import subprocess
 import sys
 import termios
+import threading
 import time
 from pathlib import Path
 
 import torch
 from conftest import REPO, run_main
 
+import create_dataset
 import figure3
 import model_vgg_single
 
@@ -190,10 +192,6 @@ def test_a_loader_worker_says_nothing_of_the_run_having_stopped_reading(monkeypa
     """A worker's thread that finds its connection to a stopping run broken (multiprocessing's resource sharer,
     handing over a batch) prints no traceback into the run's output; any other error in a worker's thread is still
     reported. (Here in this process, with the signal calls of a worker's start left out.)"""
-    import threading
-
-    import create_dataset
-
     reported = []
     monkeypatch.setattr(threading, "excepthook", lambda args: reported.append(args.exc_type))
     monkeypatch.setattr(create_dataset.signal, "signal", lambda *args: None)

@@ -107,7 +107,7 @@ def test_the_largest_seed_runs(data_root, tmp_path):
 
 
 def test_a_second_run_in_the_same_folder_is_refused_while_the_first_lives(data_root, tmp_path):
-    flags = args(data_root, tmp_path, "--epochs", 1000, "--limit-batches", 1, "--batch-size", 4, "--run-name", "shared")
+    flags = args(data_root, tmp_path, "--epochs", 1000, "--limit-batches", 1, "--run-name", "shared")
     first = popen("model_vgg_single.py", *flags, "--seed", "1")
     try:
         # metrics.json is written just after checkpoint.pt: wait for it, or the read below may come in between.
@@ -194,10 +194,7 @@ def test_a_non_finite_setting_is_refused(data_root, tmp_path, value):
 
 
 def test_metrics_json_is_strict_json(data_root, tmp_path):
-    assert (
-        run_main(maxl, *args(data_root, tmp_path, "--epochs", 1, "--limit-batches", 1, "--batch-size", 4)).returncode
-        == 0
-    )
+    assert run_main(maxl, *args(data_root, tmp_path, "--epochs", 1, "--limit-batches", 1)).returncode == 0
     (run_dir,) = tmp_path.iterdir()
     metrics = strict_json(run_dir / "metrics.json")
     assert all(math.isfinite(v) for record in metrics["epochs"] for v in record.values())
@@ -220,7 +217,7 @@ def test_temporary_files_of_a_killed_run_are_removed_at_the_next_start(data_root
 
 
 def test_the_same_psi_written_differently_resumes(data_root, tmp_path):
-    common = args(data_root, tmp_path, "--limit-batches", 1, "--run-name", "r", "--primary-level", 3, "--batch-size", 4)
+    common = args(data_root, tmp_path, "--limit-batches", 1, "--run-name", "r", "--primary-level", 3)
     assert run_main(maxl, *common, "--epochs", 1, "--psi", " 5 ").returncode == 0
     resumed = run_main(maxl, *common, "--epochs", 2, "--resume", "--psi", "5,5,5")
     assert resumed.returncode == 0, resumed.stderr
@@ -419,7 +416,7 @@ def test_a_full_disk_stops_the_run_with_one_line_and_the_resume_command(data_roo
         return real_write_bytes(path, data)
 
     monkeypatch.setattr(Path, "write_bytes", full_on_the_second_checkpoint)
-    flags = args(data_root, tmp_path, "--epochs", 3, "--limit-batches", 1, "--batch-size", 4, "--run-name", "full")
+    flags = args(data_root, tmp_path, "--epochs", 3, "--limit-batches", 1, "--run-name", "full")
     result = run_main(single, *flags)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     (line,) = [line for line in result.stderr.splitlines() if line.strip()]
@@ -605,7 +602,6 @@ def test_every_optimisers_learning_rate_is_recorded_per_epoch(data_root, tmp_pat
     """Each epoch records the learning rate every optimiser trained it with: lr (the network's), lr_gen (MAXL's
     label generator), after the epoch's numbers."""
     flags = args(data_root, tmp_path, "--epochs", 2, "--limit-batches", 1, "--run-name", "lr", "--lr-step", 1)
-    flags += ["--batch-size", "4"]  # one batch of 4 images a pass: the learning rates do not depend on it
     assert run_main(maxl, *flags, "--gen-lr", "0.004").returncode == 0
     epochs = strict_json(tmp_path / "lr" / "metrics.json")["epochs"]
     assert [(e["lr"], e["lr_gen"]) for e in epochs] == [(0.01, 0.004), (0.005, 0.002)]

@@ -87,10 +87,8 @@ def without_seconds(history: list[dict]) -> list[dict]:
     ids=["single", "human-10-20", "maxl-second-order", "maxl-finite-difference"],
 )
 def test_one_epoch_writes_results(data_root, tmp_path, script, extra):
-    # One batch of 4 images per pass: what is written does not depend on the size of the epoch.
-    result = run(
-        script, *args(data_root, tmp_path, "--epochs", "1", "--limit-batches", "1", "--batch-size", "4", *extra)
-    )
+    # One batch (of FAST's 4 images) per pass: what is written does not depend on the size of the epoch.
+    result = run(script, *args(data_root, tmp_path, "--epochs", "1", "--limit-batches", "1", *extra))
     assert result.returncode == 0, result.stderr
     assert "epoch   1/1" in result.stdout and "final test primary accuracy" in result.stdout
     (run_dir,) = tmp_path.iterdir()
@@ -147,7 +145,7 @@ def test_smoke_runs_without_data_or_download(tmp_path, monkeypatch):
     ids=["maxl-loader", "human-device-loader"],
 )
 def test_resume_repeats_an_uninterrupted_run_exactly(data_root, tmp_path, script, extra):
-    common = [*args(data_root, tmp_path, "--limit-batches", "1", "--batch-size", "4", *extra)]
+    common = [*args(data_root, tmp_path, "--limit-batches", "1", *extra)]
     straight = run(script, *common, "--epochs", "2", "--run-name", "straight")
     assert straight.returncode == 0, straight.stderr
     first = run(script, *common, "--epochs", "1", "--run-name", "split")
