@@ -36,7 +36,7 @@ import os
 import pickle
 import signal
 import struct
-import threading
+import sys
 import warnings
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
@@ -1246,20 +1246,20 @@ def ignore_interrupts(worker_id: int = 0) -> None:
     """A loader worker's start: a terminal's Ctrl-C or hang-up reaches the whole process group, and the run, not its
     workers, handles them (it stops the workers). The run starts its workers with these signals blocked (see
     experiment.batches), so none arrives before this; a pending one is dropped here. A broken connection to the run
-    in a worker's thread, as the run stops, is not printed."""
+    in a worker's resource-sharer thread, as the run stops, is not printed."""
     for interrupt in INTERRUPTS:
         signal.signal(interrupt, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, INTERRUPTS)
-    # A stopping run closes its workers' connections while a worker's thread may be handing it a batch's shared memory
-    # (multiprocessing's resource sharer): that thread's broken pipe says only that the run stopped reading. Not a
-    # traceback in the run's output; any other error in a worker's thread still prints.
-    report = threading.excepthook
+    # A stopping run closes its workers' connections while a worker's resource-sharer thread (multiprocessing's, which
+    # hands the run a batch's shared memory) may be writing to one; that thread reports its errors through
+    # sys.excepthook. A broken pipe there says only that the run stopped reading: not a traceback in the run's output.
+    report = sys.excepthook
 
-    def quiet_when_the_run_stopped_reading(args) -> None:
-        if not issubclass(args.exc_type, (BrokenPipeError, ConnectionResetError)):
-            report(args)
+    def quiet_when_the_run_stopped_reading(kind, error, traceback) -> None:
+        if not issubclass(kind, (BrokenPipeError, ConnectionResetError)):
+            report(kind, error, traceback)
 
-    threading.excepthook = quiet_when_the_run_stopped_reading
+    sys.excepthook = quiet_when_the_run_stopped_reading
 
 
 def make_loaders(cfg, device: torch.device, train_set, test_set, dev_set=None, auxiliary_sets=()) -> Loaders:

@@ -6,7 +6,9 @@ line, the exit code 128 + the signal, the last checkpoint kept, the lock release
 from __future__ import annotations
 
 import fcntl
+import inspect
 import json
+import multiprocessing.resource_sharer
 import os
 import pty
 import select
@@ -14,7 +16,6 @@ import signal
 import subprocess
 import sys
 import termios
-import threading
 import time
 from pathlib import Path
 
@@ -189,20 +190,20 @@ def test_a_hang_up_to_the_grid_runner_stops_its_runs_and_the_same_command_resume
 
 
 def test_a_loader_worker_says_nothing_of_the_run_having_stopped_reading(monkeypatch):
-    """A worker's thread that finds its connection to a stopping run broken (multiprocessing's resource sharer,
-    handing over a batch) prints no traceback into the run's output; any other error in a worker's thread is still
-    reported. (Here in this process, with the signal calls of a worker's start left out.)"""
+    """A worker's resource-sharer thread (multiprocessing's: it hands the run a batch's shared memory) that finds its
+    connection to a stopping run broken prints no traceback into the run's output; any other error it meets is still
+    reported. That thread reports through sys.excepthook. (Here in this process, with the signal calls of a worker's
+    start left out.)"""
+    serve = inspect.getsource(multiprocessing.resource_sharer._ResourceSharer._serve)
+    assert "sys.excepthook(*sys.exc_info())" in serve
     reported = []
-    monkeypatch.setattr(threading, "excepthook", lambda args: reported.append(args.exc_type))
+    monkeypatch.setattr(sys, "excepthook", lambda kind, error, traceback: reported.append(kind))
     monkeypatch.setattr(create_dataset.signal, "signal", lambda *args: None)
     monkeypatch.setattr(create_dataset.signal, "pthread_sigmask", lambda *args: None)
     create_dataset.ignore_interrupts(0)  # a worker's start
-
-    def raising(error: Exception) -> None:
-        raise error
-
     for error in (BrokenPipeError(32, "Broken pipe"), ConnectionResetError(104, "reset"), ValueError("other")):
-        thread = threading.Thread(target=raising, args=(error,))
-        thread.start()
-        thread.join()
+        try:
+            raise error
+        except Exception:
+            sys.excepthook(*sys.exc_info())  # as the resource sharer does
     assert reported == [ValueError]
